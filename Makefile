@@ -1,0 +1,32 @@
+# Two environments, both built from pinned requirement files into .venvs/ (see README).
+#   make demo   - build the full environment and run the main job
+#   make test   - build both environments and run the whole test suite in each
+#   make lint   - ruff
+PY ?= python3
+ENVS := full current
+
+.PHONY: demo test test-full test-current lint envs clean
+
+.venvs/%/.built: requirements/%.txt pyproject.toml
+	$(PY) -m venv .venvs/$*
+	.venvs/$*/bin/python -m pip install -q --upgrade pip
+	.venvs/$*/bin/python -m pip install -q -r requirements/$*.txt
+	.venvs/$*/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+envs: $(ENVS:%=.venvs/%/.built)
+
+demo: .venvs/full/.built
+	.venvs/full/bin/multibn demo
+
+test-%: .venvs/%/.built
+	@echo "=== tests in the $* environment"
+	.venvs/$*/bin/python -m pytest -q $(PYTEST_ARGS)
+
+test: lint test-full test-current
+
+lint: .venvs/full/.built
+	.venvs/full/bin/ruff check multibn tests benchmarks
+
+clean:
+	rm -rf .venvs

@@ -1,0 +1,20 @@
+"""multibn: one batch-norm algorithm for NumPy, PyTorch, JAX and MXNet, with every framework's conventions.
+
+``import multibn`` imports no framework; a backend's framework is imported the first time it is used.
+"""
+
+from .api import batch_norm, batch_norm_vjp, init_state
+from .backends import available_backends
+from .conventions import CONVENTIONS, Convention
+from .state import BNState
+
+__all__ = [
+    "BNState",
+    "CONVENTIONS",
+    "Convention",
+    "available_backends",
+    "batch_norm",
+    "batch_norm_vjp",
+    "init_state",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,218 @@
+"""The public functions: check and convert the arguments, pick the backend, run the one algorithm."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache, partial
+from typing import Any
+
+from . import algorithm as alg
+from .backends import backend_name_of, get_backend
+from .backends.base import FLOAT_DTYPES, Array, Backend
+from .conventions import Convention, resolve_convention
+from .state import BNState
+
+_ARRAY_ARGS = ("x", "gamma", "beta", "state.running_mean", "state.running_var", "state.num_batches_tracked", "dy")
+
+
+# ---- backend choice and conversion ------------------------------------------------------------------------
+def _framework_arrays(named: dict[str, object]) -> dict[str, str]:
+    return {k: b for k, v in named.items() if v is not None and (b := backend_name_of(v)) is not None}
+
+
+def _pick_backend(backend: str | None, named: dict[str, object]) -> Backend:
+    """The backend named, or the one of the arrays; TypeError for a mix of frameworks or an unknown type."""
+    found = _framework_arrays(named)
+    if backend is not None:
+        be = get_backend(backend)
+        foreign = {k: b for k, b in found.items() if b not in (be.name, "numpy")}
+        if foreign:
+            k, b = next(iter(foreign.items()))
+            raise TypeError(
+                f"{k} is a {b} array but backend={be.name!r}; only NumPy arrays and Python sequences are "
+                f"converted, so pass {be.name} arrays or NumPy arrays"
+            )
+        return be
+    x = named["x"]
+    if "x" not in found:
+        raise TypeError(
+            f"cannot infer the backend from x of type {type(x).__module__}.{type(x).__qualname__}; pass a "
+            "NumPy, PyTorch, JAX or MXNet array, or name the backend with backend='numpy'|'torch'|'jax'|'mxnet'"
+        )
+    mixed = {k: b for k, b in found.items() if b != found["x"]}
+    if mixed:
+        k, b = next(iter(mixed.items()))
+        raise TypeError(
+            f"x is a {found['x']} array but {k} is a {b} array; arrays of two frameworks cannot be mixed "
+            f"(pass backend={found['x']!r} to convert NumPy arrays and Python sequences)"
+        )
+    return get_backend(found["x"])
+
+
+def _to_backend(be: Backend, name: str, value: object, device: object) -> Array:
+    if be.is_array(value):
+        return value
+    if isinstance(value, (str, bytes, dict, set)):
+        raise TypeError(f"{name} must be an array or a sequence of numbers, got {type(value).__name__}")
+    try:
+        return be.asarray(value, device=device)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name} could not be converted to a {be.name} array: {e}") from e
+
+
+def _check_float(be: Backend, name: str, a: Array) -> str:
+    dt = be.dtype_name(a)
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype ({', '.join(FLOAT_DTYPES)}), got {dt}")
+    be.dtype(dt)  # the backend may refuse it (bfloat16 on mxnet, float64 on jax without x64)
+    return dt
+
+
+def _check_vector(be: Backend, name: str, a: Array, channels: int, axis: int) -> None:
+    _check_float(be, name, a)
+    if tuple(a.shape) != (channels,):
+        raise ValueError(
+            f"{name} must have shape ({channels},), one value per channel of x along axis {axis}, "
+            f"got shape {tuple(a.shape)}"
+        )
+
+
+def _prepare(
+    x: object, gamma: object, beta: object, state: object, dy: object, *, training: bool,
+    convention: str | Convention, momentum: float | None, eps: float | None, axis: int | None,
+    backend: str | None, device: object,
+) -> tuple[Backend, Convention, alg.Layout, Array, Array, Array, BNState | None, Array | None]:
+    """Every check, before any computation: a call that raises has changed nothing."""
+    conv = resolve_convention(convention, momentum, eps)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be True or False, got {type(training).__name__} {training!r}")
+    if state is not None:
+        if not (isinstance(state, tuple) and len(state) == 3):
+            raise TypeError(
+                "state must be a multibn.BNState (running_mean, running_var, num_batches_tracked) or None, "
+                f"got {type(state).__name__}"
+            )
+        state = BNState(*state)
+    named = dict(zip(_ARRAY_ARGS, (x, gamma, beta, *(state if state is not None else (None,) * 3), dy)))
+    be = _pick_backend(backend, named)
+    x = _to_backend(be, "x", x, device)
+    xdt = _check_float(be, "x", x)
+    if x.ndim < 2:
+        raise ValueError(f"x must have rank >= 2 (a batch axis and a channel axis), got shape {tuple(x.shape)}")
+    axis = conv.axis if axis is None else axis
+    if isinstance(axis, bool) or not isinstance(axis, int) or not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis must be an int in [{-x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got {axis!r}")
+    lay = alg.Layout.of(tuple(x.shape), axis)
+    dev = be.device_of(x)
+    pdt = "float64" if xdt == "float64" else "float32"
+    gamma = be.full(lay.channels, 1.0, pdt, dev) if gamma is None else _to_backend(be, "gamma", gamma, device)
+    beta = be.full(lay.channels, 0.0, pdt, dev) if beta is None else _to_backend(be, "beta", beta, device)
+    _check_vector(be, "gamma", gamma, lay.channels, axis)
+    _check_vector(be, "beta", beta, lay.channels, axis)
+    if state is not None:
+        rmean = _to_backend(be, "state.running_mean", state.running_mean, device)
+        rvar = _to_backend(be, "state.running_var", state.running_var, device)
+        tracked = state.num_batches_tracked
+        tracked = be.counter(int(tracked), device) if isinstance(tracked, int) else _to_backend(
+            be, "state.num_batches_tracked", tracked, device)
+        _check_vector(be, "state.running_mean", rmean, lay.channels, axis)
+        _check_vector(be, "state.running_var", rvar, lay.channels, axis)
+        if not be.dtype_name(tracked).startswith(("int", "uint")):
+            raise TypeError(
+                f"state.num_batches_tracked must be an integer array, got dtype {be.dtype_name(tracked)}"
+            )
+        state = BNState(rmean, rvar, tracked)
+    elif not training:
+        raise ValueError(
+            "state is required when training=False (eval mode normalises with the running statistics); "
+            "create one with multibn.init_state(num_features, backend=...)"
+        )
+    if training and conv.single_value_raises and lay.count == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)} "
+            f"(convention {conv.name!r} stores the unbiased running variance M2/(n-1))"
+        )
+    if dy is not None:
+        dy = _to_backend(be, "dy", dy, device)
+        _check_float(be, "dy", dy)
+        if tuple(dy.shape) != tuple(x.shape):
+            raise ValueError(f"dy must have the shape of x, {tuple(x.shape)}, got {tuple(dy.shape)}")
+    return be, conv, lay, x, gamma, beta, state, dy
+
+
+# ---- the differentiable ops, one per (backend, convention, layout, mode) --------------------------------------
+@cache
+def _op(be: Backend, conv: Convention, lay: alg.Layout, training: bool) -> Callable[..., tuple[Array, ...]]:
+    if training:
+        return be.custom_op(partial(alg.train_forward, be, conv, lay), partial(alg.train_backward, be, conv, lay))
+    return be.custom_op(partial(alg.eval_forward, be, conv, lay), partial(alg.eval_backward, be, conv, lay))
+
+
+# ---- public API ---------------------------------------------------------------------------------------------------
+def batch_norm(
+    x: Any, gamma: Any = None, beta: Any = None, state: BNState | None = None, *, training: bool = True,
+    convention: str | Convention = "torch", momentum: float | None = None, eps: float | None = None,
+    axis: int | None = None, backend: str | None = None, device: Any = None,
+) -> tuple[Any, BNState | None]:
+    """Batch normalisation of ``x`` over every axis but ``axis``; returns ``(y, new_state)``.
+
+    Training: ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with the batch mean and biased variance,
+    and ``new_state`` the running statistics moved by the convention's rule (None when ``state`` is None,
+    PyTorch's ``track_running_stats=False``). Eval (``training=False``): the same with the running
+    statistics, which a ``state`` must supply; ``new_state`` is ``state``.
+
+    ``gamma``/``beta`` None mean 1/0. ``axis`` None is the convention's channel axis (1, or -1 for
+    ``flax``/``keras``). ``momentum``/``eps`` override the convention's. ``backend`` None infers it from the
+    arrays; a named backend converts NumPy arrays and Python sequences (onto ``device``). Pure: nothing
+    passed in is modified. Differentiable on torch, jax and mxnet, with the analytic backward of
+    :func:`batch_norm_vjp`.
+    """
+    be, conv, lay, x, gamma, beta, state, _ = _prepare(
+        x, gamma, beta, state, None, training=training, convention=convention, momentum=momentum, eps=eps,
+        axis=axis, backend=backend, device=device,
+    )
+    if not training:
+        (y,) = _op(be, conv, lay, False)(x, gamma, beta, state.running_mean, state.running_var)
+        return y, state
+    y, mean, m2 = _op(be, conv, lay, True)(x, gamma, beta)
+    if state is None:
+        return y, None
+    return y, alg.update_state(be, conv, state, alg.Stats(lay.count, mean, m2))
+
+
+def batch_norm_vjp(
+    x: Any, gamma: Any, beta: Any, state: BNState | None, dy: Any, *, training: bool = True,
+    convention: str | Convention = "torch", momentum: float | None = None, eps: float | None = None,
+    axis: int | None = None, backend: str | None = None, device: Any = None,
+) -> tuple[Any, Any, Any]:
+    """``(dx, dgamma, dbeta)``: the gradient of :func:`batch_norm` for the upstream gradient ``dy``.
+
+    Training: ``dx = gamma * s * (dy - mean(dy) - xhat * mean(dy * xhat))``, ``dgamma = sum(dy * xhat)``,
+    ``dbeta = sum(dy)``; eval: ``dx = dy * gamma * s``; ``dgamma = 0`` under ``fix_gamma``. The same
+    function every backend's autodiff calls; on NumPy it is how to train.
+    """
+    be, conv, lay, x, gamma, beta, state, dy = _prepare(
+        x, gamma, beta, state, dy, training=training, convention=convention, momentum=momentum, eps=eps,
+        axis=axis, backend=backend, device=device,
+    )
+    if training:
+        residuals = alg.train_residuals(be, conv, lay, x, gamma)
+        return alg.train_backward(be, conv, lay, residuals, dy)
+    residuals = alg.eval_residuals(be, conv, lay, x, gamma, state.running_mean, state.running_var)
+    return alg.eval_backward(be, conv, lay, residuals, dy)
+
+
+def init_state(
+    num_features: int, *, backend: str = "numpy", convention: str | Convention = "torch",
+    dtype: str = "float32", device: Any = None,
+) -> BNState:
+    """Fresh running statistics: mean 0, variance 1, ``num_batches_tracked`` 0 (every framework's init)."""
+    resolve_convention(convention, None, None)
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+    be = get_backend(backend)
+    be.dtype(dtype)
+    return BNState(be.full(num_features, 0.0, dtype, device), be.full(num_features, 1.0, dtype, device),
+                   be.counter(0, device))

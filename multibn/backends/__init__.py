@@ -1,0 +1,67 @@
+"""The adapters, found by name or by the type of an array, imported only when used.
+
+``import multibn`` imports no framework: :func:`backend_name_of` looks only at frameworks already in
+``sys.modules`` (an array of a framework cannot exist before that framework is imported).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from functools import cache
+
+from .base import Backend
+
+#: backend name -> (adapter module, class, the framework's top-level module, the pip extra that installs it)
+ADAPTERS: dict[str, tuple[str, str, str, str]] = {
+    "numpy": ("multibn.backends.numpy", "NumpyBackend", "numpy", "numpy"),
+    "torch": ("multibn.backends.torch", "TorchBackend", "torch", "torch"),
+    "jax": ("multibn.backends.jax", "JaxBackend", "jax", "jax"),
+    "mxnet": ("multibn.backends.mxnet", "MXNetBackend", "mxnet", "mxnet"),
+}
+
+
+@cache
+def get_backend(name: str) -> Backend:
+    """The adapter called ``name``; ValueError if there is none, ImportError if its framework is missing."""
+    if not isinstance(name, str) or name not in ADAPTERS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, ADAPTERS))} or None, got {name!r}")
+    module, cls, framework, extra = ADAPTERS[name]
+    try:
+        adapter = importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"the {name} backend needs {framework}, which cannot be imported here ({e}); "
+            f"install it with: pip install 'multibn[{extra}]'"
+        ) from e
+    return getattr(adapter, cls)()
+
+
+def backend_name_of(obj: object) -> str | None:
+    """The backend whose array type ``obj`` is, looking only at frameworks already imported; else None."""
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(obj, (np.ndarray, np.generic)):
+        return "numpy"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return "torch"
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(obj, jax.Array):
+        return "jax"
+    mx = sys.modules.get("mxnet")
+    if mx is not None and isinstance(obj, mx.nd.NDArray):
+        return "mxnet"
+    return None
+
+
+@cache
+def available_backends() -> tuple[str, ...]:
+    """The backends whose framework imports here (this imports them)."""
+    found = []
+    for name in ADAPTERS:
+        try:
+            get_backend(name)
+        except ImportError:
+            continue
+        found.append(name)
+    return tuple(found)

@@ -1,0 +1,107 @@
+"""What an adapter provides: an array namespace, conversions, five kernels and one autodiff hook.
+
+The batch-norm maths lives in :mod:`multibn.algorithm`; it calls only
+
+* ``xp``: an array-API namespace (``array_api_compat`` for NumPy/PyTorch, ``jax.numpy`` for JAX, a small
+  hand-written one for MXNet), used on per-channel vectors;
+* the five kernels below, the only code that touches the full-size tensors. Their generic versions here are
+  plain array-API code; an adapter may override one with something faster that computes the same quantity;
+* :meth:`Backend.custom_op`, which wires a forward and its analytic backward into the framework's autodiff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import array_api_compat
+import numpy as np
+
+Array = Any
+Forward = Callable[..., tuple[tuple[Array, ...], tuple[Array, ...]]]
+Backward = Callable[[tuple[Array, ...], Array], tuple[Array, Array, Array]]
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+class Backend:
+    """One framework. Subclasses set the class attributes and implement the conversions."""
+
+    name: ClassVar[str]
+    extra: ClassVar[str]  # the pip extra that installs the framework: ``pip install multibn[<extra>]``
+    xp: Any
+
+    # ---- arrays: identity, conversion, dtypes --------------------------------------------------------
+    def is_array(self, obj: object) -> bool:
+        raise NotImplementedError
+
+    def asarray(self, obj: object, dtype: str | None = None, device: object = None) -> Array:
+        """``obj`` (a NumPy array, a Python sequence or scalar, or an array of this backend) as an array."""
+        raise NotImplementedError
+
+    def to_numpy(self, a: Array) -> np.ndarray:
+        raise NotImplementedError
+
+    def dtype_name(self, a: Array) -> str:
+        """The dtype of ``a`` as a NumPy-style name: ``"float32"``, ``"int64"``, ``"bfloat16"``..."""
+        return str(a.dtype).rsplit(".", 1)[-1]
+
+    def dtype(self, name: str) -> Any:
+        """The backend's dtype object for a name in :data:`FLOAT_DTYPES` (TypeError if it has none)."""
+        try:
+            return getattr(self.xp, name)
+        except AttributeError:
+            raise TypeError(f"the {self.name} backend has no {name} dtype") from None
+
+    def device_of(self, a: Array) -> Any:
+        return array_api_compat.device(a)
+
+    def full(self, n: int, value: float, dtype: str, device: object = None) -> Array:
+        return self.xp.full((n,), value, dtype=self.dtype(dtype), device=device)
+
+    def counter(self, value: int = 0, device: object = None) -> Array:
+        """A 0-d integer array for ``num_batches_tracked``."""
+        return self.xp.asarray(value, dtype=self.xp.int64, device=device)
+
+    # ---- autodiff hook --------------------------------------------------------------------------------
+    def custom_op(self, forward: Forward, backward: Backward) -> Callable[..., tuple[Array, ...]]:
+        """``op(x, gamma, beta, *consts) -> outputs`` whose gradient is ``backward``.
+
+        ``forward(*inputs)`` returns ``(outputs, residuals)``; ``outputs[0]`` is differentiable, the rest are
+        not. ``backward(residuals, dy)`` returns the cotangents of ``x``, ``gamma`` and ``beta``; ``consts``
+        get none. The generic version has no autodiff: it just runs the forward.
+        """
+
+        def op(*inputs: Array) -> tuple[Array, ...]:
+            return forward(*inputs)[0]
+
+        return op
+
+    # ---- kernels: the only passes over full-size tensors ------------------------------------------------
+    # ``axes`` are the reduced axes; per-channel operands arrive already reshaped to broadcast against x.
+    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
+        """sum_R x, accumulated in ``dtype``."""
+        return self.xp.sum(self.xp.astype(x, dtype, copy=False), axis=tuple(axes))
+
+    def channel_sq_dev_sum(self, x: Array, mean: Array, axes: Sequence[int]) -> Array:
+        """sum_R (x - mean)^2 in the dtype of ``mean`` (second pass of the two-pass variance)."""
+        d = self.xp.astype(x, mean.dtype, copy=False) - mean
+        return self.xp.sum(d * d, axis=tuple(axes))
+
+    def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
+        """x * scale + shift, computed in the dtype of ``scale``, returned in the dtype of ``x``."""
+        xp = self.xp
+        return xp.astype(xp.astype(x, scale.dtype, copy=False) * scale + shift, x.dtype, copy=False)
+
+    def backward_sums(self, dy: Array, x: Array, mean: Array, axes: Sequence[int]) -> tuple[Array, Array]:
+        """(sum_R dy, sum_R dy * (x - mean)) in the dtype of ``mean``."""
+        xp = self.xp
+        g = xp.astype(dy, mean.dtype, copy=False)
+        d = xp.astype(x, mean.dtype, copy=False) - mean
+        return xp.sum(g, axis=tuple(axes)), xp.sum(g * d, axis=tuple(axes))
+
+    def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
+        """a * dy + b * (x - mean) + c, computed in the dtype of ``a``, returned in the dtype of ``x``."""
+        xp = self.xp
+        d = xp.astype(x, a.dtype, copy=False) - mean
+        return xp.astype(xp.astype(dy, a.dtype, copy=False) * a + d * b + c, x.dtype, copy=False)

@@ -1,0 +1,68 @@
+"""JAX adapter (CPU and GPU through XLA): ``jax.numpy``, autodiff through ``jax.custom_vjp``.
+
+JAX keeps float64 only with ``jax_enable_x64``; without it multibn refuses float64 input rather than let JAX
+truncate it silently. ``num_batches_tracked`` is int32 unless x64 is on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .base import Array, Backend, Backward, Forward
+
+
+class JaxBackend(Backend):
+    name = "jax"
+    extra = "jax"
+    xp = jnp
+
+    def is_array(self, obj: object) -> bool:
+        return isinstance(obj, jax.Array)
+
+    def asarray(self, obj: object, dtype: str | None = None, device: object = None) -> Array:
+        if dtype is None and isinstance(obj, np.ndarray):
+            dtype = obj.dtype.name
+        if dtype is not None:
+            self.dtype(dtype)  # refuses float64 without x64
+        a = jnp.asarray(obj, dtype=dtype)
+        if device is not None:
+            a = jax.device_put(a, jax.devices(device)[0] if isinstance(device, str) else device)
+        return a
+
+    def to_numpy(self, a: Array) -> np.ndarray:
+        a = np.asarray(a)
+        return a.astype(np.float32) if a.dtype.name == "bfloat16" else a
+
+    def dtype(self, name: str) -> object:
+        if name == "float64" and not jax.config.jax_enable_x64:
+            raise TypeError(
+                "float64 on the jax backend needs jax_enable_x64 "
+                "(jax.config.update('jax_enable_x64', True)); without it JAX truncates to float32"
+            )
+        return jnp.dtype(name)
+
+    def device_of(self, a: Array) -> object:
+        return None  # jax places new arrays on the default device; under jit placement follows the inputs
+
+    def counter(self, value: int = 0, device: object = None) -> Array:
+        return jnp.asarray(value, dtype=jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+
+    def custom_op(self, forward: Forward, backward: Backward) -> Callable[..., tuple[Array, ...]]:
+        @jax.custom_vjp
+        def op(*inputs: Array) -> tuple[Array, ...]:
+            return forward(*inputs)[0]
+
+        def op_fwd(*inputs: Array) -> tuple[tuple[Array, ...], tuple]:
+            outputs, residuals = forward(*inputs)
+            return outputs, (residuals, inputs[3:])
+
+        def op_bwd(saved: tuple, cotangents: tuple[Array, ...]) -> tuple[Array, ...]:
+            residuals, consts = saved
+            return (*backward(residuals, cotangents[0]), *(jnp.zeros_like(c) for c in consts))
+
+        op.defvjp(op_fwd, op_bwd)
+        return op
