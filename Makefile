@@ -9,7 +9,6 @@ ENVS := full current
 
 .venvs/%/.built: requirements/%.txt pyproject.toml
 	$(PY) -m venv .venvs/$*
-	.venvs/$*/bin/python -m pip install -q --upgrade pip
 	.venvs/$*/bin/python -m pip install -q -r requirements/$*.txt
 	.venvs/$*/bin/python -m pip install -q --no-deps -e .
 	touch $@
