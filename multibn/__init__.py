@@ -9,8 +9,8 @@ from .conventions import CONVENTIONS, Convention
 from .state import BNState
 
 __all__ = [
-    "BNState",
     "CONVENTIONS",
+    "BNState",
     "Convention",
     "available_backends",
     "batch_norm",

@@ -93,7 +93,7 @@ def _prepare(
                 f"got {type(state).__name__}"
             )
         state = BNState(*state)
-    named = dict(zip(_ARRAY_ARGS, (x, gamma, beta, *(state if state is not None else (None,) * 3), dy)))
+    named = dict(zip(_ARRAY_ARGS, (x, gamma, beta, *(state if state is not None else (None,) * 3), dy), strict=True))
     be = _pick_backend(backend, named)
     x = _to_backend(be, "x", x, device)
     xdt = _check_float(be, "x", x)

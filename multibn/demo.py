@@ -34,7 +34,7 @@ def run_steps(backend: str, convention: str, data: dict[str, np.ndarray], dtype:
     for batch in cast["x"]:
         y, state = batch_norm(batch, cast["gamma"], cast["beta"], state, training=True, **kw)
     y_eval, _ = batch_norm(cast["x"][0], cast["gamma"], cast["beta"], state, training=False, **kw)
-    dx, dgamma, dbeta = batch_norm_vjp(cast["x"][-1], cast["gamma"], cast["beta"], None, cast["dy"], **kw)
+    dx, dgamma, _ = batch_norm_vjp(cast["x"][-1], cast["gamma"], cast["beta"], None, cast["dy"], **kw)
     out = {"y": y, "y_eval": y_eval, "running_mean": state.running_mean, "running_var": state.running_var,
            "dx": dx, "dgamma": dgamma}
     return {k: be.to_numpy(v).astype(np.float64) for k, v in out.items()}

@@ -41,7 +41,7 @@ class TorchBackend(Backend):
             @staticmethod
             def backward(ctx, dy, *_):  # type: ignore[override]
                 grads = backward(ctx.saved_tensors, dy.contiguous())
-                grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
+                grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=False)]
                 return (*grads, *([None] * ctx.n_consts))
 
         def op(*inputs: Array) -> tuple[Array, ...]:
