@@ -4,6 +4,8 @@ Notation, per channel c, with R the reduced axes (all but the channel axis) and 
 
 * statistics, as a mergeable summary (n, mean, M2) by the two-pass method:
   ``mean = sum_R x / n``, ``M2 = sum_R (x - mean)^2``; batch variance ``var = M2 / n`` (biased);
+  synchronised BN merges the replicas' summaries exactly (:func:`merge_stats`) and all-reduces the two
+  backward sums;
 * normalisation, one pass: ``y = x * scale + shift`` with ``s = 1 / sqrt(var + eps)``, ``scale = gamma * s``,
   ``shift = beta - mean * scale``; the zero-variance guard sets ``s = 0`` where ``var == 0`` and ``eps == 0``;
 * running update: ``R <- keep * R + take * stat`` with the stored variance ``M2 / n`` or ``M2 / (n - 1)``;
@@ -19,6 +21,7 @@ kernels (:class:`multibn.backends.base.Backend`); the rest is array-API code on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .backends.base import Array, Backend
@@ -60,27 +63,44 @@ def stats_dtype(be: Backend, x: Array) -> str:
     return "float64" if be.dtype_name(x) == "float64" else "float32"
 
 
-def batch_stats(be: Backend, x: Array, lay: Layout) -> Stats:
-    """Two-pass per-channel statistics of ``x`` (an empty batch gives zeros)."""
+class Sync(NamedTuple):
+    """Synchronised BN: the framework's group (a torch process group, a JAX axis name) and the element count
+    per channel of every replica, in replica order."""
+
+    group: Any
+    counts: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+def batch_stats(be: Backend, x: Array, lay: Layout, sync: Sync | None = None) -> Stats:
+    """Two-pass per-channel statistics of ``x`` (an empty batch gives zeros); under ``sync``, of the whole
+    batch across replicas, merged from every replica's summary."""
     dt = be.dtype(stats_dtype(be, x))
     if lay.count == 0:
         zeros = be.xp.zeros((lay.channels,), dtype=dt, device=be.device_of(x))
-        return Stats(0, zeros, zeros)
-    mean = be.channel_sum(x, lay.reduce_axes, dt) / lay.count
-    m2 = be.channel_sq_dev_sum(x, be.xp.reshape(mean, lay.bshape), lay.reduce_axes)
-    return Stats(lay.count, mean, m2)
+        local = Stats(0, zeros, zeros)
+    else:
+        mean = be.channel_sum(x, lay.reduce_axes, dt) / lay.count
+        local = Stats(lay.count, mean, be.channel_sq_dev_sum(x, be.xp.reshape(mean, lay.bshape), lay.reduce_axes))
+    if sync is None:
+        return local
+    return merge_stats(local, sync.count, lambda a: be.all_reduce_sum(a, sync.group))
 
 
-def merge_stats(a: Stats, b: Stats) -> Stats:
-    """Chan's exact merge of two summaries: the statistics of the concatenated data.
-
-    ``n = na + nb``, ``mean = ma + (mb - ma) * nb / n``, ``M2 = M2a + M2b + (mb - ma)^2 * na * nb / n``.
-    An empty summary is the identity.
+def merge_stats(part: Stats, total: int, reduce_sum: Callable[[Array], Array]) -> Stats:
+    """The exact statistics of the concatenation of several parts, ``part`` being one of them, by Chan et
+    al.'s count-weighted merge: ``n = sum n_k``, ``mean = sum (n_k / n) mean_k``,
+    ``M2 = sum (M2_k + n_k (mean_k - mean)^2)``. ``reduce_sum`` sums over the parts (an all-reduce across
+    replicas, or a sum over a leading axis); ``total`` is ``n``. Parts with ``n_k = 0`` contribute nothing.
     """
-    n = a.count + b.count
-    delta = b.mean - a.mean
-    w = b.count / n if n else 0.0
-    return Stats(n, a.mean + delta * w, a.m2 + b.m2 + delta * delta * (a.count * w))
+    if total == 0:
+        return Stats(0, part.mean, part.m2)
+    mean = reduce_sum(part.mean * (part.count / total))
+    d = part.mean - mean
+    return Stats(total, mean, reduce_sum(part.m2 + d * d * part.count))
 
 
 def inv_std(be: Backend, var: Array, eps: float, guard: bool) -> Array:
@@ -110,44 +130,54 @@ def _normalize(
 
 
 # ---- training: batch statistics ----------------------------------------------------------------------------
-def train_residuals(be: Backend, conv: Convention, lay: Layout, x: Array, gamma: Array) -> tuple[Array, ...]:
+def train_residuals(
+    be: Backend, conv: Convention, lay: Layout, x: Array, gamma: Array, *, sync: Sync | None = None
+) -> tuple[Array, ...]:
     """``(x, gamma, mean, s, m2)``: what the training forward computes and its backward reuses."""
-    st = batch_stats(be, x, lay)
-    if lay.count == 0:
+    st = batch_stats(be, x, lay, sync)
+    if st.count == 0:
         s = be.xp.zeros_like(st.mean)
     else:
-        s = inv_std(be, st.m2 / lay.count, conv.eps, conv.zero_var_guard)
+        s = inv_std(be, st.m2 / st.count, conv.eps, conv.zero_var_guard)
     return x, gamma, st.mean, s, st.m2
 
 
 def train_forward(
-    be: Backend, conv: Convention, lay: Layout, x: Array, gamma: Array, beta: Array
+    be: Backend, conv: Convention, lay: Layout, x: Array, gamma: Array, beta: Array, *, sync: Sync | None = None
 ) -> tuple[tuple[Array, Array, Array], tuple[Array, ...]]:
-    """``(y, mean, m2), residuals`` for BN with batch statistics."""
-    residuals = train_residuals(be, conv, lay, x, gamma)
+    """``(y, mean, m2), residuals`` for BN with batch statistics (of all replicas under ``sync``)."""
+    residuals = train_residuals(be, conv, lay, x, gamma, sync=sync)
     _, _, mean, s, m2 = residuals
     return (_normalize(be, conv, lay, x, gamma, beta, mean, s), mean, m2), residuals
 
 
 def train_backward(
-    be: Backend, conv: Convention, lay: Layout, residuals: tuple[Array, ...], dy: Array
+    be: Backend, conv: Convention, lay: Layout, residuals: tuple[Array, ...], dy: Array, *, sync: Sync | None = None
 ) -> tuple[Array, Array, Array]:
-    """``(dx, dgamma, dbeta)`` of :func:`train_forward`, from its saved mean and inverse std."""
+    """``(dx, dgamma, dbeta)`` of :func:`train_forward`, from its saved mean and inverse std.
+
+    Under ``sync`` the two sums in ``dx`` are all-reduced over the replicas (``n`` is the global count);
+    ``dgamma``/``dbeta`` stay local, for the data-parallel gradient reduction to combine.
+    """
     xp = be.xp
     x, gamma, mean, s, _ = residuals
-    n = max(lay.count, 1)
     mean_b = xp.reshape(mean, lay.bshape)
     sum_dy, sum_dy_xc = be.backward_sums(dy, x, mean_b, lay.reduce_axes)
+    n, all_dy, all_dy_xc = lay.count, sum_dy, sum_dy_xc
+    if sync is not None:
+        n = sync.count
+        both = be.all_reduce_sum(xp.stack([sum_dy, sum_dy_xc]), sync.group)
+        all_dy, all_dy_xc = both[0], both[1]
+    n = max(n, 1)
     g = effective_gamma(be, conv, gamma, mean.dtype)
     a = g * s
-    b = -(a * s * s) * (sum_dy_xc / n)
-    c = -a * (sum_dy / n)
+    b = -(a * s * s) * (all_dy_xc / n)
+    c = -a * (all_dy / n)
     dx = be.backward_apply(dy, x, mean_b, *(xp.reshape(v, lay.bshape) for v in (a, b, c)))
     dgamma = xp.zeros_like(sum_dy) if conv.fix_gamma else sum_dy_xc * s
     return dx, xp.astype(dgamma, gamma.dtype), xp.astype(sum_dy, gamma.dtype)
 
 
-# ---- eval: running statistics -------------------------------------------------------------------------------
 def eval_residuals(
     be: Backend, conv: Convention, lay: Layout, x: Array, gamma: Array, rmean: Array, rvar: Array
 ) -> tuple[Array, ...]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cache, partial
+from functools import lru_cache, partial
 from typing import Any
 
 from . import algorithm as alg
@@ -80,7 +80,7 @@ def _check_vector(be: Backend, name: str, a: Array, channels: int, axis: int) ->
 def _prepare(
     x: object, gamma: object, beta: object, state: object, dy: object, *, training: bool,
     convention: str | Convention, momentum: float | None, eps: float | None, axis: int | None,
-    backend: str | None, device: object,
+    backend: str | None, device: object, sync: object = None,
 ) -> tuple[Backend, Convention, alg.Layout, Array, Array, Array, BNState | None, Array | None]:
     """Every check, before any computation: a call that raises has changed nothing."""
     conv = resolve_convention(convention, momentum, eps)
@@ -127,11 +127,12 @@ def _prepare(
             "state is required when training=False (eval mode normalises with the running statistics); "
             "create one with multibn.init_state(num_features, backend=...)"
         )
-    if training and conv.single_value_raises and lay.count == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)} "
-            f"(convention {conv.name!r} stores the unbiased running variance M2/(n-1))"
-        )
+    if sync is not None and sync is not False and not training:
+        sync = None  # eval normalises with the running statistics: nothing to synchronise
+    if sync is not None and sync is not False:
+        be.sync_group(sync)  # refuses backends without collectives and malformed groups
+    elif training:
+        _check_count(conv, lay.count, x.shape)
     if dy is not None:
         dy = _to_backend(be, "dy", dy, device)
         _check_float(be, "dy", dy)
@@ -140,11 +141,23 @@ def _prepare(
     return be, conv, lay, x, gamma, beta, state, dy
 
 
-# ---- the differentiable ops, one per (backend, convention, layout, mode) --------------------------------------
-@cache
-def _op(be: Backend, conv: Convention, lay: alg.Layout, training: bool) -> Callable[..., tuple[Array, ...]]:
+def _check_count(conv: Convention, count: int, shape: tuple[int, ...]) -> None:
+    if conv.single_value_raises and count == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(shape)} "
+            f"(convention {conv.name!r} stores the unbiased running variance M2/(n-1))"
+        )
+
+
+# ---- the differentiable ops, one per (backend, convention, layout, mode, sync) ------------------------------------
+@lru_cache(maxsize=512)
+def _op(
+    be: Backend, conv: Convention, lay: alg.Layout, training: bool, sync: alg.Sync | None = None
+) -> Callable[..., tuple[Array, ...]]:
     if training:
-        return be.custom_op(partial(alg.train_forward, be, conv, lay), partial(alg.train_backward, be, conv, lay))
+        return be.custom_op(
+            partial(alg.train_forward, be, conv, lay, sync=sync), partial(alg.train_backward, be, conv, lay, sync=sync)
+        )
     return be.custom_op(partial(alg.eval_forward, be, conv, lay), partial(alg.eval_backward, be, conv, lay))
 
 
@@ -152,7 +165,7 @@ def _op(be: Backend, conv: Convention, lay: alg.Layout, training: bool) -> Calla
 def batch_norm(
     x: Any, gamma: Any = None, beta: Any = None, state: BNState | None = None, *, training: bool = True,
     convention: str | Convention = "torch", momentum: float | None = None, eps: float | None = None,
-    axis: int | None = None, backend: str | None = None, device: Any = None,
+    axis: int | None = None, backend: str | None = None, device: Any = None, sync: Any = None,
 ) -> tuple[Any, BNState | None]:
     """Batch normalisation of ``x`` over every axis but ``axis``; returns ``(y, new_state)``.
 
@@ -166,18 +179,28 @@ def batch_norm(
     arrays; a named backend converts NumPy arrays and Python sequences (onto ``device``). Pure: nothing
     passed in is modified. Differentiable on torch, jax and mxnet, with the analytic backward of
     :func:`batch_norm_vjp`.
+
+    ``sync`` (training only) normalises with the statistics of the whole batch across replicas, merged exactly
+    whatever each replica's count: on torch ``True`` (the default process group) or a
+    ``torch.distributed.ProcessGroup``; on jax the name of a mapped axis (``shard_map``, ``pmap``). The
+    running statistics then use the global count.
     """
     be, conv, lay, x, gamma, beta, state, _ = _prepare(
         x, gamma, beta, state, None, training=training, convention=convention, momentum=momentum, eps=eps,
-        axis=axis, backend=backend, device=device,
+        axis=axis, backend=backend, device=device, sync=sync,
     )
     if not training:
         (y,) = _op(be, conv, lay, False)(x, gamma, beta, state.running_mean, state.running_var)
         return y, state
-    y, mean, m2 = _op(be, conv, lay, True)(x, gamma, beta)
+    spec = None
+    if sync is not None and sync is not False:
+        group = be.sync_group(sync)
+        spec = alg.Sync(group, be.replica_counts(lay.count, group))
+        _check_count(conv, spec.count, x.shape)
+    y, mean, m2 = _op(be, conv, lay, True, spec)(x, gamma, beta)
     if state is None:
         return y, None
-    return y, alg.update_state(be, conv, state, alg.Stats(lay.count, mean, m2))
+    return y, alg.update_state(be, conv, state, alg.Stats(lay.count if spec is None else spec.count, mean, m2))
 
 
 def batch_norm_vjp(

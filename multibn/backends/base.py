@@ -6,7 +6,8 @@ The batch-norm maths lives in :mod:`multibn.algorithm`; it calls only
   hand-written one for MXNet), used on per-channel vectors;
 * the five kernels below, the only code that touches the full-size tensors. Their generic versions here are
   plain array-API code; an adapter may override one with something faster that computes the same quantity;
-* :meth:`Backend.custom_op`, which wires a forward and its analytic backward into the framework's autodiff.
+* :meth:`Backend.custom_op`, which wires a forward and its analytic backward into the framework's autodiff;
+* for synchronised BN, the framework's collectives (torch.distributed, JAX's named-axis collectives).
 """
 
 from __future__ import annotations
@@ -76,6 +77,21 @@ class Backend:
             return forward(*inputs)[0]
 
         return op
+
+    # ---- synchronised BN: the framework's collectives ------------------------------------------------------
+    def sync_group(self, sync: object) -> object:
+        """The group that ``batch_norm(..., sync=sync)`` names (torch: True or a ProcessGroup; jax: an axis name)."""
+        raise NotImplementedError(
+            f"sync is supported on the torch (torch.distributed) and jax (axis names) backends, not on {self.name}"
+        )
+
+    def replica_counts(self, count: int, group: object) -> tuple[int, ...]:
+        """Every replica's element count per channel, in replica order."""
+        raise NotImplementedError
+
+    def all_reduce_sum(self, a: Array, group: object) -> Array:
+        """The sum of ``a`` over the replicas."""
+        raise NotImplementedError
 
     # ---- kernels: the only passes over full-size tensors ------------------------------------------------
     # ``axes`` are the reduced axes; per-channel operands arrive already reshaped to broadcast against x.

@@ -51,6 +51,19 @@ class JaxBackend(Backend):
     def counter(self, value: int = 0, device: object = None) -> Array:
         return jnp.asarray(value, dtype=jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
 
+    def sync_group(self, sync: object) -> object:
+        if not isinstance(sync, str):
+            raise TypeError(
+                f"sync on the jax backend must be the name of a mapped axis (shard_map, pmap), got {sync!r}"
+            )
+        return sync
+
+    def replica_counts(self, count: int, group: object) -> tuple[int, ...]:
+        return (count,) * jax.lax.psum(1, group)  # shards of one array have equal shapes
+
+    def all_reduce_sum(self, a: Array, group: object) -> Array:
+        return jax.lax.psum(a, group)
+
     def custom_op(self, forward: Forward, backward: Backward) -> Callable[..., tuple[Array, ...]]:
         @jax.custom_vjp
         def op(*inputs: Array) -> tuple[Array, ...]:
@@ -58,11 +71,28 @@ class JaxBackend(Backend):
 
         def op_fwd(*inputs: Array) -> tuple[tuple[Array, ...], tuple]:
             outputs, residuals = forward(*inputs)
-            return outputs, (residuals, inputs[3:])
+            return outputs, (residuals, inputs)
 
         def op_bwd(saved: tuple, cotangents: tuple[Array, ...]) -> tuple[Array, ...]:
-            residuals, consts = saved
-            return (*backward(residuals, cotangents[0]), *(jnp.zeros_like(c) for c in consts))
+            residuals, inputs = saved
+            grads = (*backward(residuals, cotangents[0]), *(jnp.zeros_like(c) for c in inputs[3:]))
+            return tuple(_sum_over_new_axes(g, p) for g, p in zip(grads, inputs, strict=True))
 
         op.defvjp(op_fwd, op_bwd)
         return op
+
+
+def _varying_axes(a: Array) -> frozenset[str]:
+    """The mapped axes (shard_map) along which ``a`` differs between devices."""
+    aval = jax.typeof(a)
+    vma = getattr(aval, "vma", None)  # jax <= 0.9
+    if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+    return frozenset(vma)
+
+
+def _sum_over_new_axes(grad: Array, primal: Array) -> Array:
+    """Inside shard_map the cotangent of an input replicated over an axis (a parameter) is the sum of the
+    per-device contributions, as JAX's own autodiff gives it."""
+    extra = _varying_axes(grad) - _varying_axes(primal)
+    return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad

@@ -28,6 +28,32 @@ class TorchBackend(Backend):
             a = a.float()
         return a.numpy()
 
+    def sync_group(self, sync: object) -> object:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("sync needs torch.distributed initialised: call torch.distributed.init_process_group")
+        if sync is True:
+            return None  # the default process group
+        if isinstance(sync, dist.ProcessGroup):
+            return sync
+        raise TypeError(f"sync on the torch backend must be True or a torch.distributed.ProcessGroup, got {sync!r}")
+
+    def replica_counts(self, count: int, group: object) -> tuple[int, ...]:
+        import torch.distributed as dist
+
+        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(counts, torch.tensor([count], dtype=torch.int64, device=device), group=group)
+        return tuple(int(c) for c in counts)
+
+    def all_reduce_sum(self, a: Array, group: object) -> Array:
+        import torch.distributed as dist
+
+        a = a.clone()
+        dist.all_reduce(a, op=dist.ReduceOp.SUM, group=group)
+        return a
+
     def custom_op(self, forward: Forward, backward: Backward) -> Callable[..., tuple[Array, ...]]:
         class BatchNormFunction(torch.autograd.Function):
             @staticmethod

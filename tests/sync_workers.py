@@ -1,0 +1,98 @@
+"""Worker processes for tests/test_sync.py (importable by torch.multiprocessing's spawn, and by `python -m`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+CHANNELS = 3
+
+
+def full_batch(total: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """x (total, C, 2, 2) with per-channel offsets, upstream gradient g, gamma, beta: float64."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(total, CHANNELS, 2, 2)) * [[[[1.0]], [[3.0]], [[0.5]]]] + [[[[5.0]], [[-2.0]], [[0.0]]]]
+    return x, rng.normal(size=x.shape), rng.uniform(0.5, 2, CHANNELS), rng.normal(size=CHANNELS)
+
+
+def torch_worker(rank: int, counts: list[int], store: str, out: str) -> None:
+    """One rank: synchronised batch_norm on its shard (two training steps), forward and backward."""
+    import torch
+    import torch.distributed as dist
+
+    import multibn
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=len(counts))
+    try:
+        x, g, gamma, beta = full_batch(sum(counts))
+        lo, hi = sum(counts[:rank]), sum(counts[: rank + 1])
+        xs = torch.tensor(x[lo:hi], requires_grad=True)
+        gam = torch.tensor(gamma, requires_grad=True)
+        bet = torch.tensor(beta, requires_grad=True)
+        state = multibn.init_state(CHANNELS, backend="torch", dtype="float64")
+        _, state = multibn.batch_norm(xs.detach() * 2, gam.detach(), bet.detach(), state, sync=True)
+        y, state = multibn.batch_norm(xs, gam, bet, state, sync=True)
+        (y * torch.tensor(g[lo:hi])).sum().backward()
+        np.savez(
+            f"{out}/rank{rank}.npz", y=y.detach().numpy(), dx=xs.grad.numpy(), dgamma=gam.grad.numpy(),
+            dbeta=bet.grad.numpy(), running_mean=state.running_mean.numpy(), running_var=state.running_var.numpy(),
+            tracked=state.num_batches_tracked.numpy(),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def jax_main(out: str) -> None:
+    """4 host devices: shard_map with batch_norm(sync="d") against the unsharded batch."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import multibn
+
+    try:
+        from jax import shard_map
+    except ImportError:  # jax < 0.8
+        from jax.experimental.shard_map import shard_map
+
+    jax.config.update("jax_enable_x64", True)
+    mesh = jax.make_mesh((4,), ("d",))
+    x, g, gamma, beta = (jnp.asarray(a) for a in full_batch(8))
+    state = multibn.init_state(CHANNELS, backend="jax", dtype="float64")
+
+    def loss(x, gamma, beta, state, g, sync):
+        y, new = multibn.batch_norm(x, gamma, beta, state, sync=sync)
+        return jnp.sum(y * g), (y, new)
+
+    def sharded(x, gamma, beta, state, g):
+        (_, (y, new)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+            x, gamma, beta, state, g, "d")
+        dx, dgamma, dbeta = grads  # gamma and beta are replicated: JAX sums their cotangents over devices
+        return y, dx, dgamma, dbeta, new
+
+    shard = NamedSharding(mesh, P("d"))
+    rep = NamedSharding(mesh, P())
+    args = (jax.device_put(x, shard), jax.device_put(gamma, rep), jax.device_put(beta, rep),
+            jax.device_put(state, rep), jax.device_put(g, shard))
+    f = jax.jit(shard_map(sharded, mesh=mesh, in_specs=(P("d"), P(), P(), P(), P("d")),
+                          out_specs=(P("d"), P("d"), P(), P(), P())))
+    y, dx, dgamma, dbeta, new = f(*args)
+    (_, (y1, new1)), (dx1, dgamma1, dbeta1) = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        x, gamma, beta, state, g, None)
+    err = {
+        "y": float(jnp.max(jnp.abs(y - y1))), "dx": float(jnp.max(jnp.abs(dx - dx1))),
+        "dgamma": float(jnp.max(jnp.abs(dgamma - dgamma1))), "dbeta": float(jnp.max(jnp.abs(dbeta - dbeta1))),
+        "running_mean": float(jnp.max(jnp.abs(new.running_mean - new1.running_mean))),
+        "running_var": float(jnp.max(jnp.abs(new.running_var - new1.running_var))),
+        "tracked": int(new.num_batches_tracked) - int(new1.num_batches_tracked),
+    }
+    with open(os.path.join(out, "jax.json"), "w") as f_:
+        json.dump(err, f_)
+
+
+if __name__ == "__main__":
+    jax_main(sys.argv[1])

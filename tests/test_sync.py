@@ -1,0 +1,84 @@
+"""Synchronised BN equals single-process BN on the concatenated batch: torch.distributed (gloo, 2 and 3
+processes, loopback file store) and JAX collectives (4 host devices, in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import multibn
+from tests.sync_workers import CHANNELS, full_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def single_process(counts: list[int]) -> dict[str, np.ndarray]:
+    torch = pytest.importorskip("torch")
+    x, g, gamma, beta = full_batch(sum(counts))
+    xt = torch.tensor(x, requires_grad=True)
+    gam = torch.tensor(gamma, requires_grad=True)
+    bet = torch.tensor(beta, requires_grad=True)
+    state = multibn.init_state(CHANNELS, backend="torch", dtype="float64")
+    _, state = multibn.batch_norm(xt.detach() * 2, gam.detach(), bet.detach(), state)
+    y, state = multibn.batch_norm(xt, gam, bet, state)
+    (y * torch.tensor(g)).sum().backward()
+    return {"y": y.detach().numpy(), "dx": xt.grad.numpy(), "dgamma": gam.grad.numpy(), "dbeta": bet.grad.numpy(),
+            "running_mean": state.running_mean.numpy(), "running_var": state.running_var.numpy(), "tracked": 2}
+
+
+@pytest.mark.parametrize("counts", [[4, 4], [2, 6], [3, 0, 5]], ids=["equal", "unequal", "empty-shard"])
+def test_torch_sync_equals_concatenated_batch(counts: list[int], tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    import torch.multiprocessing as mp
+
+    from tests.sync_workers import torch_worker
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    mp.start_processes(torch_worker, args=(counts, str(tmp_path / "store"), str(tmp_path)), nprocs=len(counts),
+                       join=True, start_method="spawn")
+    ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(len(counts))]
+    ref = single_process(counts)
+    np.testing.assert_allclose(np.concatenate([r["y"] for r in ranks]), ref["y"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.concatenate([r["dx"] for r in ranks]), ref["dx"], rtol=1e-10, atol=1e-12)
+    # dgamma/dbeta are local sums (the data-parallel reduction adds them up), as in torch's SyncBatchNorm
+    for q in ("dgamma", "dbeta"):
+        np.testing.assert_allclose(sum(r[q] for r in ranks), ref[q], rtol=1e-10, atol=1e-12)
+    for r in ranks:
+        for q in ("running_mean", "running_var"):
+            np.testing.assert_allclose(r[q], ref[q], rtol=1e-12, atol=1e-14)
+        assert int(r["tracked"]) == ref["tracked"]
+
+
+def test_jax_sync_equals_concatenated_batch(tmp_path: Path) -> None:
+    pytest.importorskip("jax")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "-m", "tests.sync_workers", str(tmp_path)], cwd=ROOT, env=env, check=True,
+                   timeout=300)
+    err = json.loads((tmp_path / "jax.json").read_text())
+    assert err.pop("tracked") == 0
+    assert max(err.values()) < 1e-10, err
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "mxnet"])
+def test_sync_unsupported_backends_say_so(backend_name: str) -> None:
+    try:
+        multibn.backends.get_backend(backend_name)
+    except ImportError:
+        pytest.skip(f"{backend_name} is not installed in this environment")
+    with pytest.raises(NotImplementedError, match="torch .* and jax"):
+        multibn.batch_norm(np.ones((4, 2), np.float32), backend=backend_name, sync=True)
+
+
+def test_torch_sync_needs_an_initialised_process_group() -> None:
+    torch = pytest.importorskip("torch")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        multibn.batch_norm(torch.ones(4, 2), sync=True)
