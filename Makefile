@@ -25,7 +25,7 @@ test-%: .venvs/%/.built
 test: lint test-full test-current
 
 lint: .venvs/full/.built
-	.venvs/full/bin/ruff check multibn tests benchmarks
+	.venvs/full/bin/ruff check .
 
 clean:
 	rm -rf .venvs

@@ -72,7 +72,7 @@ def test_sync_unsupported_backends_say_so(backend_name: str) -> None:
         multibn.backends.get_backend(backend_name)
     except ImportError:
         pytest.skip(f"{backend_name} is not installed in this environment")
-    with pytest.raises(NotImplementedError, match="torch .* and jax"):
+    with pytest.raises(NotImplementedError, match=r"torch .* and jax"):
         multibn.batch_norm(np.ones((4, 2), np.float32), backend=backend_name, sync=True)
 
 
