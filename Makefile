@@ -18,9 +18,13 @@ envs: $(ENVS:%=.venvs/%/.built)
 demo: .venvs/full/.built
 	.venvs/full/bin/multibn demo
 
-test-%: .venvs/%/.built
-	@echo "=== tests in the $* environment"
-	.venvs/$*/bin/python -m pytest -q $(PYTEST_ARGS)
+test-full: .venvs/full/.built
+	@echo "=== tests in the full environment (numpy 1.26, torch, jax 0.7, mxnet 1.9)"
+	.venvs/full/bin/python -m pytest -q $(PYTEST_ARGS)
+
+test-current: .venvs/current/.built
+	@echo "=== tests in the current environment (numpy 2, torch, latest jax)"
+	.venvs/current/bin/python -m pytest -q $(PYTEST_ARGS)
 
 test: lint test-full test-current
 
