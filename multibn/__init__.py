@@ -6,6 +6,7 @@
 from .api import batch_norm, batch_norm_vjp, init_state
 from .backends import available_backends
 from .conventions import CONVENTIONS, Convention
+from .porting import convert_state
 from .state import BNState
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "available_backends",
     "batch_norm",
     "batch_norm_vjp",
+    "convert_state",
     "init_state",
 ]
 __version__ = "0.1.0"

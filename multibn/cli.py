@@ -9,6 +9,7 @@ import sys
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("multibn.demo", "run batch_norm on every installed backend and show that they agree"),
+    "port": ("multibn.port", "convert BN parameters and running statistics between frameworks' checkpoints"),
 }
 
 
