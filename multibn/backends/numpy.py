@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
 import array_api_compat.numpy as xp
 import numpy as np
 
@@ -28,3 +32,116 @@ class NumpyBackend(Backend):
         if name == "bfloat16":
             raise TypeError("the numpy backend has no bfloat16 dtype")
         return np.dtype(name)
+
+    # ---- fast kernels -------------------------------------------------------------------------------------------
+    # The same quantities as the generic kernels with in-place ufuncs (``out=``) on chunks of about _CHUNK elements:
+    # x is viewed as (P, C, Q) and streamed along P, so the one scratch buffer stays in cache and the only
+    # full-size allocation is the output. Reductions are NumPy's pairwise sum over the contiguous Q axis, then P.
+    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
+        v = _pcq(x, axes)
+        if v is None:
+            return super().channel_sum(x, axes, dtype)
+        if v.dtype == dtype:
+            return _reduce(v)
+        acc = None
+        for (xc,), buf in _chunks(dtype, v):
+            np.copyto(buf, xc)
+            acc = _accumulate(acc, _reduce(buf))
+        return acc
+
+    def channel_sq_dev_sum(self, x: Array, mean: Array, axes: Sequence[int]) -> Array:
+        v = _pcq(x, axes)
+        if v is None:
+            return super().channel_sq_dev_sum(x, mean, axes)
+        m = mean.reshape(1, -1, 1)
+        acc = None
+        for (xc,), buf in _chunks(mean.dtype, v):
+            np.subtract(xc, m, out=buf)
+            np.multiply(buf, buf, out=buf)
+            acc = _accumulate(acc, _reduce(buf))
+        return acc
+
+    def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
+        axes = tuple(i for i in range(x.ndim) if scale.shape[i] == 1) if x.ndim == scale.ndim else ()
+        v = _pcq(x, axes)
+        if v is None:
+            return super().scale_shift(x, scale, shift)
+        out = np.empty_like(x)
+        s, t = scale.reshape(1, -1, 1), shift.reshape(1, -1, 1)
+        same = x.dtype == scale.dtype
+        for (xc, oc), buf in _chunks(scale.dtype, v, out.reshape(v.shape), need_buf=not same):
+            w = oc if same else buf
+            np.multiply(xc, s, out=w)
+            np.add(w, t, out=w)
+            if not same:
+                np.copyto(oc, w, casting="same_kind")
+        return out
+
+    def backward_sums(self, dy: Array, x: Array, mean: Array, axes: Sequence[int]) -> tuple[Array, Array]:
+        v, g = _pcq(x, axes), _pcq(dy, axes)
+        if v is None or g is None or dy.shape != x.shape:
+            return super().backward_sums(dy, x, mean, axes)
+        m = mean.reshape(1, -1, 1)
+        s1 = s2 = None
+        for (xc, gc), buf in _chunks(mean.dtype, v, g):
+            s1 = _accumulate(s1, _reduce(gc, mean.dtype))
+            np.subtract(xc, m, out=buf)
+            np.multiply(buf, gc, out=buf)
+            s2 = _accumulate(s2, _reduce(buf))
+        return s1, s2
+
+    def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
+        axes = tuple(i for i in range(x.ndim) if mean.shape[i] == 1)
+        v, g = _pcq(x, axes), _pcq(dy, axes)
+        if v is None or g is None or dy.shape != x.shape:
+            return super().backward_apply(dy, x, mean, a, b, c)
+        out = np.empty_like(x)
+        m, a, b, c = (t.reshape(1, -1, 1) for t in (mean, a, b, c))
+        same = x.dtype == a.dtype
+        scratch = np.empty_like(next(_chunks(a.dtype, v))[1])
+        for (xc, gc, oc), buf in _chunks(a.dtype, v, g, out.reshape(v.shape)):
+            w = oc if same else buf  # same dtype: work in the output itself
+            t = scratch[: xc.shape[0]]
+            np.subtract(xc, m, out=w)
+            np.multiply(w, b, out=w)  # (x - mean) * b
+            np.add(w, c, out=w)  # + c
+            np.multiply(gc, a, out=t)
+            np.add(w, t, out=w)  # + dy * a
+            if not same:
+                np.copyto(oc, w, casting="same_kind")
+        return out
+
+#: elements per chunk (4 MiB of float32): the scratch buffer stays in L2/L3 between the ufuncs of one chunk
+_CHUNK = 1 << 20
+
+
+def _pcq(x: np.ndarray, axes: Sequence[int]) -> np.ndarray | None:
+    """x as a (P, C, Q) view, C the one axis not reduced; None when the fast path does not apply."""
+    if not isinstance(x, np.ndarray) or len(axes) != x.ndim - 1 or x.size == 0 or not x.flags.c_contiguous:
+        return None
+    ax = next(i for i in range(x.ndim) if i not in axes)
+    return x.reshape(math.prod(x.shape[:ax]), x.shape[ax], math.prod(x.shape[ax + 1:]))
+
+
+def _reduce(v: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """Sum of a (p, C, Q) array over p and Q: pairwise over the contiguous Q first, then over p."""
+    if v.shape[2] == 1:
+        return v[:, :, 0].sum(0, dtype=dtype)
+    return v.sum(2, dtype=dtype).sum(0)
+
+
+def _accumulate(acc: np.ndarray | None, part: np.ndarray) -> np.ndarray:
+    if acc is None:
+        return part
+    acc += part
+    return acc
+
+
+def _chunks(dtype: Any, *vs: np.ndarray, need_buf: bool = True) -> Iterator[tuple[tuple[np.ndarray, ...], Any]]:
+    """Chunks along P of (P, C, Q) arrays of one shape, each time with a reused buffer of the chunk's shape."""
+    v = vs[0]
+    k = max(1, _CHUNK // max(1, v.shape[1] * v.shape[2]))
+    buf = np.empty((min(k, v.shape[0]), *v.shape[1:]), dtype=dtype) if need_buf else None
+    for i in range(0, v.shape[0], k):
+        chunk = tuple(t[i:i + k] for t in vs)
+        yield chunk, (buf[: chunk[0].shape[0]] if buf is not None else None)

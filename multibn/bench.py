@@ -1,0 +1,681 @@
+"""``multibn bench``: multibn against each framework's native batch norm and the memory roofline.
+
+Every implementation of one (backend, case, dtype, pass) runs in one process, side by side: warm-up first, then
+``reps`` timed repetitions interleaved (A B C A B C ...), each ended by the framework's device sync
+(``mx.nd.waitall``, ``block_until_ready``, ``torch.cuda.synchronize`` on a GPU). Reported: median and
+interquartile range in ms, and the ratios of the medians to the native BN and to the roofline of the same run.
+
+* ``multibn``: :func:`multibn.batch_norm` (training, running statistics updated) and, for ``fwd+bwd``, its
+  gradient through the framework's autodiff; under ``jax.jit`` on JAX.
+* ``multibn-compiled`` (``--compiled``, torch): the same call under ``torch.compile``.
+* ``native``: ``torch.nn.functional.batch_norm``, ``mx.nd.BatchNorm``, ``flax.linen.BatchNorm`` under jit.
+* ``keras``: Keras 3 ``BatchNormalization`` on its torch and jax backends, in one subprocess per Keras backend
+  (Keras picks its backend at import), beside that framework's native BN for the ratio.
+* ``roofline``: one reduction pass plus one streaming pass over ``x`` forward (``sum`` + copy), 6 reads and
+  2 writes forward+backward (4 ``sum`` + 2 copies), with the same library's ``sum`` and copy into an existing
+  buffer (MXNet: its ``nd.sum`` is far off the bandwidth, so the reduction pass is a BLAS product with a ones
+  vector, its fastest full read). NumPy is single-threaded, so its roofline is too.
+
+Cases are named ``nchw_AxBxCxD`` (channel axis 1) or ``nc_AxB``, optionally with ``:dtype``; any such name
+works (``nchw_2x3x4x5`` is the smoke test's). Nothing here imports a framework at module import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+BACKENDS = ("numpy", "torch", "jax", "mxnet")
+KERAS_BACKENDS = ("torch", "jax")
+PASSES = ("fwd", "fwd+bwd")
+DEFAULT_CASES = ("nchw_64x64x56x56", "nchw_256x256x14x14", "nc_4096x1024", "nchw_256x256x14x14:float16")
+#: the convention each backend's multibn run uses: that framework's own, so both sides do the same work
+CONVENTION = {"numpy": "torch", "torch": "torch", "jax": "flax", "mxnet": "gluon"}
+QUICK_CASES = ("nchw_256x256x14x14", "nc_4096x1024")
+IMPL_ORDER = ("multibn", "multibn-compiled", "keras", "native", "roofline")
+
+
+# ---- cases ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    axis: int = 1
+
+    @classmethod
+    def parse(cls, spec: str) -> Case:
+        name, _, dtype = spec.partition(":")
+        m = re.fullmatch(r"(nchw|nc)_(\d+(?:x\d+)*)", name)
+        shape = tuple(int(d) for d in m.group(2).split("x")) if m else ()
+        if not m or len(shape) != len(m.group(1)):
+            raise ValueError(f"case {spec!r}: expected nchw_AxBxCxD or nc_AxB, optionally with :dtype")
+        dtype = dtype or "float32"
+        if dtype not in ("float16", "bfloat16", "float32", "float64"):
+            raise ValueError(f"case {spec!r}: dtype must be float16, bfloat16, float32 or float64")
+        return cls(name, shape, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * (8 if self.dtype == "float64" else 4 if self.dtype == "float32" else 2)
+
+
+def make_data(case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """x (offset normal data), dy, gamma, beta as float32 NumPy arrays (cast per backend)."""
+    rng = np.random.default_rng(0)
+    c = case.shape[case.axis]
+    x = (rng.standard_normal(case.shape, dtype=np.float32) * 2 + 0.5).astype(np.float32)
+    dy = rng.standard_normal(case.shape, dtype=np.float32)
+    gamma = (1 + 0.1 * rng.standard_normal(c)).astype(np.float32)
+    beta = (0.1 * rng.standard_normal(c)).astype(np.float32)
+    return x, dy, gamma, beta
+
+
+# ---- one backend's implementations ------------------------------------------------------------------------------
+Runner = Callable[[], None]  # one repetition, device-synchronised
+
+
+class Skip(Exception):
+    """This implementation cannot run this case here (the reason is the message)."""
+
+
+def _torch_sync(torch: Any, t: Any) -> None:
+    if t.is_cuda:
+        torch.cuda.synchronize()
+
+
+def torch_impls(case: Case, pass_: str, impls: Sequence[str], device: str) -> dict[str, Runner]:
+    import torch
+    import torch.nn.functional as F
+
+    import multibn
+
+    dev = "cuda" if device == "gpu" else "cpu"
+    dt = getattr(torch, case.dtype)
+    xn, dyn, gn, bn = make_data(case)
+    x = torch.from_numpy(xn).to(dev, dt)
+    dy = torch.from_numpy(dyn).to(dev, dt)
+    g = torch.from_numpy(gn).to(dev)
+    b = torch.from_numpy(bn).to(dev)
+    c = case.shape[case.axis]
+    bwd = pass_ == "fwd+bwd"
+    out: dict[str, Runner] = {}
+
+    def step(fn: Callable[[Any, Any, Any], Any]) -> Runner:
+        xs, gs, bs = (t.detach().clone().requires_grad_(bwd) for t in (x, g, b))
+
+        def run() -> None:
+            y = fn(xs, gs, bs)
+            if bwd:
+                torch.autograd.grad(y, (xs, gs, bs), dy)
+            _torch_sync(torch, x)
+
+        return run
+
+    if "native" in impls:
+        rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
+        out["native"] = step(lambda x_, g_, b_: F.batch_norm(x_, rm, rv, g_, b_, True, 0.1, 1e-5))
+    for impl in ("multibn", "multibn-compiled"):
+        if impl not in impls:
+            continue
+        state = [multibn.init_state(c, backend="torch", device=dev)]
+
+        def mbn(x_: Any, g_: Any, b_: Any, state: list = state) -> Any:
+            y, state[0] = multibn.batch_norm(x_, g_, b_, state[0], convention="torch", axis=case.axis)
+            return y
+
+        out[impl] = step(torch.compile(mbn) if impl == "multibn-compiled" else mbn)
+    if "keras" in impls:
+        import keras
+
+        layer = keras.layers.BatchNormalization(axis=case.axis, momentum=0.9, epsilon=1e-5, dtype=case.dtype)
+        layer.build(case.shape)
+        weights = [w.value for w in layer.trainable_weights]
+
+        xk = x.detach().clone().requires_grad_(bwd)
+
+        def keras_run() -> None:
+            y = layer(xk, training=True)
+            if bwd:
+                torch.autograd.grad(y, (xk, *weights), dy)
+            _torch_sync(torch, x)
+
+        out["keras"] = keras_run
+    if "roofline" in impls:
+        buf = torch.empty_like(x)
+
+        def tsum() -> None:
+            x.sum()
+            _torch_sync(torch, x)
+
+        def tcopy() -> None:
+            buf.copy_(x)
+            _torch_sync(torch, x)
+
+        out["roofline:sum"], out["roofline:copy"] = tsum, tcopy
+    return out
+
+
+def jax_impls(case: Case, pass_: str, impls: Sequence[str], device: str) -> dict[str, Runner]:
+    import jax
+    import jax.numpy as jnp
+
+    import multibn
+
+    dev = jax.devices("gpu" if device == "gpu" else "cpu")[0]
+    xn, dyn, gn, bn = make_data(case)
+    x, dy = (jax.device_put(jnp.asarray(a, dtype=case.dtype), dev) for a in (xn, dyn))
+    g, b = (jax.device_put(jnp.asarray(a), dev) for a in (gn, bn))
+    c = case.shape[case.axis]
+    bwd = pass_ == "fwd+bwd"
+    out: dict[str, Runner] = {}
+
+    def stateful(apply: Callable[[Any, Any, Any, Any], tuple[Any, Any]], state: Any) -> Runner:
+        """apply(x, g, b, state) -> (y, new_state), under jit; fwd+bwd adds the vjp wrt (x, g, b)."""
+        def f(x_: Any, g_: Any, b_: Any, st: Any, dy_: Any) -> Any:
+            if not bwd:
+                return apply(x_, g_, b_, st)
+            y, vjp, new = jax.vjp(lambda *a: apply(*a, st), x_, g_, b_, has_aux=True)
+            return y, vjp(dy_), new
+
+        f = jax.jit(f)  # every array is an argument: a closed-over one would be an XLA constant, folded slowly
+        box = [state]
+
+        def run() -> None:
+            res = f(x, g, b, box[0], dy)
+            box[0] = res[-1]
+            jax.block_until_ready(res)
+
+        return run
+
+    if "multibn" in impls:
+        def mbn(x_: Any, g_: Any, b_: Any, st: Any) -> tuple[Any, Any]:
+            return multibn.batch_norm(x_, g_, b_, st, convention="flax", axis=case.axis)
+
+        out["multibn"] = stateful(mbn, multibn.init_state(c, backend="jax"))
+    if "native" in impls and _installed(["flax"]):
+        import flax.linen as nn
+
+        model = nn.BatchNorm(use_running_average=False, axis=case.axis, momentum=0.99, epsilon=1e-5,
+                             dtype=case.dtype, param_dtype=jnp.float32)
+        variables = model.init(jax.random.PRNGKey(0), x[:2])
+
+        def flax_apply(x_: Any, g_: Any, b_: Any, st: Any) -> tuple[Any, Any]:
+            y, upd = model.apply({"params": {"scale": g_, "bias": b_}, "batch_stats": st}, x_,
+                                 mutable=["batch_stats"])
+            return y, upd["batch_stats"]
+
+        out["native"] = stateful(flax_apply, variables["batch_stats"])
+    if "keras" in impls:
+        import keras
+
+        layer = keras.layers.BatchNormalization(axis=case.axis, momentum=0.99, epsilon=1e-5, dtype=case.dtype)
+        layer.build(case.shape)
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def keras_apply(x_: Any, g_: Any, b_: Any, st: Any) -> tuple[Any, Any]:
+            return layer.stateless_call([g_, b_], st, x_, training=True)
+
+        out["keras"] = stateful(keras_apply, non_trainable)
+    if "roofline" in impls:
+        axes = tuple(range(len(case.shape)))
+        red = jax.jit(lambda a: jnp.sum(a, axis=axes))
+        copy = jax.jit(lambda a, k: a + k)  # a streaming pass: read x, write a new buffer
+        k = jnp.asarray(0, dtype=case.dtype)
+
+        def jsum() -> None:
+            red(x).block_until_ready()
+
+        def jcopy() -> None:
+            copy(x, k).block_until_ready()
+
+        out["roofline:sum"], out["roofline:copy"] = jsum, jcopy
+    return out
+
+
+def _mx() -> Any:
+    from multibn.backends import get_backend
+
+    get_backend("mxnet")  # imports mxnet the way multibn does (np.bool alias, torch threads restored)
+    import mxnet as mx
+
+    return mx
+
+
+def mxnet_impls(case: Case, pass_: str, impls: Sequence[str], device: str) -> dict[str, Runner]:
+    if case.dtype == "bfloat16":
+        raise Skip("MXNet 1.9 has no bfloat16")
+    mx = _mx()
+    import multibn
+
+    ctx = mx.gpu(0) if device == "gpu" else mx.cpu()
+    xn, dyn, gn, bn = make_data(case)
+    x, dy = (mx.nd.array(a, ctx=ctx, dtype=case.dtype) for a in (xn, dyn))
+    g, b = (mx.nd.array(a, ctx=ctx) for a in (gn, bn))
+    c = case.shape[case.axis]
+    bwd = pass_ == "fwd+bwd"
+    out: dict[str, Runner] = {}
+
+    def step(fn: Callable[[Any, Any, Any], Any]) -> Runner:
+        xs, gs, bs = (a.copy() for a in (x, g, b))
+        if bwd:
+            for a in (xs, gs, bs):
+                a.attach_grad()
+
+        def run() -> None:
+            if bwd:
+                with mx.autograd.record(train_mode=True):
+                    y = fn(xs, gs, bs)
+                y.backward(dy)
+            else:
+                with mx.autograd.train_mode():
+                    fn(xs, gs, bs)
+            mx.nd.waitall()
+
+        return run
+
+    if "native" in impls:
+        mm, mv = mx.nd.zeros(c, ctx=ctx), mx.nd.ones(c, ctx=ctx)
+        out["native"] = step(lambda x_, g_, b_: mx.nd.BatchNorm(
+            x_, g_, b_, mm, mv, eps=1e-5, momentum=0.9, fix_gamma=False, axis=case.axis))
+    if "multibn" in impls:
+        state = [multibn.init_state(c, backend="mxnet", device=ctx)]
+
+        def mbn(x_: Any, g_: Any, b_: Any) -> Any:
+            y, state[0] = multibn.batch_norm(x_, g_, b_, state[0], convention="gluon", axis=case.axis)
+            return y
+
+        out["multibn"] = step(mbn)
+    if "roofline" in impls:
+        buf = mx.nd.empty(case.shape, ctx=ctx, dtype=case.dtype)
+        # MXNet's own nd.sum reads at a fraction of the bandwidth (no AVX in the wheel): its fastest full read of
+        # x is a BLAS product with a ones vector, which is what the roofline takes as "one reduction pass"
+        flat = x.reshape((-1, case.shape[-1]))
+        ones = mx.nd.ones((case.shape[-1], 1), ctx=ctx, dtype=case.dtype)
+
+        def msum() -> None:
+            mx.nd.dot(flat, ones) if case.dtype in ("float32", "float64") else mx.nd.sum(x)  # CPU dot: no fp16
+            mx.nd.waitall()
+
+        def mcopy() -> None:
+            x.copyto(buf)
+            mx.nd.waitall()
+
+        out["roofline:sum"], out["roofline:copy"] = msum, mcopy
+    return out
+
+
+def numpy_impls(case: Case, pass_: str, impls: Sequence[str], device: str) -> dict[str, Runner]:
+    if case.dtype == "bfloat16":
+        raise Skip("NumPy has no bfloat16")
+    if device == "gpu":
+        raise Skip("NumPy runs on the CPU only")
+    import multibn
+
+    xn, dyn, g, b = make_data(case)
+    x, dy = xn.astype(case.dtype), dyn.astype(case.dtype)
+    c = case.shape[case.axis]
+    out: dict[str, Runner] = {}
+    if "multibn" in impls:
+        state = [multibn.init_state(c, backend="numpy")]
+
+        def run() -> None:
+            _, state[0] = multibn.batch_norm(x, g, b, state[0], convention="torch", axis=case.axis)
+            if pass_ == "fwd+bwd":
+                multibn.batch_norm_vjp(x, g, b, None, dy, convention="torch", axis=case.axis)
+
+        out["multibn"] = run
+    if "roofline" in impls:
+        buf = np.empty_like(x)
+
+        def nsum() -> None:
+            x.sum()
+
+        def ncopy() -> None:
+            np.copyto(buf, x)
+
+        out["roofline:sum"], out["roofline:copy"] = nsum, ncopy
+    return out
+
+
+IMPLS: dict[str, Callable[[Case, str, Sequence[str], str], dict[str, Runner]]] = {
+    "numpy": numpy_impls, "torch": torch_impls, "jax": jax_impls, "mxnet": mxnet_impls,
+}
+
+
+# ---- timing -----------------------------------------------------------------------------------------------------
+def time_interleaved(runners: dict[str, Runner], reps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per repetition of each runner: ``warmup`` untimed rounds, then ``reps`` rounds A B C A B C ..."""
+    for _ in range(warmup):
+        for run in runners.values():
+            run()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(reps):
+        for k, run in runners.items():
+            t0 = time.perf_counter()
+            run()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def summarize(times: list[float]) -> tuple[float, float]:
+    """(median, interquartile range), in ms."""
+    q1, med, q3 = np.percentile(np.asarray(times) * 1e3, [25, 50, 75])
+    return float(med), float(q3 - q1)
+
+
+def measure(backend: str, case: Case, pass_: str, impls: Sequence[str], reps: int, warmup: int,
+            device: str = "cpu") -> list[dict[str, Any]]:
+    """The records of one (backend, case, pass): every impl in ``impls`` timed side by side."""
+    runners = IMPLS[backend](case, pass_, impls, device)
+    times = time_interleaved(runners, reps, warmup)
+    med = {k: summarize(v) for k, v in times.items()}
+    if "roofline:sum" in med:
+        (s, s_iqr), (c, c_iqr) = med.pop("roofline:sum"), med.pop("roofline:copy")
+        ns, nc = (1, 1) if pass_ == "fwd" else (4, 2)  # 2 reads + 1 write; 6 reads + 2 writes
+        med["roofline"] = (ns * s + nc * c, ns * s_iqr + nc * c_iqr)
+    native = med.get("native", (None,))[0]
+    roof = med.get("roofline", (None,))[0]
+    records = []
+    for impl in sorted(med, key=IMPL_ORDER.index):
+        m, iqr = med[impl]
+        records.append({
+            "backend": backend, "impl": impl, "case": case.name, "dtype": case.dtype, "pass": pass_,
+            "median_ms": round(m, 4), "iqr_ms": round(iqr, 4), "runs": reps,
+            "ratio_to_native": round(m / native, 3) if native else None,
+            "ratio_to_roofline": round(m / roof, 3) if roof else None,
+        })
+    return records
+
+
+# ---- environment --------------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _allocator() -> str:
+    preload = os.environ.get("LD_PRELOAD", "")
+    for name in ("jemalloc", "tcmalloc", "mimalloc"):
+        if name in preload:
+            conf = os.environ.get("MALLOC_CONF") or os.environ.get("TCMALLOC_RELEASE_RATE") or ""
+            return f"{name} ({preload}{'; ' + conf if conf else ''})"
+    return "glibc malloc (default)" if platform.system() == "Linux" else "system default"
+
+
+def environment(backends: Sequence[str]) -> dict[str, Any]:
+    """Versions, thread counts, allocator, CPU and GPU of this process (imports the backends' frameworks)."""
+    from importlib import metadata
+
+    import multibn
+
+    env: dict[str, Any] = {
+        "multibn": multibn.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "allocator": _allocator(), "versions": {},
+        "threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                               "MXNET_CPU_WORKER_NTHREADS", "XLA_FLAGS") if k in os.environ},
+        "gpu": None,
+    }
+    for dist in ("numpy", "torch", "jax", "jaxlib", "mxnet", "flax", "keras"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            env["versions"][dist] = metadata.version(dist)
+    env["threads"]["numpy"] = 1
+    if "torch" in backends:
+        import torch
+
+        env["threads"]["torch"] = torch.get_num_threads()
+        env["threads"]["torch_interop"] = torch.get_num_interop_threads()
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+    if "jax" in backends:
+        import jax
+
+        env["jax_devices"] = [str(d) for d in jax.devices()]
+        if env["gpu"] is None and jax.default_backend() == "gpu":
+            env["gpu"] = jax.devices()[0].device_kind
+    return env
+
+
+# ---- output ---------------------------------------------------------------------------------------------------------
+class Progress:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, total: int, quiet: bool = False) -> None:
+        self.total, self.done, self.quiet, self.t0 = total, 0, quiet, time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def step(self, label: str) -> None:
+        if self.quiet:
+            return
+        width = 24
+        fill = int(width * self.done / max(self.total, 1))
+        line = (f"[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
+                f"{time.perf_counter() - self.t0:5.0f}s  {label}")
+        sys.stderr.write(f"\r\x1b[K{line}" if self.tty else line + "\n")
+        sys.stderr.flush()
+        self.done += 1
+
+    def close(self) -> None:
+        if not self.quiet and self.tty:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(records: Sequence[dict[str, Any]]) -> str:
+    head = (f"{'case':<20} {'dtype':<8} {'pass':<7} {'backend':<7} {'impl':<16} {'median ms':>10} "
+            f"{'IQR ms':>8} {'runs':>4} {'x native':>9} {'x roofline':>10}")
+    lines = [head, "-" * len(head)]
+    prev = None
+    for r in records:
+        key = (r["case"], r["dtype"], r["pass"], r["backend"])
+        if prev is not None and key[:3] != prev[:3]:
+            lines.append("")
+        prev = key
+        lines.append(
+            f"{r['case']:<20} {r['dtype']:<8} {r['pass']:<7} {r['backend']:<7} {r['impl']:<16} "
+            f"{r['median_ms']:>10.2f} {r['iqr_ms']:>8.2f} {r['runs']:>4} "
+            f"{_fmt(r['ratio_to_native'], '9.2f'):>9} {_fmt(r['ratio_to_roofline'], '10.2f'):>10}")
+    return "\n".join(lines)
+
+
+def plot(records: Sequence[dict[str, Any]], path: str) -> None:
+    """A PNG with two bar charts: each implementation's ratio to the native BN and to the roofline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["case"], r["dtype"], r["pass"]) for r in records},
+                    key=lambda k: (k[0], k[1], PASSES.index(k[2])))
+    series = [(b, i) for b in BACKENDS for i in IMPL_ORDER
+              if any(r["backend"] == b and r["impl"] == i and i != "roofline" for r in records)]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(groups)), 8), sharex=True)
+    width = 0.8 / max(len(series), 1)
+    for ax, key, title in ((axes[0], "ratio_to_native", "time / native BN of the same framework"),
+                           (axes[1], "ratio_to_roofline", "time / memory roofline of the same framework")):
+        for j, (b, i) in enumerate(series):
+            vals = []
+            for grp in groups:
+                r = next((r for r in records if (r["case"], r["dtype"], r["pass"]) == grp
+                          and r["backend"] == b and r["impl"] == i), None)
+                vals.append(r[key] if r and r[key] is not None else np.nan)
+            ax.bar(np.arange(len(groups)) + (j - (len(series) - 1) / 2) * width, vals, width, label=f"{b} {i}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_ylabel(title)
+    axes[1].set_xticks(np.arange(len(groups)), [f"{c}\n{d} {p}" for c, d, p in groups], fontsize=8)
+    axes[0].legend(fontsize=7, ncol=3)
+    fig.suptitle("multibn bench (median ratios, lower is faster)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- the command ----------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="7 repetitions, the two smaller float32 cases (under two minutes on 2 cores)")
+    parser.add_argument("--backends", default=None,
+                        help=f"comma-separated, from {','.join(BACKENDS)} (default: every installed backend)")
+    parser.add_argument("--cases", default=None,
+                        help=f"comma-separated NAME[:DTYPE] (default: {','.join(DEFAULT_CASES)})")
+    parser.add_argument("--passes", default=",".join(PASSES), help="comma-separated, from fwd,fwd+bwd")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per implementation (>= 7)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first")
+    parser.add_argument("--compiled", action="store_true", help="also time multibn under torch.compile")
+    parser.add_argument("--keras", choices=("auto", "no"), default="auto",
+                        help="Keras BatchNormalization on its torch and jax backends, one subprocess each")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--json", metavar="PATH", help="write the environment and the records as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the ratios")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--keras-worker", help=argparse.SUPPRESS)  # internal: KERAS_BACKEND of this subprocess
+
+
+def _installed(names: Sequence[str]) -> list[str]:
+    import importlib.util
+
+    return [n for n in names if importlib.util.find_spec(n) is not None]
+
+
+def _keras_subprocess(kb: str, args: argparse.Namespace, cases: Sequence[str], passes: Sequence[str],
+                      reps: int, warmup: int) -> list[dict[str, Any]]:
+    cmd = [sys.executable, "-m", "multibn.bench", "--keras-worker", kb, "--cases", ",".join(cases),
+           "--passes", ",".join(passes), "--reps", str(reps), "--warmup", str(warmup), "--device", args.device]
+    if args.quiet:
+        cmd.append("--quiet")
+    env = dict(os.environ, KERAS_BACKEND=kb)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        print(f"keras on {kb}: the subprocess failed (exit {proc.returncode}); no keras rows", file=sys.stderr)
+        return []
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(args: argparse.Namespace) -> int:
+    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+    # Threads: every core for torch, MXNet (which uses half unless told) and XLA; NumPy is single-threaded.
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    if args.keras_worker:
+        # Keras decides its backend at import: this process is one Keras backend, the parent reads stdout.
+        return _worker(args)
+    backends = args.backends.split(",") if args.backends else _installed(BACKENDS)
+    for b in backends:
+        if b not in BACKENDS:
+            raise SystemExit(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    if "torch" in backends:
+        import torch  # before MXNet, which drops torch's thread count on import
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    from multibn.backends import get_backend
+
+    backends = [b for b in backends if _importable(get_backend, b)]
+    quick = args.quick
+    cases = args.cases.split(",") if args.cases else list(QUICK_CASES if quick else DEFAULT_CASES)
+    parsed = [Case.parse(c) for c in cases]
+    passes = args.passes.split(",")
+    for p in passes:
+        if p not in PASSES:
+            raise SystemExit(f"unknown pass {p!r}; choose from {', '.join(PASSES)}")
+    reps = args.reps or (7 if quick else 15)
+    warmup = args.warmup if args.warmup is not None else (2 if quick else 3)
+    keras_bes = [kb for kb in KERAS_BACKENDS if kb in backends and _installed(["keras"])] \
+        if args.keras == "auto" else []
+
+    env = environment(backends)
+    print(f"multibn bench: {len(parsed)} case(s) x {len(passes)} pass(es) x {len(backends)} backend(s), "
+          f"{reps} reps after {warmup} warm-up, interleaved; medians in ms")
+    print(f"cpu: {env['cpu']} ({env['cpu_count']} cores), gpu: {env['gpu']}, allocator: {env['allocator']}, "
+          f"threads: {env['threads']}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+    records: list[dict[str, Any]] = []
+    progress = Progress(len(parsed) * len(passes) * len(backends) + len(keras_bes), args.quiet)
+    for case in parsed:
+        for pass_ in passes:
+            for b in backends:
+                progress.step(f"{b} {case.name} {case.dtype} {pass_}")
+                impls = ["multibn", "native", "roofline"]
+                if b == "torch" and args.compiled:
+                    impls.insert(1, "multibn-compiled")
+                try:
+                    records += measure(b, case, pass_, impls, reps, warmup, args.device)
+                except Skip as e:
+                    print(f"\nskipped {b} {case.name}:{case.dtype}: {e}", file=sys.stderr)
+    for kb in keras_bes:
+        progress.step(f"keras on {kb} (subprocess)")
+        records += _keras_subprocess(kb, args, cases, passes, reps, warmup)
+    progress.close()
+    records.sort(key=lambda r: (
+        [c.name + c.dtype for c in parsed].index(r["case"] + r["dtype"]), PASSES.index(r["pass"]),
+        BACKENDS.index(r["backend"]), IMPL_ORDER.index(r["impl"])))
+    print(table(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "records": records}, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(records, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _importable(get_backend: Callable[[str], Any], name: str) -> bool:
+    try:
+        get_backend(name)
+    except ImportError as e:
+        print(f"skipping {name}: {e}", file=sys.stderr)
+        return False
+    return True
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """Keras on one backend beside that framework's native BN and roofline; prints the keras rows as JSON."""
+    kb = args.keras_worker
+    if kb == "torch":
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    records = []
+    cases = [Case.parse(c) for c in args.cases.split(",")]
+    passes = args.passes.split(",")
+    progress = Progress(len(cases) * len(passes), quiet=True)
+    for case in cases:
+        for pass_ in passes:
+            progress.step(f"keras {kb} {case.name} {pass_}")
+            try:
+                rows = measure(kb, case, pass_, ["keras", "native", "roofline"], args.reps, args.warmup, args.device)
+            except Exception as e:  # one case keras cannot do must not lose the others
+                print(f"keras on {kb}, {case.name}:{case.dtype} {pass_}: {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+            records += [r for r in rows if r["impl"] == "keras"]
+    print(json.dumps(records))
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="multibn bench")
+    add_arguments(_parser)
+    sys.exit(run(_parser.parse_args()))

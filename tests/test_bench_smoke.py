@@ -1,0 +1,78 @@
+"""``multibn bench`` on a tiny case: the harness keeps working (no timing is asserted; benchmarks never run here)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from multibn import bench
+from multibn.cli import COMMANDS
+
+FIELDS = {"backend", "impl", "case", "dtype", "pass", "median_ms", "iqr_ms", "runs", "ratio_to_native",
+          "ratio_to_roofline"}
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return bench.run(parser.parse_args(argv))
+
+
+def test_bench_is_a_command() -> None:
+    assert COMMANDS["bench"][0] == "multibn.bench"
+
+
+def test_import_bench_imports_no_framework() -> None:
+    code = "import sys, multibn.bench; print(sorted(m for m in ('torch', 'jax', 'mxnet', 'keras') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_bench_tiny_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--cases", "nchw_2x3x4x5,nc_8x4:float16", "--reps", "2", "--warmup", "1", "--keras", "no",
+            "--quiet", "--json", str(out)]
+    have_plot = importlib.util.find_spec("matplotlib") is not None
+    if have_plot:
+        argv += ["--plot", str(tmp_path / "bench.png")]
+    assert _run(argv) == 0
+    table = capsys.readouterr().out
+    assert "nchw_2x3x4x5" in table and "roofline" in table
+    data = json.loads(out.read_text())
+    assert {"versions", "threads", "allocator", "cpu", "gpu"} <= set(data["environment"])
+    records = data["records"]
+    assert records and all(set(r) == FIELDS for r in records)
+    assert {r["pass"] for r in records} == {"fwd", "fwd+bwd"}
+    assert {r["dtype"] for r in records} == {"float32", "float16"}
+    for r in records:
+        assert r["impl"] in ("multibn", "multibn-compiled", "native", "keras", "roofline")
+        assert r["median_ms"] >= 0 and r["iqr_ms"] >= 0 and r["runs"] == 2
+        if r["impl"] == "roofline":
+            assert r["ratio_to_roofline"] == 1.0
+    backends = {r["backend"] for r in records if r["impl"] == "multibn"}
+    assert "numpy" in backends
+    if have_plot:
+        assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("keras") is None or importlib.util.find_spec("torch") is None,
+                    reason="keras and torch are not both installed")
+def test_bench_keras_subprocess(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert _run(["--backends", "torch", "--cases", "nc_8x4", "--passes", "fwd", "--reps", "2", "--warmup", "1",
+                 "--quiet", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert any(r["impl"] == "keras" and r["backend"] == "torch" for r in records)
+
+
+def test_case_names() -> None:
+    assert bench.Case.parse("nchw_64x64x56x56").shape == (64, 64, 56, 56)
+    assert bench.Case.parse("nc_4096x1024:bfloat16").dtype == "bfloat16"
+    with pytest.raises(ValueError):
+        bench.Case.parse("nchw_2x3")
