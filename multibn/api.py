@@ -6,6 +6,8 @@ from collections.abc import Callable
 from functools import lru_cache, partial
 from typing import Any
 
+import numpy as np
+
 from . import algorithm as alg
 from .backends import backend_name_of, get_backend
 from .backends.base import FLOAT_DTYPES, Array, Backend
@@ -49,23 +51,47 @@ def _pick_backend(backend: str | None, named: dict[str, object]) -> Backend:
     return get_backend(found["x"])
 
 
-def _to_backend(be: Backend, name: str, value: object, device: object) -> Array:
+def _to_backend(be: Backend, name: str, value: object, device: object, dtype: str = "float32") -> Array:
+    """``value`` as an array of ``be``: its own arrays as they are, NumPy arrays converted with their dtype,
+    Python numbers and sequences converted to ``dtype`` (like ``torch.tensor`` of floats)."""
     if be.is_array(value):
         return value
     if isinstance(value, (str, bytes, dict, set)):
         raise TypeError(f"{name} must be an array or a sequence of numbers, got {type(value).__name__}")
     try:
+        if backend_name_of(value) is None:  # a Python number or sequence
+            value = np.asarray(value, dtype=dtype)
+        _check_float_name(be, name, value.dtype.name)
         return be.asarray(value, device=device)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{name} could not be converted to a {be.name} array: {e}") from e
 
 
-def _check_float(be: Backend, name: str, a: Array) -> str:
-    dt = be.dtype_name(a)
+def _counter(be: Backend, tracked: object, device: object) -> Array:
+    """``num_batches_tracked`` as the backend's counter (a Python or NumPy integer is converted)."""
+    if be.is_array(tracked):
+        if not be.dtype_name(tracked).startswith(("int", "uint")):
+            raise TypeError(
+                f"state.num_batches_tracked must be an integer array, got dtype {be.dtype_name(tracked)}"
+            )
+        return tracked
+    value = np.asarray(tracked)
+    if value.size != 1 or value.dtype.kind not in "iu":
+        raise TypeError(
+            f"state.num_batches_tracked must be an integer count, got {type(tracked).__name__} {tracked!r}"
+        )
+    return be.counter(int(value.reshape(-1)[0]), device)
+
+
+def _check_float_name(be: Backend, name: str, dt: str) -> str:
     if dt not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have a floating dtype ({', '.join(FLOAT_DTYPES)}), got {dt}")
     be.dtype(dt)  # the backend may refuse it (bfloat16 on mxnet, float64 on jax without x64)
     return dt
+
+
+def _check_float(be: Backend, name: str, a: Array) -> str:
+    return _check_float_name(be, name, be.dtype_name(a))
 
 
 def _check_vector(be: Backend, name: str, a: Array, channels: int, axis: int) -> None:
@@ -105,22 +131,16 @@ def _prepare(
     lay = alg.Layout.of(tuple(x.shape), axis)
     dev = be.device_of(x)
     pdt = "float64" if xdt == "float64" else "float32"
-    gamma = be.full(lay.channels, 1.0, pdt, dev) if gamma is None else _to_backend(be, "gamma", gamma, device)
-    beta = be.full(lay.channels, 0.0, pdt, dev) if beta is None else _to_backend(be, "beta", beta, device)
+    gamma = be.full(lay.channels, 1.0, pdt, dev) if gamma is None else _to_backend(be, "gamma", gamma, device, pdt)
+    beta = be.full(lay.channels, 0.0, pdt, dev) if beta is None else _to_backend(be, "beta", beta, device, pdt)
     _check_vector(be, "gamma", gamma, lay.channels, axis)
     _check_vector(be, "beta", beta, lay.channels, axis)
     if state is not None:
-        rmean = _to_backend(be, "state.running_mean", state.running_mean, device)
-        rvar = _to_backend(be, "state.running_var", state.running_var, device)
-        tracked = state.num_batches_tracked
-        tracked = be.counter(int(tracked), device) if isinstance(tracked, int) else _to_backend(
-            be, "state.num_batches_tracked", tracked, device)
+        rmean = _to_backend(be, "state.running_mean", state.running_mean, device, pdt)
+        rvar = _to_backend(be, "state.running_var", state.running_var, device, pdt)
+        tracked = _counter(be, state.num_batches_tracked, device)
         _check_vector(be, "state.running_mean", rmean, lay.channels, axis)
         _check_vector(be, "state.running_var", rvar, lay.channels, axis)
-        if not be.dtype_name(tracked).startswith(("int", "uint")):
-            raise TypeError(
-                f"state.num_batches_tracked must be an integer array, got dtype {be.dtype_name(tracked)}"
-            )
         state = BNState(rmean, rvar, tracked)
     elif not training:
         raise ValueError(
@@ -134,7 +154,7 @@ def _prepare(
     elif training:
         _check_count(conv, lay.count, x.shape)
     if dy is not None:
-        dy = _to_backend(be, "dy", dy, device)
+        dy = _to_backend(be, "dy", dy, device, xdt)
         _check_float(be, "dy", dy)
         if tuple(dy.shape) != tuple(x.shape):
             raise ValueError(f"dy must have the shape of x, {tuple(x.shape)}, got {tuple(dy.shape)}")
@@ -172,7 +192,7 @@ def batch_norm(
     Training: ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with the batch mean and biased variance,
     and ``new_state`` the running statistics moved by the convention's rule (None when ``state`` is None,
     PyTorch's ``track_running_stats=False``). Eval (``training=False``): the same with the running
-    statistics, which a ``state`` must supply; ``new_state`` is ``state``.
+    statistics, which a ``state`` must supply; ``new_state`` holds the state's arrays unchanged.
 
     ``gamma``/``beta`` None mean 1/0. ``axis`` None is the convention's channel axis (1, or -1 for
     ``flax``/``keras``). ``momentum``/``eps`` override the convention's. ``backend`` None infers it from the
@@ -190,17 +210,19 @@ def batch_norm(
         axis=axis, backend=backend, device=device, sync=sync,
     )
     if not training:
-        (y,) = _op(be, conv, lay, False)(x, gamma, beta, state.running_mean, state.running_var)
+        with be.quiet():
+            (y,) = _op(be, conv, lay, False)(x, gamma, beta, state.running_mean, state.running_var)
         return y, state
     spec = None
     if sync is not None and sync is not False:
         group = be.sync_group(sync)
         spec = alg.Sync(group, be.replica_counts(lay.count, group))
         _check_count(conv, spec.count, x.shape)
-    y, mean, m2 = _op(be, conv, lay, True, spec)(x, gamma, beta)
-    if state is None:
-        return y, None
-    return y, alg.update_state(be, conv, state, alg.Stats(lay.count if spec is None else spec.count, mean, m2))
+    with be.quiet():
+        y, mean, m2 = _op(be, conv, lay, True, spec)(x, gamma, beta)
+        if state is None:
+            return y, None
+        return y, alg.update_state(be, conv, state, alg.Stats(lay.count if spec is None else spec.count, mean, m2))
 
 
 def batch_norm_vjp(
@@ -218,11 +240,12 @@ def batch_norm_vjp(
         x, gamma, beta, state, dy, training=training, convention=convention, momentum=momentum, eps=eps,
         axis=axis, backend=backend, device=device,
     )
-    if training:
-        residuals = alg.train_residuals(be, conv, lay, x, gamma)
-        return alg.train_backward(be, conv, lay, residuals, dy)
-    residuals = alg.eval_residuals(be, conv, lay, x, gamma, state.running_mean, state.running_var)
-    return alg.eval_backward(be, conv, lay, residuals, dy)
+    with be.quiet():
+        if training:
+            residuals = alg.train_residuals(be, conv, lay, x, gamma)
+            return alg.train_backward(be, conv, lay, residuals, dy)
+        residuals = alg.eval_residuals(be, conv, lay, x, gamma, state.running_mean, state.running_var)
+        return alg.eval_backward(be, conv, lay, residuals, dy)
 
 
 def init_state(

@@ -12,6 +12,7 @@ The batch-norm maths lives in :mod:`multibn.algorithm`; it calls only
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -63,6 +64,11 @@ class Backend:
     def counter(self, value: int = 0, device: object = None) -> Array:
         """A 0-d integer array for ``num_batches_tracked``."""
         return self.xp.asarray(value, dtype=self.xp.int64, device=device)
+
+    def quiet(self) -> contextlib.AbstractContextManager:
+        """A context in which inf and NaN arise silently (the documented results for eps=0 or NaN input), as
+        they do on every framework but NumPy, which warns."""
+        return contextlib.nullcontext()
 
     # ---- autodiff hook --------------------------------------------------------------------------------
     def custom_op(self, forward: Forward, backward: Backward) -> Callable[..., tuple[Array, ...]]:

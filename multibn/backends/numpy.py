@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -27,6 +28,9 @@ class NumpyBackend(Backend):
 
     def to_numpy(self, a: Array) -> np.ndarray:
         return np.asarray(a)
+
+    def quiet(self) -> contextlib.AbstractContextManager:
+        return np.errstate(divide="ignore", invalid="ignore")
 
     def dtype(self, name: str) -> object:
         if name == "bfloat16":
