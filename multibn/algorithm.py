@@ -199,15 +199,14 @@ def eval_forward(
 def eval_backward(
     be: Backend, conv: Convention, lay: Layout, residuals: tuple[Array, ...], dy: Array
 ) -> tuple[Array, Array, Array]:
-    """``(dx, dgamma, dbeta)`` of :func:`eval_forward`: ``dx = dy * gamma * s``."""
+    """``(dx, dgamma, dbeta)`` of :func:`eval_forward`: ``dx = dy * gamma * s`` (finite wherever dy is, whatever x
+    holds), ``dgamma = sum_R dy * (x - mean) * s`` (0 for an empty batch)."""
     xp = be.xp
     x, gamma, mean, s = residuals
-    mean_b = xp.reshape(mean, lay.bshape)
-    sum_dy, sum_dy_xc = be.backward_sums(dy, x, mean_b, lay.reduce_axes)
+    sum_dy, sum_dy_xc = be.backward_sums(dy, x, xp.reshape(mean, lay.bshape), lay.reduce_axes)
     a = effective_gamma(be, conv, gamma, mean.dtype) * s
-    zero = xp.zeros_like(a)
-    dx = be.backward_apply(dy, x, mean_b, *(xp.reshape(v, lay.bshape) for v in (a, zero, zero)))
-    dgamma = xp.zeros_like(sum_dy) if conv.fix_gamma else sum_dy_xc * s
+    dx = be.scale_shift(dy, xp.reshape(a, lay.bshape), xp.reshape(xp.zeros_like(a), lay.bshape))
+    dgamma = xp.zeros_like(sum_dy) if conv.fix_gamma or lay.count == 0 else sum_dy_xc * s
     return dx, xp.astype(dgamma, gamma.dtype), xp.astype(sum_dy, gamma.dtype)
 
 

@@ -222,7 +222,8 @@ def batch_norm(
         y, mean, m2 = _op(be, conv, lay, True, spec)(x, gamma, beta)
         if state is None:
             return y, None
-        return y, alg.update_state(be, conv, state, alg.Stats(lay.count if spec is None else spec.count, mean, m2))
+        with be.untracked():
+            return y, alg.update_state(be, conv, state, alg.Stats(lay.count if spec is None else spec.count, mean, m2))
 
 
 def batch_norm_vjp(

@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("multibn.demo", "run batch_norm on every installed backend and show that they agree"),
     "port": ("multibn.port", "convert BN parameters and running statistics between frameworks' checkpoints"),
     "bench": ("multibn.bench", "speed against each framework's native BN and the memory roofline"),
+    "check": ("multibn.check", "conformance battery: every backend and convention against float64 and native BN"),
 }
 
 

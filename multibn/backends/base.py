@@ -70,6 +70,10 @@ class Backend:
         they do on every framework but NumPy, which warns."""
         return contextlib.nullcontext()
 
+    def untracked(self) -> contextlib.AbstractContextManager:
+        """A context whose operations autodiff does not record (the running-statistics update)."""
+        return contextlib.nullcontext()
+
     # ---- autodiff hook --------------------------------------------------------------------------------
     def custom_op(self, forward: Forward, backward: Backward) -> Callable[..., tuple[Array, ...]]:
         """``op(x, gamma, beta, *consts) -> outputs`` whose gradient is ``backward``.

@@ -9,8 +9,11 @@ make zero-size arrays (an empty batch is refused); it has no bfloat16. ``num_bat
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -30,6 +33,71 @@ if _torch is not None and _torch_threads is not None:
     _torch.set_num_threads(_torch_threads)
 
 from .base import Array, Backend, Backward, Forward  # noqa: E402
+
+
+class _BatchNormFunction(mx.autograd.Function):
+    """``mx.autograd.Function`` with MXNet 1.9's recording, and a backward entry that honours every gradient
+    request: MXNet's own stops at the first input with ``grad_req='null'`` (so gamma got no gradient when x
+    needed none) and compares ``'add'`` with the integer 3 it is given (so ``grad_req='add'`` got nothing).
+    The inputs the backward keeps are copied at the forward: the backward runs on an engine thread after
+    ``loss.backward()`` returns, and reading the caller's arrays there deadlocks an in-place update of them
+    (an SGD step on gamma waits for gamma's gradient, which waits for the read)."""
+
+    def __init__(self, forward: Forward, backward: Backward) -> None:
+        super().__init__()
+        self._forward, self._backward = forward, backward
+
+    def forward(self, *inputs: Array) -> tuple[Array, ...]:
+        outputs, residuals = self._forward(*inputs)
+        self.residuals = tuple(r.copy() if any(r is a for a in inputs) else r for r in residuals)
+        self.consts = inputs[3:]
+        return outputs
+
+    def backward(self, dy: Array, *_: Array) -> tuple[Array, ...]:
+        return (*self._backward(self.residuals, dy), *(mx.nd.zeros_like(c) for c in self.consts))
+
+    def __call__(self, *inputs: Array) -> tuple[Array, ...]:
+        ag = mx.autograd
+        recording = ag.set_recording(False)
+        outputs = self.forward(*inputs)
+        ag.set_recording(recording)
+        if not recording:
+            return outputs
+        key = ag.Function._registry.inc()
+
+        def backward_entry(num_ograds, num_igrads, ptrs, reqs, is_train, _):
+            try:
+                ograds = [mx.nd.NDArray(ctypes.cast(p, ag.NDArrayHandle), writable=False) for p in ptrs[:num_ograds]]
+                igrads = [mx.nd.NDArray(ctypes.cast(p, ag.NDArrayHandle), writable=True)
+                          for p in ptrs[num_ograds:num_ograds + num_igrads]]
+                for igrad, grad, req in zip(igrads, self.backward(*ograds), (reqs[i] for i in range(num_igrads)),
+                                            strict=True):
+                    if req in (1, 2):  # write, inplace
+                        igrad[:] = grad
+                    elif req == 3:  # add
+                        igrad[:] += grad
+            except Exception:  # MXNet's callback must not raise: report and fail the backward
+                traceback.print_exc()
+                return False
+            return True
+
+        def delete_entry(_):
+            ag.Function._registry.ref_holder.pop(key, None)
+            return True
+
+        callbacks = [ctypes.cast(f, ctypes.CFUNCTYPE(ctypes.c_int)) for f in (
+            ag.Function._bwd_functype(backward_entry), ag.Function._del_functype(delete_entry))]
+        context = ag.MXCallbackList(
+            ctypes.c_int(len(callbacks)),
+            ctypes.cast(ag.c_array(ctypes.CFUNCTYPE(ctypes.c_int), callbacks),
+                        ctypes.POINTER(ctypes.CFUNCTYPE(ctypes.c_int))),
+            ctypes.cast(ag.c_array(ctypes.c_void_p, [None] * len(callbacks)), ctypes.POINTER(ctypes.c_void_p)),
+        )
+        ag.Function._registry.ref_holder[key] = context
+        ag.check_call(ag._LIB.MXCustomFunctionRecord(
+            ctypes.c_int(len(inputs)), ag.c_handle_array(inputs),
+            ctypes.c_int(len(outputs)), ag.c_handle_array(outputs), ctypes.byref(context)))
+        return outputs
 
 
 def _ctx(device: object) -> mx.Context | None:
@@ -118,19 +186,12 @@ class MXNetBackend(Backend):
     def counter(self, value: int = 0, device: object = None) -> Array:
         return mx.nd.array([value], ctx=_ctx(device), dtype="int64")
 
+    def untracked(self) -> contextlib.AbstractContextManager:
+        return mx.autograd.pause()
+
     def custom_op(self, forward: Forward, backward: Backward) -> Callable[..., tuple[Array, ...]]:
-        class BatchNormFunction(mx.autograd.Function):
-            def forward(self, *inputs: Array) -> tuple[Array, ...]:
-                outputs, self.residuals = forward(*inputs)
-                self.consts = inputs[3:]
-                return outputs
-
-            def backward(self, dy: Array, *_: Array) -> tuple[Array, ...]:
-                return (*backward(self.residuals, dy), *(mx.nd.zeros_like(c) for c in self.consts))
-
         def op(*inputs: Array) -> tuple[Array, ...]:
-            outputs = BatchNormFunction()(*inputs)
-            return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+            return _BatchNormFunction(forward, backward)(*inputs)
 
         return op
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -29,6 +30,9 @@ class TorchBackend(Backend):
         if a.dtype == torch.bfloat16:
             a = a.float()
         return a.numpy()
+
+    def untracked(self) -> contextlib.AbstractContextManager:
+        return torch.no_grad()
 
     def sync_group(self, sync: object) -> object:
         import torch.distributed as dist

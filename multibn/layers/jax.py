@@ -1,0 +1,101 @@
+"""``BatchNorm``: a pure JAX layer over :func:`multibn.batch_norm`: ``init`` and ``apply``, no hidden state.
+
+::
+
+    from multibn.layers.jax import BatchNorm
+    bn = BatchNorm(16)                               # convention "flax": channels last, momentum 0.99
+    params, state = bn.init()
+    y, state = jax.jit(bn.apply, static_argnames="training")(params, state, x, training=True)
+
+``params`` is ``{"scale": (C,), "bias": (C,)}`` (empty without ``affine``), named as in Flax; ``state`` is a
+:class:`multibn.BNState` (a pytree). ``apply`` is a pure function of its arguments, so it works under
+``jax.jit``, ``jax.grad`` (through the analytic backward of the ``jax.custom_vjp``) and ``jax.vmap``.
+:meth:`BatchNorm.to_flax` / :meth:`BatchNorm.from_flax` convert to and from Flax's
+``{"params": ..., "batch_stats": {"mean", "var"}}`` variables.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from ..api import batch_norm, init_state
+from ..conventions import Convention, resolve_convention
+from ..state import BNState
+
+__all__ = ["BatchNorm"]
+
+
+class BatchNorm:
+    """Batch normalisation over every axis of the input but ``axis``, with a multibn convention.
+
+    Args:
+        num_features: channels C, the size of the input along ``axis``.
+        convention: a name in :data:`multibn.CONVENTIONS` (default ``"flax"``: momentum 0.99 on the old value,
+            eps 1e-5, biased running variance, channels last) or a :class:`multibn.Convention`.
+        momentum, eps: override the convention's (None keeps them).
+        affine: learnable ``scale`` (ones) and ``bias`` (zeros); False means scale 1 and bias 0, no params.
+        axis: the channel axis of the input; None is the convention's (-1 for ``flax``/``keras``, else 1).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        convention: str | Convention = "flax",
+        momentum: float | None = None,
+        eps: float | None = None,
+        affine: bool = True,
+        axis: int | None = None,
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
+            raise TypeError(f"axis must be None or an int, got {type(axis).__name__} {axis!r}")
+        self.convention = resolve_convention(convention, momentum, eps)
+        self.num_features = num_features
+        self.momentum = self.convention.momentum
+        self.eps = self.convention.eps
+        self.affine = affine
+        self.axis = self.convention.axis if axis is None else axis
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.num_features}, convention={self.convention.name!r}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, axis={self.axis})"
+        )
+
+    def init(self, dtype: str = "float32") -> tuple[dict[str, Any], BNState]:
+        """``(params, state)``: scale ones and bias zeros; running mean 0, variance 1, counter 0."""
+        state = init_state(self.num_features, backend="jax", convention=self.convention, dtype=dtype)
+        if not self.affine:
+            return {}, state
+        return {"scale": jnp.ones((self.num_features,), dtype), "bias": jnp.zeros((self.num_features,), dtype)}, state
+
+    def apply(
+        self, params: dict[str, Any], state: BNState | None, x: Any, *, training: bool
+    ) -> tuple[Any, BNState | None]:
+        """``(y, new_state)`` of :func:`multibn.batch_norm`; in eval (``training=False``) ``new_state`` is ``state``.
+
+        Pure: nothing is modified. Under ``jax.jit`` pass ``training`` as a static argument.
+        """
+        return batch_norm(
+            x, params.get("scale"), params.get("bias"), state, training=training, convention=self.convention,
+            axis=self.axis, backend="jax",
+        )
+
+    __call__ = apply
+
+    # ---- Flax interchange ---------------------------------------------------------------------------------------
+    @staticmethod
+    def to_flax(params: dict[str, Any], state: BNState) -> dict[str, Any]:
+        """Flax ``linen.BatchNorm`` variables ``{"params": {"scale", "bias"}, "batch_stats": {"mean", "var"}}``."""
+        return {"params": dict(params), "batch_stats": {"mean": state.running_mean, "var": state.running_var}}
+
+    def from_flax(self, variables: dict[str, Any], num_batches_tracked: int = 0) -> tuple[dict[str, Any], BNState]:
+        """``(params, state)`` from Flax ``linen.BatchNorm`` variables (Flax has no batch counter)."""
+        stats = variables["batch_stats"]
+        params = {k: variables["params"][k] for k in ("scale", "bias")} if self.affine else {}
+        counter = init_state(self.num_features, backend="jax", convention=self.convention).num_batches_tracked
+        return params, BNState(stats["mean"], stats["var"], counter + num_batches_tracked)
