@@ -45,6 +45,43 @@ def torch_worker(rank: int, counts: list[int], store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+def ddp_model(seed: int = 1):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, CHANNELS), nn.BatchNorm1d(CHANNELS), nn.Tanh(), nn.Linear(CHANNELS, 1))
+
+
+def ddp_batch(total: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    return rng.normal(size=(total, 4)) * 3 + 1, rng.normal(size=(total, 1))
+
+
+def ddp_worker(rank: int, world: int, rows: int, store: str, out: str) -> None:
+    """One rank of a DistributedDataParallel step with the model's BN converted to multibn's synchronised layer."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from multibn.layers.torch import convert_sync_batchnorm
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model = DistributedDataParallel(convert_sync_batchnorm(ddp_model().double()))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, t = ddp_batch(rows * world)
+        sl = slice(rank * rows, (rank + 1) * rows)
+        for _ in range(2):
+            opt.zero_grad()
+            loss = ((model(torch.tensor(x[sl])) - torch.tensor(t[sl])) ** 2).mean()
+            loss.backward()
+            opt.step()
+        torch.save(model.module.state_dict(), f"{out}/ddp{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
 def jax_main(out: str) -> None:
     """4 host devices: shard_map with batch_norm(sync="d") against the unsharded batch."""
     import jax

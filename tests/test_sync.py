@@ -82,3 +82,47 @@ def test_torch_sync_needs_an_initialised_process_group() -> None:
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         multibn.batch_norm(torch.ones(4, 2), sync=True)
+
+
+def test_ddp_step_with_converted_layer_equals_single_process(tmp_path: Path) -> None:
+    """Two SGD steps of a DistributedDataParallel model whose nn.BatchNorm1d was converted to multibn's
+    synchronised layer (2 ranks of 5 rows) equal two steps of the native model on the 10 rows in one process."""
+    torch = pytest.importorskip("torch")
+    import torch.multiprocessing as mp
+
+    from tests.sync_workers import ddp_batch, ddp_model, ddp_worker
+
+    world, rows = 2, 5
+    mp.start_processes(ddp_worker, args=(world, rows, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
+                       join=True, start_method="spawn")
+    model = ddp_model().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, t = ddp_batch(rows * world)
+    for _ in range(2):
+        opt.zero_grad()
+        ((model(torch.tensor(x)) - torch.tensor(t)) ** 2).mean().backward()
+        opt.step()
+    want = model.state_dict()
+    for rank in range(world):
+        got = torch.load(tmp_path / f"ddp{rank}.pt", weights_only=True)
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_convert_sync_batchnorm_keeps_everything() -> None:
+    torch = pytest.importorskip("torch")
+    from multibn.layers.torch import BatchNorm, convert_sync_batchnorm
+
+    native = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1), torch.nn.BatchNorm2d(3, momentum=None, eps=1e-3))
+    native[1].running_mean.fill_(0.5)
+    native[1].weight.data.fill_(2.0)
+    native.eval()
+    converted = convert_sync_batchnorm(native)
+    layer = converted[1]
+    assert isinstance(layer, BatchNorm) and layer.sync is True and not layer.training
+    assert layer.convention.name == "torch_cma" and layer.eps == 1e-3
+    x = torch.randn(4, 1, 2, 2)
+    reference = torch.nn.functional.batch_norm(
+        converted[0](x), torch.full((3,), 0.5), torch.ones(3), torch.full((3,), 2.0), torch.zeros(3), eps=1e-3)
+    torch.testing.assert_close(converted(x), reference)

@@ -48,6 +48,7 @@ class BatchNorm:
         eps: float | None = None,
         affine: bool = True,
         axis: int | None = None,
+        axis_name: str | None = None,
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -59,11 +60,12 @@ class BatchNorm:
         self.eps = self.convention.eps
         self.affine = affine
         self.axis = self.convention.axis if axis is None else axis
+        self.axis_name = axis_name  # synchronised BN over this mapped axis (shard_map, pmap) in training
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.num_features}, convention={self.convention.name!r}, eps={self.eps}, "
-            f"momentum={self.momentum}, affine={self.affine}, axis={self.axis})"
+            f"momentum={self.momentum}, affine={self.affine}, axis={self.axis}, axis_name={self.axis_name!r})"
         )
 
     def init(self, dtype: str = "float32") -> tuple[dict[str, Any], BNState]:
@@ -82,7 +84,7 @@ class BatchNorm:
         """
         return batch_norm(
             x, params.get("scale"), params.get("bias"), state, training=training, convention=self.convention,
-            axis=self.axis, backend="jax",
+            axis=self.axis, backend="jax", sync=self.axis_name if training else None,
         )
 
     __call__ = apply

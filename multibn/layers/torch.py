@@ -22,7 +22,7 @@ from ..api import batch_norm
 from ..conventions import Convention, resolve_convention
 from ..state import BNState
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "convert_sync_batchnorm"]
 
 
 class BatchNorm(nn.Module):
@@ -40,6 +40,9 @@ class BatchNorm(nn.Module):
         track_running_stats: keep running statistics as buffers; False registers them as None and
             normalises with the batch statistics in eval mode too (PyTorch's behaviour).
         axis: the channel axis of the input (1, PyTorch's, by default).
+        sync: synchronised BN across processes (``nn.SyncBatchNorm``): True for the default process group, or a
+            ``torch.distributed.ProcessGroup``. It takes effect in training while ``torch.distributed`` is
+            initialised with more than one process, as ``nn.SyncBatchNorm`` does; otherwise the layer is plain BN.
         device, dtype: where and in which dtype the parameters and statistics are created.
 
     ``.train()`` / ``.eval()`` pick the mode. In training the running statistics are updated in the
@@ -59,6 +62,7 @@ class BatchNorm(nn.Module):
         affine: bool = True,
         track_running_stats: bool = True,
         axis: int = 1,
+        sync: Any = None,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -78,6 +82,7 @@ class BatchNorm(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.axis = axis
+        self.sync = sync
         factory = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -119,6 +124,7 @@ class BatchNorm(nn.Module):
             f"{self.num_features}, num_dims={self.num_dims}, convention={self.convention.name!r}, "
             f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, axis={self.axis}"
+            + (f", sync={self.sync!r}" if self.sync else "")
         )
 
     def _load_from_state_dict(
@@ -143,7 +149,7 @@ class BatchNorm(nn.Module):
         state = BNState(self.running_mean, self.running_var, self.num_batches_tracked) if tracking else None
         y, new_state = batch_norm(
             x, self.weight, self.bias, state, training=training, convention=self.convention, axis=self.axis,
-            backend="torch",
+            backend="torch", sync=self.sync if training and _distributed(self.sync) else None,
         )
         if training and state is not None:
             with torch.no_grad():
@@ -151,3 +157,42 @@ class BatchNorm(nn.Module):
                 self.running_var.copy_(new_state.running_var)
                 self.num_batches_tracked.copy_(new_state.num_batches_tracked)
         return y
+
+
+def _distributed(sync: Any) -> bool:
+    """Whether ``sync`` names a group of more than one process (as ``nn.SyncBatchNorm`` decides)."""
+    if not sync:
+        return False
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size(None if sync is True else sync) > 1
+
+
+def convert_sync_batchnorm(module: nn.Module, sync: Any = True) -> nn.Module:
+    """``module`` with every BN layer (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` and multibn's) replaced
+    by a multibn :class:`BatchNorm` with ``sync``, keeping its parameters, statistics, mode and settings, like
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``. Native layers map to the ``torch`` convention (``torch_cma``
+    for ``momentum=None``)."""
+    if isinstance(module, BatchNorm):
+        new = BatchNorm(module.num_features, module.num_dims, convention=module.convention,
+                        affine=module.affine, track_running_stats=module.track_running_stats, axis=module.axis,
+                        sync=sync)
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        convention = "torch_cma" if module.momentum is None else "torch"
+        new = BatchNorm(module.num_features, convention=convention, momentum=module.momentum, eps=module.eps,
+                        affine=module.affine, track_running_stats=module.track_running_stats, sync=sync)
+    else:
+        for name, child in module.named_children():
+            module.add_module(name, convert_sync_batchnorm(child, sync))
+        return module
+    ref = module.weight if module.affine else module.running_mean
+    if ref is not None:
+        new.to(device=ref.device, dtype=ref.dtype)
+    new.load_state_dict(module.state_dict())
+    if module.affine:
+        new.weight.requires_grad_(module.weight.requires_grad)
+        new.bias.requires_grad_(module.bias.requires_grad)
+    new.train(module.training)
+    return new
