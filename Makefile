@@ -1,5 +1,5 @@
 # Two environments, both built from pinned requirement files into .venvs/ (see README).
-#   make demo   - build the full environment and run the main job
+#   make demo   - build the full environment and run the main job (the demo, then the quick conformance check)
 #   make test   - build both environments and run the whole test suite in each
 #   make lint   - ruff
 PY ?= python3
@@ -17,6 +17,7 @@ envs: $(ENVS:%=.venvs/%/.built)
 
 demo: .venvs/full/.built
 	.venvs/full/bin/multibn demo
+	.venvs/full/bin/multibn check --quick
 
 test-full: .venvs/full/.built
 	@echo "=== tests in the full environment (numpy 1.26, torch, jax 0.7, mxnet 1.9)"
