@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_conformance import JAX_INEXACT_MEAN
+from tests.test_conformance import JAX_INEXACT_MEAN, KNOWN_BUGS
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"backend", "convention", "case", "quantity", "max_abs_err", "max_rel_err", "tol", "ok"}
@@ -77,6 +77,7 @@ def test_only_known_failures(quick: tuple[subprocess.CompletedProcess, dict]) ->
         (r["backend"], r["convention"], r["case"], r["quantity"]) for r in failed if not _known(r)]
 
 
+@pytest.mark.xfail(JAX_INEXACT_MEAN, strict=True, reason=KNOWN_BUGS["jax_inexact_mean"])
 def test_quick_battery_passes(quick: tuple[subprocess.CompletedProcess, dict]) -> None:
     _, data = quick
     assert all(r["ok"] for r in data["results"])
