@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "port": ("multibn.port", "convert BN parameters and running statistics between frameworks' checkpoints"),
     "bench": ("multibn.bench", "speed against each framework's native BN and the memory roofline"),
     "check": ("multibn.check", "conformance battery: every backend and convention against float64 and native BN"),
+    "train": ("multibn.train", "the textbook BN experiments (LeNet, deep tanh MLP, BN placement) on every backend"),
 }
 
 

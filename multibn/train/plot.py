@@ -1,0 +1,58 @@
+"""``--plot``: loss and accuracy (or test MSE) per epoch, one line per backend and network (mean over seeds)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .tasks import Task
+
+_STYLES = ("-", "--", ":", "-.")
+_COLORS = {"torch": "tab:red", "jax": "tab:blue", "mxnet": "tab:green", "numpy": "tab:gray"}
+_LABELS = {"bn": "BN", "no-bn": "no BN", "before": "BN before ReLU", "after": "BN after ReLU", "none": "no BN"}
+
+
+def write_plot(path: str, task: Task, data_name: str, runs: list[dict[str, Any]],
+               max_divergence: float | None = None) -> None:
+    """A PNG at ``path`` (needs matplotlib: ``pip install 'multibn[train]'``)."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("--plot needs matplotlib: pip install 'multibn[train]'") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classify = task.loss == "xent"
+    name = "loss" if classify else "MSE"
+    panels = [("train_loss", f"training {name}"), ("test_loss", f"test {name}")]
+    if classify:
+        panels.append(("test_acc", "test accuracy"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2))
+    backends = list(dict.fromkeys(r["backend"] for r in runs))
+    variants = [v for v in task.variants if any(r["variant"] == v for r in runs)]
+    # The backends' curves coincide: draw each one narrower than the one before, so that all stay visible.
+    widths = {b: 1.2 + 2.0 * (len(backends) - 1 - i) for i, b in enumerate(backends)}
+    for ax, (metric, label) in zip(axes, panels, strict=True):
+        for backend in backends:
+            for j, variant in enumerate(variants):
+                group = [r for r in runs if r["backend"] == backend and r["variant"] == variant]
+                if not group:
+                    continue
+                n = min(len(r["epochs"]) for r in group)
+                curve = np.mean([[e[metric] for e in r["epochs"][:n]] for r in group], axis=0)
+                ax.plot(range(1, n + 1), curve, _STYLES[j % len(_STYLES)], color=_COLORS.get(backend),
+                        linewidth=widths[backend], alpha=0.85, label=f"{backend}, {_LABELS.get(variant, variant)}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        if metric != "test_acc":
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    seeds = sorted({r["seed"] for r in runs})
+    seed_note = f", mean over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f", seed {seeds[0]}"
+    note = "" if max_divergence is None else f"; largest difference between backends {max_divergence:.2g}"
+    fig.suptitle(f"multibn train --task {task.name}: {data_name}{seed_note}{note}", fontsize=10)
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,125 @@
+"""Training loop, per-epoch table, progress bar, divergence between backends, JSON."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import numpy as np
+
+from .data import Dataset
+from .models import init_weights
+from .tasks import Task
+
+METRICS = ("train_loss", "test_loss", "test_acc")
+
+#: backend -> module with its ``Trainer``; NumPy last (slowest: its convolutions are tensordots)
+TRAINERS = {"torch": "multibn.train.nets_torch", "jax": "multibn.train.nets_jax",
+            "mxnet": "multibn.train.nets_mxnet", "numpy": "multibn.train.nets_numpy"}
+
+
+def make_trainer(backend: str, task: Task, variant: str, seed: int, lr: float | None = None,
+                 dtype: str | None = None, optimizer: str | None = None) -> Any:
+    """The ``Trainer`` of ``backend`` for one network, holding the weights every backend starts from."""
+    model = task.model(variant, lr, dtype, optimizer)
+    return importlib.import_module(TRAINERS[backend]).Trainer(model, init_weights(model.layers, seed))
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The batches of one epoch: a permutation fixed by ``(seed, epoch)``, the same on every backend (and for every
+    variant); a last batch of one example is dropped (its batch variance would be 0)."""
+    perm = np.random.default_rng([seed, 1, epoch]).permutation(n)
+    batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [b for b in batches if len(b) > 1]
+
+
+class Progress:
+    """A one-line progress bar on a terminal (nothing when the stream is not one)."""
+
+    def __init__(self, stream: TextIO = sys.stderr, width: int = 24) -> None:
+        self.stream, self.width = stream, width
+        self.live = hasattr(stream, "isatty") and stream.isatty()
+        self.shown = False
+        self.last = 0.0
+
+    def update(self, label: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.live or (done < total and now - self.last < 0.1):  # at most 10 redraws a second
+            return
+        self.last = now
+        filled = self.width * done // max(total, 1)
+        self.stream.write(f"\r  {label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} batches")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def train_run(
+    trainer: Any, data: Dataset, epochs: int, batch_size: int, seed: int,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None, on_batch: Callable[[int, int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train for ``epochs``; per epoch ``{"epoch", "train_loss", "test_loss", "test_acc", "seconds"}``, where
+    ``train_loss`` is the mean training-mode loss over the epoch's batches and the test metrics are in eval mode."""
+    out = []
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        batches = batch_order(len(data.x_train), batch_size, seed, epoch)
+        total, count = 0.0, 0
+        for i, idx in enumerate(batches):
+            loss = trainer.step(data.x_train[idx], data.y_train[idx])
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"the training loss became {loss} in epoch {epoch}, batch {i + 1}")
+            total, count = total + loss * len(idx), count + len(idx)
+            if on_batch is not None:
+                on_batch(epoch, i + 1, len(batches))
+        test_loss, test_acc = trainer.evaluate(data.x_test, data.y_test)
+        row = {"epoch": epoch, "train_loss": total / count, "test_loss": test_loss, "test_acc": test_acc,
+               "seconds": time.perf_counter() - start}
+        out.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+    return out
+
+
+def divergence(runs: list[dict[str, Any]]) -> tuple[float, dict[str, Any] | None]:
+    """The largest ``|a - b|`` of a per-epoch metric between two backends' runs of the same network, seed and
+    epoch, with where it occurs (None with fewer than two backends)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["variant"], r["seed"]), []).append(r)
+    worst, where = 0.0, None
+    for (variant, seed), group in groups.items():
+        for metric in METRICS:
+            for e in range(min(len(r["epochs"]) for r in group)):
+                vals = [(r["epochs"][e][metric], r["backend"]) for r in group if r["epochs"][e][metric] is not None]
+                if len(vals) < 2:
+                    continue
+                (lo, b_lo), (hi, b_hi) = min(vals), max(vals)
+                if where is None or hi - lo > worst:
+                    worst = hi - lo
+                    where = {"variant": variant, "seed": seed, "epoch": e + 1, "metric": metric,
+                             "backends": [b_lo, b_hi], "values": [lo, hi]}
+    return worst, where
+
+
+def to_json(task: Task, data_name: str, runs: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    """The ``--json`` document: ``{"task", "runs": [{"backend", "bn", "seed", "epochs": [...]}], "max_divergence"}``
+    (plus ``data``, ``config``, ``divergence_at`` and, for ``placement``, each run's ``placement``)."""
+    worst, where = divergence(runs)
+    out_runs = []
+    for r in runs:
+        entry: dict[str, Any] = {"backend": r["backend"], "bn": r["variant"] != task.no_bn_variant, "seed": r["seed"]}
+        if task.name == "placement":
+            entry["placement"] = r["variant"]
+        entry["epochs"] = [{k: e[k] for k in ("epoch", *METRICS, "seconds")} for e in r["epochs"]]
+        out_runs.append(entry)
+    return {"task": task.name, "data": data_name, "config": config, "runs": out_runs,
+            "max_divergence": worst if where is not None else None, "divergence_at": where}
