@@ -11,3 +11,16 @@ Importing this package imports no framework; import the submodule of the framewo
 """
 
 __all__: list[str] = []
+
+
+def check_layer_args(num_features: object, num_dims: object, axis: object, *, axis_may_be_none: bool = False) -> None:
+    """The constructor checks every layer shares: ValueError/TypeError naming the argument and what it got."""
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if num_dims is not None and (isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims < 2):
+        raise ValueError(f"num_dims must be None or an int >= 2 (2: (N, C) input, 4: (N, C, H, W)), got {num_dims!r}")
+    if axis is None and axis_may_be_none:
+        return
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        expected = "None or an int" if axis_may_be_none else "an int"
+        raise TypeError(f"axis must be {expected}, got {type(axis).__name__} {axis!r}")

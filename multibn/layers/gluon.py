@@ -37,6 +37,7 @@ from ..api import batch_norm
 from ..backends.mxnet import mx  # imports MXNet 1.9 after restoring the NumPy alias it needs
 from ..conventions import Convention, resolve_convention
 from ..state import BNState
+from . import check_layer_args
 
 autograd = mx.autograd
 gluon = mx.gluon
@@ -106,13 +107,7 @@ class BatchNorm(gluon.Block):
         params: Any = None,
     ) -> None:
         super().__init__(prefix=prefix, params=params)
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if num_dims is not None and (isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims < 2):
-            raise ValueError(f"num_dims must be None or an int >= 2 (2: (N, C) input, 4: (N, C, H, W)), "
-                             f"got {num_dims!r}")
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
+        check_layer_args(num_features, num_dims, axis)
         if update not in _UPDATES:
             raise ValueError(f"update must be 'forward' or 'backward', got {update!r}")
         self.convention = resolve_convention(convention, momentum, eps)

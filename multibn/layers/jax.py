@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from ..api import batch_norm, init_state
 from ..conventions import Convention, resolve_convention
 from ..state import BNState
+from . import check_layer_args
 
 __all__ = ["BatchNorm"]
 
@@ -50,10 +51,7 @@ class BatchNorm:
         axis: int | None = None,
         axis_name: str | None = None,
     ) -> None:
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
-            raise TypeError(f"axis must be None or an int, got {type(axis).__name__} {axis!r}")
+        check_layer_args(num_features, None, axis, axis_may_be_none=True)
         self.convention = resolve_convention(convention, momentum, eps)
         self.num_features = num_features
         self.momentum = self.convention.momentum

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..api import batch_norm
 from ..conventions import Convention, resolve_convention
 from ..state import BNState
+from . import check_layer_args
 
 __all__ = ["BatchNorm", "convert_sync_batchnorm"]
 
@@ -67,13 +68,7 @@ class BatchNorm(nn.Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if num_dims is not None and (isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims < 2):
-            raise ValueError(f"num_dims must be None or an int >= 2 (2: (N, C) input, 4: (N, C, H, W)), "
-                             f"got {num_dims!r}")
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
+        check_layer_args(num_features, num_dims, axis)
         self.convention = resolve_convention(convention, momentum, eps)  # validates momentum and eps
         self.num_features = num_features
         self.num_dims = num_dims
