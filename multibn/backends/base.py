@@ -13,6 +13,7 @@ The batch-norm maths lives in :mod:`multibn.algorithm`; it calls only
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -131,3 +132,19 @@ class Backend:
         xp = self.xp
         d = xp.astype(x, a.dtype, copy=False) - mean
         return xp.astype(xp.astype(dy, a.dtype, copy=False) * a + d * b + c, x.dtype, copy=False)
+
+
+# ---- helpers for fast kernels that stream x in chunks --------------------------------------------------------------
+def channel_view_shape(shape: Sequence[int], axes: Sequence[int]) -> tuple[int, int, int] | None:
+    """``(P, C, Q)``: ``x`` seen with its one kept axis in the middle, when every other axis is reduced."""
+    if len(axes) != len(shape) - 1:
+        return None
+    ax = next(i for i in range(len(shape)) if i not in axes)
+    return math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:])
+
+
+def chunk_slices(view_shape: Sequence[int], elements: int) -> tuple[int, list[slice]]:
+    """Rows along P per chunk of about ``elements`` elements (at least one row), and the chunks' slices."""
+    p, c, q = view_shape
+    k = max(1, elements // max(1, c * q))
+    return min(k, p), [slice(i, i + k) for i in range(0, p, k)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import math
 import sys
 import traceback
 import warnings
@@ -32,7 +31,7 @@ with warnings.catch_warnings():  # MXNet 1.9 warns about NumPy/SciPy/distutils A
 if _torch is not None and _torch_threads is not None:
     _torch.set_num_threads(_torch_threads)
 
-from .base import Array, Backend, Backward, Forward  # noqa: E402
+from .base import Array, Backend, Backward, Forward, channel_view_shape, chunk_slices  # noqa: E402
 
 
 class _BatchNormFunction(mx.autograd.Function):
@@ -274,11 +273,11 @@ _AFFINE_EPS = 2.0**-10
 
 def _pcq(x: Array, axes: Sequence[int], dtype: Any) -> Array | None:
     """x as a (P, C, Q) view, C the one axis not reduced; None when the fast path does not apply."""
-    if (len(axes) != x.ndim - 1 or x.size == 0 or mx.autograd.is_recording()
+    shape = channel_view_shape(x.shape, axes)
+    if (shape is None or x.size == 0 or mx.autograd.is_recording()
             or np.dtype(x.dtype) != np.dtype(dtype) or np.dtype(x.dtype).name not in ("float32", "float64")):
         return None
-    ax = next(i for i in range(x.ndim) if i not in axes)
-    return x.reshape((math.prod(x.shape[:ax]), x.shape[ax], math.prod(x.shape[ax + 1:])))
+    return x.reshape(shape)
 
 
 def _onednn(v: Array) -> bool:
@@ -313,9 +312,9 @@ def _accumulate(acc: Array | None, part: Array) -> Array:
 def _chunks(*vs: Array, need_buf: bool = True) -> Iterator[tuple[tuple[Array, ...], Array | None]]:
     """Chunks along P of (P, C, Q) arrays of one shape, each time with a reused buffer of the chunk's shape."""
     v = vs[0]
-    k = max(1, _CHUNK // max(1, v.shape[1] * v.shape[2]))
-    buf = mx.nd.empty((min(k, v.shape[0]), *v.shape[1:]), ctx=v.context, dtype=v.dtype) if need_buf else None
-    for i in range(0, v.shape[0], k):
-        chunk = tuple(t[i:i + k] for t in vs)
+    rows, slices = chunk_slices(v.shape, _CHUNK)
+    buf = mx.nd.empty((rows, *v.shape[1:]), ctx=v.context, dtype=v.dtype) if need_buf else None
+    for sl in slices:
+        chunk = tuple(t[sl] for t in vs)
         n = chunk[0].shape[0]
         yield chunk, (buf if buf is None or n == buf.shape[0] else buf[:n])

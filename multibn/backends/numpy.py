@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import array_api_compat.numpy as xp
 import numpy as np
 
-from .base import Array, Backend
+from .base import Array, Backend, channel_view_shape, chunk_slices
 
 
 class NumpyBackend(Backend):
@@ -121,10 +120,10 @@ _CHUNK = 1 << 20
 
 def _pcq(x: np.ndarray, axes: Sequence[int]) -> np.ndarray | None:
     """x as a (P, C, Q) view, C the one axis not reduced; None when the fast path does not apply."""
-    if not isinstance(x, np.ndarray) or len(axes) != x.ndim - 1 or x.size == 0 or not x.flags.c_contiguous:
+    shape = channel_view_shape(x.shape, axes)
+    if shape is None or not isinstance(x, np.ndarray) or x.size == 0 or not x.flags.c_contiguous:
         return None
-    ax = next(i for i in range(x.ndim) if i not in axes)
-    return x.reshape(math.prod(x.shape[:ax]), x.shape[ax], math.prod(x.shape[ax + 1:]))
+    return x.reshape(shape)
 
 
 def _reduce(v: np.ndarray, dtype: Any = None) -> np.ndarray:
@@ -143,9 +142,8 @@ def _accumulate(acc: np.ndarray | None, part: np.ndarray) -> np.ndarray:
 
 def _chunks(dtype: Any, *vs: np.ndarray, need_buf: bool = True) -> Iterator[tuple[tuple[np.ndarray, ...], Any]]:
     """Chunks along P of (P, C, Q) arrays of one shape, each time with a reused buffer of the chunk's shape."""
-    v = vs[0]
-    k = max(1, _CHUNK // max(1, v.shape[1] * v.shape[2]))
-    buf = np.empty((min(k, v.shape[0]), *v.shape[1:]), dtype=dtype) if need_buf else None
-    for i in range(0, v.shape[0], k):
-        chunk = tuple(t[i:i + k] for t in vs)
+    rows, slices = chunk_slices(vs[0].shape, _CHUNK)
+    buf = np.empty((rows, *vs[0].shape[1:]), dtype=dtype) if need_buf else None
+    for sl in slices:
+        chunk = tuple(t[sl] for t in vs)
         yield chunk, (buf[: chunk[0].shape[0]] if buf is not None else None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -11,7 +10,7 @@ import array_api_compat.torch as xp
 import numpy as np
 import torch
 
-from .base import Array, Backend, Backward, Forward
+from .base import Array, Backend, Backward, Forward, channel_view_shape, chunk_slices
 
 
 class TorchBackend(Backend):
@@ -179,10 +178,10 @@ def _eligible(*ts: torch.Tensor) -> bool:
 
 def _pcq(x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor | None:
     """x as a (P, C, Q) view, C the one axis not reduced; None when the fast path does not apply."""
-    if len(axes) != x.ndim - 1 or not _eligible(x):
+    shape = channel_view_shape(x.shape, axes)
+    if shape is None or not _eligible(x):
         return None
-    ax = next(i for i in range(x.ndim) if i not in axes)
-    return x.view(math.prod(x.shape[:ax]), x.shape[ax], math.prod(x.shape[ax + 1:]))
+    return x.view(shape)
 
 
 def _reduce(v: torch.Tensor) -> torch.Tensor:
@@ -205,9 +204,8 @@ def _sub(xc: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def _chunks(dtype: torch.dtype, *vs: torch.Tensor) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
     """Chunks along P of (P, C, Q) tensors of one shape, each time with a reused buffer of the chunk's shape."""
-    v = vs[0]
-    k = max(1, _CHUNK // max(1, v.shape[1] * v.shape[2]))
-    buf = torch.empty((min(k, v.shape[0]), *v.shape[1:]), dtype=dtype, device=v.device)
-    for i in range(0, v.shape[0], k):
-        chunk = tuple(t[i:i + k] for t in vs)
+    rows, slices = chunk_slices(vs[0].shape, _CHUNK)
+    buf = torch.empty((rows, *vs[0].shape[1:]), dtype=dtype, device=vs[0].device)
+    for sl in slices:
+        chunk = tuple(t[sl] for t in vs)
         yield chunk, buf[: chunk[0].shape[0]]
