@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -56,6 +58,32 @@ def _why_missing(name: str) -> str | None:
 ALL_BACKENDS = tuple(ADAPTERS)
 
 
+def require(*backends: str) -> None:
+    """Skip the test, with the reason, unless every named backend imports here."""
+    for name in backends:
+        why = _why_missing(name)
+        if why:
+            pytest.skip(why)
+
+
+@contextlib.contextmanager
+def jax_float64(backend: str, dtype: str = "float64") -> Iterator[None]:
+    """JAX keeps float64 only with x64 on: turn it on for the duration (thread-local, undone on exit)."""
+    if backend != "jax" or dtype != "float64":
+        yield
+        return
+    import jax
+
+    if hasattr(jax, "enable_x64"):
+        ctx = jax.enable_x64(True)
+    else:  # jax < 0.8
+        from jax.experimental import enable_x64
+
+        ctx = enable_x64()
+    with ctx:
+        yield
+
+
 @pytest.fixture(params=ALL_BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """Each backend name; skipped (with the reason) where its framework does not import."""
@@ -63,6 +91,11 @@ def backend(request: pytest.FixtureRequest) -> str:
     if why:
         pytest.skip(why)
     return request.param
+
+
+def arr(backend: str, a: object, dtype: str | None = "float32") -> object:
+    """``a`` as an array of ``backend`` in ``dtype`` (via NumPy)."""
+    return get_backend(backend).asarray(np.asarray(a, dtype=dtype))
 
 
 def to_numpy(a: object) -> np.ndarray:
@@ -74,4 +107,4 @@ def to_numpy(a: object) -> np.ndarray:
     return get_backend(backend_name_of(a)).to_numpy(a)
 
 
-__all__ = ["ALL_BACKENDS", "backend", "multibn", "to_numpy"]
+__all__ = ["ALL_BACKENDS", "arr", "backend", "jax_float64", "multibn", "require", "to_numpy"]

@@ -15,24 +15,12 @@ import pytest
 import multibn
 from multibn import CONVENTIONS, BNState, Convention
 from multibn.backends import get_backend
-from tests.conftest import to_numpy
+from tests.conftest import arr, require, to_numpy
 
 TORCH_CONVENTIONS = ("torch", "torch_cma")
 ALLOWING_CONVENTIONS = tuple(c for c in CONVENTIONS if c not in TORCH_CONVENTIONS)
 CONVENTION_LIST = "torch, torch_cma, mxnet, gluon, d2l, flax, keras"
 FLOATS = r"\(float16, bfloat16, float32, float64\)"
-
-
-def require(*backends: str) -> None:
-    for name in backends:
-        try:
-            get_backend(name)
-        except ImportError as e:
-            pytest.skip(f"the {name} backend is not installed in this environment ({e.__cause__ or e})")
-
-
-def arr(backend: str, a: object, dtype: str | None = "float32") -> object:
-    return get_backend(backend).asarray(np.asarray(a, dtype=dtype))
 
 
 def inputs(backend: str, shape: tuple[int, ...] = (3, 2)):

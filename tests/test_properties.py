@@ -8,12 +8,11 @@ the absolute error of an element scales like ``(|x| + |mean|) * scale * ulp``.
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import textwrap
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from hypothesis.extra.numpy import arrays
 import multibn
 from multibn import CONVENTIONS, BNState
 from multibn.backends import get_backend
-from tests.conftest import to_numpy
+from tests.conftest import arr, jax_float64, require, to_numpy
 
 ULP = {"float32": 2.0**-23, "float64": 2.0**-52}
 EPSILONS = st.sampled_from([1e-5, 1e-3, 0.1, 1.0])
@@ -41,36 +40,6 @@ def run_examples(backend: str, body: Callable[[st.DataObject], None], fraction: 
     run = settings(max_examples=max(n, 3), suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.data_too_large])(given(st.data())(body))
     run()
-
-
-@contextlib.contextmanager
-def dtype_enabled(backend: str, dtype: str) -> Iterator[None]:
-    """JAX keeps float64 only with x64 on: turn it on for the duration (thread-local, undone on exit)."""
-    if backend != "jax" or dtype != "float64":
-        yield
-        return
-    import jax
-
-    if hasattr(jax, "enable_x64"):
-        ctx = jax.enable_x64(True)
-    else:  # jax < 0.8
-        from jax.experimental import enable_x64
-
-        ctx = enable_x64()
-    with ctx:
-        yield
-
-
-def require(*backends: str) -> None:
-    for name in backends:
-        try:
-            get_backend(name)
-        except ImportError as e:
-            pytest.skip(f"the {name} backend is not installed in this environment ({e.__cause__ or e})")
-
-
-def arr(backend: str, a: object, dtype: str) -> object:
-    return get_backend(backend).asarray(np.asarray(a, dtype=dtype))
 
 
 def f64(a: object) -> np.ndarray:
@@ -134,7 +103,7 @@ def test_training_output_is_standardised(backend: str) -> None:
         mean = x.mean(axis=red, keepdims=True)
         var = ((x - mean) ** 2).mean(axis=red, keepdims=True)
         s = 1 / np.sqrt(var + eps)
-        with dtype_enabled(backend, dtype):
+        with jax_float64(backend, dtype):
             y, new = multibn.batch_norm(arr(backend, x, dtype), convention=convention, eps=eps, axis=axis)
             y = f64(y)
         assert new is None
@@ -173,7 +142,7 @@ def test_eval_output_is_affine_map_of_running_stats(backend: str) -> None:
         scale = g_eff / np.sqrt(rv + eps)
         expected = b(scale) * (x - b(rm)) + b(beta)
         mag = np.abs(x * b(scale)) + np.abs(b(rm * scale)) + np.abs(b(beta))
-        with dtype_enabled(backend, dtype):
+        with jax_float64(backend, dtype):
             state = BNState(arr(backend, rm, dtype), arr(backend, rv, dtype), get_backend(backend).counter(3))
             y, new = multibn.batch_norm(arr(backend, x, dtype), arr(backend, gamma, dtype), arr(backend, beta, dtype),
                                         state, training=False, convention=convention, eps=eps, axis=axis)
@@ -245,7 +214,7 @@ def test_channel_axis_equals_transposed_channel_first(backend: str) -> None:
         # the layouts reduce in different orders: allow a few ulp of the terms involved
         tol_y = 32 * ULP[dtype] * (np.abs(x) + np.abs(mean)) * s * (np.abs(gamma).max() + 1) + 16 * ULP[dtype] * 3
         results = {}
-        with dtype_enabled(backend, dtype):
+        with jax_float64(backend, dtype):
             for name, perm_to, ax in (("given", None, axis), ("first", 1, 1), ("last", -1, -1)):
                 xs, dys = (a if perm_to is None else np.moveaxis(a, axis, perm_to) for a in (x, dy))
                 state = BNState(arr(backend, rm, dtype), arr(backend, rv, dtype), get_backend(backend).counter(0))
@@ -440,7 +409,7 @@ def test_running_update_follows_the_convention(backend: str) -> None:
             keep, take = 1 - m, m
         else:
             keep, take = m, 1 - m
-        with dtype_enabled(backend, dtype):
+        with jax_float64(backend, dtype):
             state = BNState(arr(backend, rm, dtype), arr(backend, rv, dtype), get_backend(backend).counter(t0))
             _, new = multibn.batch_norm(arr(backend, x, dtype), None, None, state, convention=name, momentum=momentum,
                                         axis=axis)

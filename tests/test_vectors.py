@@ -12,7 +12,6 @@ numbers of §4/§6 are what the ``mxnet``/``gluon`` conventions give right after
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import pytest
 import multibn
 from multibn import CONVENTIONS, BNState, Convention
 from multibn.backends import get_backend
-from tests.conftest import ALL_BACKENDS, to_numpy
+from tests.conftest import ALL_BACKENDS, arr, jax_float64, require, to_numpy
 
 DTYPES = ("float32", "float64")
 ULP = {"float32": 2.0**-23, "float64": 2.0**-52}
@@ -54,29 +53,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
-def require(backend: str) -> None:
-    try:
-        get_backend(backend)
-    except ImportError as e:
-        pytest.skip(f"the {backend} backend is not installed in this environment ({e.__cause__ or e})")
-
-
-@contextlib.contextmanager
-def float64_enabled(backend: str) -> Iterator[None]:
-    """JAX keeps float64 only with x64 on: turn it on for the duration (thread-local, undone on exit)."""
-    if backend != "jax":
-        yield
-        return
-    import jax
-
-    if hasattr(jax, "enable_x64"):
-        ctx = jax.enable_x64(True)
-    else:  # jax < 0.8
-        from jax.experimental import enable_x64
-
-        ctx = enable_x64()
-    with ctx:
-        yield
 
 
 @pytest.fixture
@@ -89,14 +65,10 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def dtype(request: pytest.FixtureRequest, backend: str) -> Iterator[str]:
     if request.param == "float64":
-        with float64_enabled(backend):
+        with jax_float64(backend):
             yield request.param
     else:
         yield request.param
-
-
-def arr(backend: str, a: object, dtype: str) -> object:
-    return get_backend(backend).asarray(np.asarray(a, dtype=dtype))
 
 
 def make_state(backend: str, rm: object, rv: object, tracked: int, dtype: str) -> BNState:
@@ -428,7 +400,7 @@ def test_tv2_training_autodiff(fw: str, convention: str, layout: str, eps_which:
     backend = fw
     require(backend)
     for dtype in DTYPES if backend != "jax" else ("float32",):  # see NO_JAX_FLOAT64
-        with float64_enabled(backend):
+        with jax_float64(backend):
             eps = eps_case(convention, eps_which)
             conv = CONVENTIONS[convention]
             exp = tv2_expected(convention, eps)
