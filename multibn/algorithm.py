@@ -3,7 +3,8 @@
 Notation, per channel c, with R the reduced axes (all but the channel axis) and n = |R|:
 
 * statistics, as a mergeable summary (n, mean, M2) by the two-pass method:
-  ``mean = sum_R x / n``, ``M2 = sum_R (x - mean)^2``; batch variance ``var = M2 / n`` (biased);
+  ``mean = k + sum_R (x - k) / n`` (``k`` the channel's first element: exact for a constant channel),
+  ``M2 = sum_R (x - mean)^2``; batch variance ``var = M2 / n`` (biased);
   synchronised BN merges the replicas' summaries exactly (:func:`merge_stats`) and all-reduces the two
   backward sums;
 * normalisation, one pass: ``y = x * scale + shift`` with ``s = 1 / sqrt(var + eps)``, ``scale = gamma * s``,
@@ -22,6 +23,7 @@ kernels (:class:`multibn.backends.base.Backend`); the rest is array-API code on 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 from .backends.base import Array, Backend
@@ -51,7 +53,8 @@ class Layout(NamedTuple):
 
 
 class Stats(NamedTuple):
-    """A mergeable per-channel summary: ``count`` elements, their ``mean`` and ``m2 = sum (x - mean)^2``."""
+    """A mergeable per-channel summary: ``count`` elements (a Python int, or a per-channel array under a mask),
+    their ``mean`` and ``m2 = sum (x - mean)^2``."""
 
     count: Any
     mean: Array
@@ -75,30 +78,69 @@ class Sync(NamedTuple):
         return sum(self.counts)
 
 
-def batch_stats(be: Backend, x: Array, lay: Layout, sync: Sync | None = None) -> Stats:
-    """Two-pass per-channel statistics of ``x`` (an empty batch gives zeros); under ``sync``, of the whole
-    batch across replicas, merged from every replica's summary."""
+def _nonzero(be: Backend, n: Any) -> Any:
+    """``n`` with 0 replaced by 1, for ``sum / n`` where an empty channel has sum 0."""
+    return max(n, 1) if isinstance(n, int) else be.xp.where(n > 0, n, be.xp.ones_like(n))
+
+
+def _per_count(be: Backend, a: Array, n: Any) -> Array:
+    """``a / n`` (0 where ``n == 0``)."""
+    return a / _nonzero(be, n)
+
+
+def _local_stats(be: Backend, x: Array, lay: Layout, mask: Array | None) -> Stats:
+    """Two-pass per-channel statistics of this replica's ``x`` (of its elements where ``mask`` is True)."""
+    xp = be.xp
     dt = be.dtype(stats_dtype(be, x))
-    if lay.count == 0:
-        zeros = be.xp.zeros((lay.channels,), dtype=dt, device=be.device_of(x))
-        local = Stats(0, zeros, zeros)
-    else:
-        mean = be.channel_sum(x, lay.reduce_axes, dt) / lay.count
-        local = Stats(lay.count, mean, be.channel_sq_dev_sum(x, be.xp.reshape(mean, lay.bshape), lay.reduce_axes))
+    if mask is None:
+        if lay.count == 0:
+            zeros = xp.zeros((lay.channels,), dtype=dt, device=be.device_of(x))
+            return Stats(0, zeros, zeros)
+        # shifted by each channel's first element k: mean = k + sum(x - k) / n is exactly k for a constant channel
+        # (whatever the summation order or the rounding of / n), so that its M2 is exactly 0
+        k = xp.astype(x[tuple(slice(None) if i == lay.axis else 0 for i in range(len(lay.bshape)))], dt)
+        k_b = xp.reshape(k, lay.bshape)
+        mean = k + _per_count(be, be.channel_sum(x, lay.reduce_axes, dt, k_b), lay.count)
+        return Stats(lay.count, mean, be.channel_sq_dev_sum(x, xp.reshape(mean, lay.bshape), lay.reduce_axes))
+    n = mask_count(be, lay, mask, dt)
+    mean = _per_count(be, be.channel_sum(xp.where(mask, x, xp.zeros_like(x)), lay.reduce_axes, dt), n)
+    mean_b = xp.reshape(mean, lay.bshape)
+    xd = xp.astype(x, dt)
+    # masked-out elements are replaced by the mean, so that they add exactly 0 to M2
+    return Stats(n, mean, be.channel_sq_dev_sum(xp.where(mask, xd, xp.zeros_like(xd) + mean_b), mean_b,
+                                                lay.reduce_axes))
+
+
+def mask_count(be: Backend, lay: Layout, mask: Array, dt: Any) -> Array:
+    """The per-channel number of elements where ``mask`` is True, in the stats dtype."""
+    return be.channel_sum(be.xp.astype(mask, dt), lay.reduce_axes, dt)
+
+
+def batch_stats(be: Backend, x: Array, lay: Layout, sync: Sync | None = None, mask: Array | None = None) -> Stats:
+    """Two-pass per-channel statistics of ``x`` (of its elements where ``mask`` is True; an empty channel gives
+    zeros); under ``sync``, of the whole batch across replicas, merged from every replica's summary."""
+    local = _local_stats(be, x, lay, mask)
     if sync is None:
         return local
-    return merge_stats(local, sync.count, lambda a: be.all_reduce_sum(a, sync.group))
+
+    def reduce_sum(a: Array) -> Array:
+        return be.all_reduce_sum(a, sync.group)
+
+    total = sync.count if mask is None else reduce_sum(local.count)
+    return merge_stats(local, total, reduce_sum)
 
 
-def merge_stats(part: Stats, total: int, reduce_sum: Callable[[Array], Array]) -> Stats:
+def merge_stats(part: Stats, total: Any, reduce_sum: Callable[[Array], Array]) -> Stats:
     """The exact statistics of the concatenation of several parts, ``part`` being one of them, by Chan et
     al.'s count-weighted merge: ``n = sum n_k``, ``mean = sum (n_k / n) mean_k``,
     ``M2 = sum (M2_k + n_k (mean_k - mean)^2)``. ``reduce_sum`` sums over the parts (an all-reduce across
-    replicas, or a sum over a leading axis); ``total`` is ``n``. Parts with ``n_k = 0`` contribute nothing.
+    replicas, or a sum over a leading axis); ``total`` is ``n`` (an int, or per-channel counts). Parts with
+    ``n_k = 0`` contribute nothing.
     """
-    if total == 0:
+    if isinstance(total, int) and total == 0:
         return Stats(0, part.mean, part.m2)
-    mean = reduce_sum(part.mean * (part.count / total))
+    weight = part.count / total if isinstance(total, int) else part.count / (total + (total == 0))
+    mean = reduce_sum(part.mean * weight)
     d = part.mean - mean
     return Stats(total, mean, reduce_sum(part.m2 + d * d * part.count))
 
@@ -129,85 +171,236 @@ def _normalize(
     return be.scale_shift(x, xp.reshape(scale, lay.bshape), xp.reshape(shift, lay.bshape))
 
 
+def _affine_map(be: Backend, lay: Layout, u: Array, x: Array, mean: Array, a: Array, b: Array, c: Array,
+                mask: Array | None = None) -> Array:
+    """``a * u + b * (x - mean) + c`` per channel, where ``mask`` is True (everywhere without one), and
+    ``a * u`` elsewhere: the shape of every derivative of BN."""
+    xp = be.xp
+    a, b, c = (xp.reshape(v, lay.bshape) for v in (a, b, c))
+    full = be.backward_apply(u, x, xp.reshape(mean, lay.bshape), a, b, c)
+    if mask is None:
+        return full
+    return xp.where(mask, full, be.scale_shift(u, a, xp.zeros_like(a)))
+
+
+def _zeros_if_none(be: Backend, t: Array | None, like: Array) -> Array:
+    return be.xp.zeros_like(like) if t is None else t
+
+
+# ---- the two differentiable maps ----------------------------------------------------------------------------------
+class Rule(NamedTuple):
+    """One differentiable BN map, as every backend's autodiff hook wires it.
+
+    * ``forward(*inputs) -> outputs``;
+    * ``residuals(inputs, outputs)``: what the derivatives need, from the inputs and outputs (per-channel work
+      only, so that a backend may save just inputs and outputs, and differentiate through them again);
+    * ``backward(residuals, cotangents)``: the cotangents of the first ``n_diff`` inputs (VJP), one per output
+      cotangent (None meaning zero);
+    * ``jvp(residuals, tangents)``: the tangents of the outputs for tangents of the first ``n_diff`` inputs
+      (None meaning zero). The one tangent rule: forward-mode AD, and reverse mode by transposition on JAX.
+    """
+
+    forward: Callable[..., tuple[Array, ...]]
+    residuals: Callable[[tuple[Array, ...], tuple[Array, ...]], tuple[Array, ...]]
+    backward: Callable[[tuple[Array, ...], tuple[Array | None, ...]], tuple[Array, ...]]
+    jvp: Callable[[tuple[Array, ...], tuple[Array | None, ...]], tuple[Array, ...]]
+    n_diff: int
+
+
+def train_rule(be: Backend, conv: Convention, lay: Layout, sync: Sync | None = None, masked: bool = False) -> Rule:
+    """BN with batch statistics: inputs ``(x, gamma, beta[, mask])``, outputs ``(y, mean, m2)`` (all three
+    differentiable: the running update reads ``mean`` and ``m2``)."""
+    return Rule(partial(train_forward, be, conv, lay, sync=sync), partial(train_residuals, be, conv, lay, sync=sync),
+                partial(train_backward, be, conv, lay, sync=sync), partial(train_jvp, be, conv, lay, sync=sync), 3)
+
+
+def eval_rule(be: Backend, conv: Convention, lay: Layout) -> Rule:
+    """BN with the running statistics: inputs ``(x, gamma, beta, running_mean, running_var)``, output ``(y,)``;
+    all five inputs are differentiable (an affine map of each)."""
+    return Rule(partial(eval_forward, be, conv, lay), partial(eval_residuals, be, conv, lay),
+                partial(eval_backward, be, conv, lay), partial(eval_jvp, be, conv, lay), 5)
+
+
 # ---- training: batch statistics ----------------------------------------------------------------------------
-def train_residuals(
-    be: Backend, conv: Convention, lay: Layout, x: Array, gamma: Array, *, sync: Sync | None = None
-) -> tuple[Array, ...]:
-    """``(x, gamma, mean, s, m2)``: what the training forward computes and its backward reuses."""
-    st = batch_stats(be, x, lay, sync)
-    if st.count == 0:
-        s = be.xp.zeros_like(st.mean)
-    else:
-        s = inv_std(be, st.m2 / st.count, conv.eps, conv.zero_var_guard)
-    return x, gamma, st.mean, s, st.m2
+class TrainResiduals(NamedTuple):
+    x: Array
+    gamma: Array
+    mean: Array
+    s: Array  # 1 / sqrt(var + eps), per channel
+    count: Any  # n, the (global) count per channel: an int, or an array under a mask
+    mask: Array | None
 
 
 def train_forward(
-    be: Backend, conv: Convention, lay: Layout, x: Array, gamma: Array, beta: Array, *, sync: Sync | None = None
-) -> tuple[tuple[Array, Array, Array], tuple[Array, ...]]:
-    """``(y, mean, m2), residuals`` for BN with batch statistics (of all replicas under ``sync``)."""
-    residuals = train_residuals(be, conv, lay, x, gamma, sync=sync)
-    _, _, mean, s, m2 = residuals
-    return (_normalize(be, conv, lay, x, gamma, beta, mean, s), mean, m2), residuals
+    be: Backend, conv: Convention, lay: Layout, x: Array, gamma: Array, beta: Array, mask: Array | None = None, *,
+    sync: Sync | None = None,
+) -> tuple[Array, Array, Array]:
+    """``(y, mean, m2)`` for BN with batch statistics (of all replicas under ``sync``; of the elements where
+    ``mask`` is True, every element being normalised)."""
+    st = batch_stats(be, x, lay, sync, mask)
+    s = _inv_std_of(be, conv, st.m2, st.count)
+    return _normalize(be, conv, lay, x, gamma, beta, st.mean, s), st.mean, st.m2
+
+
+def _inv_std_of(be: Backend, conv: Convention, m2: Array, n: Any) -> Array:
+    """``s`` from ``M2`` and the count; 0 for an empty channel (its output is beta)."""
+    if isinstance(n, int):
+        if n == 0:
+            return be.xp.zeros_like(m2)
+        return inv_std(be, m2 / n, conv.eps, conv.zero_var_guard)
+    s = inv_std(be, m2 / _nonzero(be, n), conv.eps, conv.zero_var_guard)
+    return be.xp.where(n > 0, s, be.xp.zeros_like(s))
+
+
+def train_residuals(
+    be: Backend, conv: Convention, lay: Layout, inputs: tuple[Array, ...], outputs: tuple[Array, ...], *,
+    sync: Sync | None = None,
+) -> TrainResiduals:
+    """What the derivatives need: ``s`` from ``M2`` and the count (recounted from the mask, if any)."""
+    x, gamma = inputs[0], inputs[1]
+    mask = inputs[3] if len(inputs) > 3 else None
+    _, mean, m2 = outputs
+    if mask is None:
+        n = lay.count if sync is None else sync.count
+    else:
+        n = mask_count(be, lay, mask, mean.dtype)
+        if sync is not None:
+            n = be.all_reduce_sum(n, sync.group)
+    return TrainResiduals(x, gamma, mean, _inv_std_of(be, conv, m2, n), n, mask)
+
+
+def _all_reduce(be: Backend, sync: Sync | None, *vs: Array) -> tuple[Array, ...]:
+    """The per-channel vectors ``vs`` summed over the replicas (as they are without ``sync``), in one call."""
+    if sync is None:
+        return vs
+    both = be.all_reduce_sum(be.xp.stack(vs), sync.group)
+    return tuple(both[i] for i in range(len(vs)))
+
+
+def train_jvp(
+    be: Backend, conv: Convention, lay: Layout, res: TrainResiduals, tangents: tuple[Array | None, ...], *,
+    sync: Sync | None = None,
+) -> tuple[Array, Array, Array]:
+    """Tangents ``(ty, tmean, tm2)`` for tangents ``(tx, tgamma, tbeta)``. With ``S1 = sum_R m tx`` and
+    ``S2 = sum_R m tx (x - mean)`` (``m`` the mask, 1 without one; summed over the replicas under ``sync``):
+    ``tmean = S1 / n``, ``tm2 = 2 S2``, ``ty = a tx + b (x - mean) + c`` with ``a = gamma s``,
+    ``b = tgamma s - gamma s^3 S2 / n``, ``c = tbeta - gamma s S1 / n``."""
+    xp = be.xp
+    x, gamma, mean, s, n, mask = res
+    tx, tg, tb = (_zeros_if_none(be, t, p) for t, p in zip(tangents, (x, gamma, gamma), strict=True))
+    tx = xp.astype(tx, s.dtype)  # once: every use of tx, and so its transpose (dx), accumulates in the stats dtype
+    txm = tx if mask is None else xp.where(mask, tx, xp.zeros_like(tx))
+    s1, s2 = _all_reduce(be, sync, *be.backward_sums(txm, x, xp.reshape(mean, lay.bshape), lay.reduce_axes))
+    g = effective_gamma(be, conv, gamma, mean.dtype)
+    a = g * s
+    tg = xp.zeros_like(s) if conv.fix_gamma else xp.astype(tg, s.dtype)
+    b = tg * s - (a * s * s) * _per_count(be, s2, n)
+    c = xp.astype(tb, s.dtype) - a * _per_count(be, s1, n)
+    ty = xp.astype(_affine_map(be, lay, tx, x, mean, a, b, c), x.dtype)
+    return ty, _per_count(be, s1, n), 2 * s2
 
 
 def train_backward(
-    be: Backend, conv: Convention, lay: Layout, residuals: tuple[Array, ...], dy: Array, *, sync: Sync | None = None
+    be: Backend, conv: Convention, lay: Layout, res: TrainResiduals, cotangents: tuple[Array | None, ...], *,
+    sync: Sync | None = None,
 ) -> tuple[Array, Array, Array]:
-    """``(dx, dgamma, dbeta)`` of :func:`train_forward`, from its saved mean and inverse std.
+    """``(dx, dgamma, dbeta)`` for cotangents ``(dy, dmean, dm2)``: the transpose of :func:`train_jvp`.
 
-    Under ``sync`` the two sums in ``dx`` are all-reduced over the replicas (``n`` is the global count);
-    ``dgamma``/``dbeta`` stay local, for the data-parallel gradient reduction to combine.
+    With ``T1 = sum_R dy``, ``T2 = sum_R dy (x - mean)`` (over every element, summed over the replicas under
+    ``sync``): ``dx = a dy + m (b (x - mean) + c)`` with ``a = gamma s``, ``b = 2 dm2 - gamma s^3 T2 / n``,
+    ``c = (dmean - gamma s T1) / n``; ``dgamma = s T2``, ``dbeta = T1`` (this replica's sums: the data-parallel
+    gradient reduction combines them). The textbook form: ``dx = gamma s (dy - mean(dy) - xhat mean(dy xhat))``.
     """
     xp = be.xp
-    x, gamma, mean, s, _ = residuals
-    mean_b = xp.reshape(mean, lay.bshape)
-    sum_dy, sum_dy_xc = be.backward_sums(dy, x, mean_b, lay.reduce_axes)
-    n, all_dy, all_dy_xc = lay.count, sum_dy, sum_dy_xc
-    if sync is not None:
-        n = sync.count
-        both = be.all_reduce_sum(xp.stack([sum_dy, sum_dy_xc]), sync.group)
-        all_dy, all_dy_xc = both[0], both[1]
-    n = max(n, 1)
+    x, gamma, mean, s, n, mask = res
+    dy, dmean, dm2 = cotangents
+    dy = _zeros_if_none(be, dy, x)
+    sum_dy, sum_dy_xc = be.backward_sums(dy, x, xp.reshape(mean, lay.bshape), lay.reduce_axes)
+    extra = tuple(v for v in (dmean, dm2) if v is not None)
+    all_dy, all_dy_xc, *extra = _all_reduce(be, sync, sum_dy, sum_dy_xc, *extra)
+    it = iter(extra)
+    dmean = next(it) if dmean is not None else None
+    dm2 = next(it) if dm2 is not None else None
     g = effective_gamma(be, conv, gamma, mean.dtype)
     a = g * s
-    b = -(a * s * s) * (all_dy_xc / n)
-    c = -a * (all_dy / n)
-    dx = be.backward_apply(dy, x, mean_b, *(xp.reshape(v, lay.bshape) for v in (a, b, c)))
+    b = -(a * s * s) * _per_count(be, all_dy_xc, n)
+    c = -a * all_dy
+    if dm2 is not None:
+        b = b + 2 * dm2
+    if dmean is not None:
+        c = c + dmean
+    dx = _affine_map(be, lay, dy, x, mean, a, b, _per_count(be, c, n), mask)
     dgamma = xp.zeros_like(sum_dy) if conv.fix_gamma else sum_dy_xc * s
     return dx, xp.astype(dgamma, gamma.dtype), xp.astype(sum_dy, gamma.dtype)
 
 
-def eval_residuals(
-    be: Backend, conv: Convention, lay: Layout, x: Array, gamma: Array, rmean: Array, rvar: Array
-) -> tuple[Array, ...]:
-    """``(x, gamma, mean, s)`` from the running statistics (no zero-variance guard, as everywhere)."""
-    dt = be.dtype(stats_dtype(be, x))
-    s = inv_std(be, be.xp.astype(rvar, dt), conv.eps, guard=False)
-    return x, gamma, be.xp.astype(rmean, dt), s
+# ---- eval: running statistics ---------------------------------------------------------------------------------
+class EvalResiduals(NamedTuple):
+    x: Array
+    gamma: Array
+    mean: Array  # the running mean, in the stats dtype
+    s: Array  # 1 / sqrt(running_var + eps)
+    running_mean: Array
+    running_var: Array
 
 
 def eval_forward(
     be: Backend, conv: Convention, lay: Layout, x: Array, gamma: Array, beta: Array, rmean: Array, rvar: Array
-) -> tuple[tuple[Array], tuple[Array, ...]]:
-    """``(y,), residuals`` for BN with the running statistics."""
-    residuals = eval_residuals(be, conv, lay, x, gamma, rmean, rvar)
-    _, _, mean, s = residuals
-    return (_normalize(be, conv, lay, x, gamma, beta, mean, s),), residuals
+) -> tuple[Array]:
+    """``(y,)`` for BN with the running statistics (no zero-variance guard, as everywhere)."""
+    res = eval_residuals(be, conv, lay, (x, gamma, beta, rmean, rvar), ())
+    return (_normalize(be, conv, lay, x, gamma, beta, res.mean, res.s),)
+
+
+def eval_residuals(
+    be: Backend, conv: Convention, lay: Layout, inputs: tuple[Array, ...], outputs: tuple[Array, ...]
+) -> EvalResiduals:
+    x, gamma, _, rmean, rvar = inputs
+    dt = be.dtype(stats_dtype(be, x))
+    s = inv_std(be, be.xp.astype(rvar, dt), conv.eps, guard=False)
+    return EvalResiduals(x, gamma, be.xp.astype(rmean, dt), s, rmean, rvar)
+
+
+def eval_jvp(
+    be: Backend, conv: Convention, lay: Layout, res: EvalResiduals, tangents: tuple[Array | None, ...]
+) -> tuple[Array]:
+    """``(ty,)`` for tangents of ``(x, gamma, beta, running_mean, running_var)``:
+    ``ty = a tx + b (x - mean) + c`` with ``a = gamma s``, ``b = tgamma s - gamma s^3 tvar / 2``,
+    ``c = tbeta - gamma s tmean``."""
+    xp = be.xp
+    x, gamma, mean, s, rmean, rvar = res
+    tx, tg, tb, tm, tv = (_zeros_if_none(be, t, p) for t, p in zip(tangents, (x, gamma, gamma, rmean, rvar),
+                                                                    strict=True))
+    tx = xp.astype(tx, s.dtype)
+    a = effective_gamma(be, conv, gamma, mean.dtype) * s
+    tg = xp.zeros_like(s) if conv.fix_gamma else xp.astype(tg, s.dtype)
+    b = tg * s - (a * s * s) * xp.astype(tv, s.dtype) / 2
+    c = xp.astype(tb, s.dtype) - a * xp.astype(tm, s.dtype)
+    return (xp.astype(_affine_map(be, lay, tx, x, mean, a, b, c), x.dtype),)
 
 
 def eval_backward(
-    be: Backend, conv: Convention, lay: Layout, residuals: tuple[Array, ...], dy: Array
-) -> tuple[Array, Array, Array]:
-    """``(dx, dgamma, dbeta)`` of :func:`eval_forward`: ``dx = dy * gamma * s`` (finite wherever dy is, whatever x
-    holds), ``dgamma = sum_R dy * (x - mean) * s`` (0 for an empty batch)."""
+    be: Backend, conv: Convention, lay: Layout, res: EvalResiduals, cotangents: tuple[Array | None, ...]
+) -> tuple[Array, Array, Array, Array, Array]:
+    """``(dx, dgamma, dbeta, drunning_mean, drunning_var)``, the transpose of :func:`eval_jvp`: with
+    ``T1 = sum_R dy``, ``T2 = sum_R dy (x - mean)``: ``dx = dy gamma s`` (finite wherever dy is, whatever x holds),
+    ``dgamma = s T2``, ``dbeta = T1``, ``dmean = -gamma s T1``, ``dvar = -gamma s^3 T2 / 2`` (0 for an empty
+    batch)."""
     xp = be.xp
-    x, gamma, mean, s = residuals
+    x, gamma, mean, s, rmean, rvar = res
+    dy = _zeros_if_none(be, cotangents[0], x)
     sum_dy, sum_dy_xc = be.backward_sums(dy, x, xp.reshape(mean, lay.bshape), lay.reduce_axes)
     a = effective_gamma(be, conv, gamma, mean.dtype) * s
     dx = be.scale_shift(dy, xp.reshape(a, lay.bshape), xp.reshape(xp.zeros_like(a), lay.bshape))
-    dgamma = xp.zeros_like(sum_dy) if conv.fix_gamma or lay.count == 0 else sum_dy_xc * s
-    return dx, xp.astype(dgamma, gamma.dtype), xp.astype(sum_dy, gamma.dtype)
+    if lay.count == 0:
+        zero = xp.zeros_like(sum_dy)
+        dgamma, dmean, dvar = zero, zero, zero
+    else:
+        dgamma = xp.zeros_like(sum_dy) if conv.fix_gamma else sum_dy_xc * s
+        dmean = -a * sum_dy
+        dvar = -(a * s * s) * sum_dy_xc / 2
+    return (dx, xp.astype(dgamma, gamma.dtype), xp.astype(sum_dy, gamma.dtype), xp.astype(dmean, rmean.dtype),
+            xp.astype(dvar, rvar.dtype))
 
 
 # ---- running statistics ---------------------------------------------------------------------------------------
@@ -216,15 +409,21 @@ def update_state(be: Backend, conv: Convention, state: BNState, st: Stats) -> BN
 
     ``t = num_batches_tracked + 1``; ``stat_var = M2 / (n - 1)`` (unbiased conventions) or ``M2 / n``;
     ``R <- keep * R + take * stat`` with ``(keep, take)`` from the convention, or ``take = 1 / t`` for the
-    cumulative average. An empty batch changes no statistic (and counts only if the convention says so).
+    cumulative average. An empty batch changes no statistic (and counts only if the convention says so). Under a
+    mask (per-channel counts) the same holds per channel: an empty channel keeps its statistics, a channel with
+    one value keeps its unbiased variance, and the batch counts if any channel was not empty.
     """
     xp = be.xp
     rmean, rvar, tracked = state
     t = tracked + 1
-    if st.count == 0:
+    n = st.count
+    if isinstance(n, int) and n == 0:
         return BNState(rmean, rvar, t if conv.count_empty_batches else tracked)
     dt = st.mean.dtype
-    var = st.m2 / (st.count - 1) if conv.unbiased_running_var else st.m2 / st.count
+    if isinstance(n, int):
+        var = st.m2 / (n - 1) if conv.unbiased_running_var else st.m2 / n
+    else:
+        var = st.m2 / _nonzero(be, n - 1 if conv.unbiased_running_var else n)
     weights = conv.update_weights()
     if weights is None:
         take = 1 / xp.astype(t, dt)
@@ -233,4 +432,9 @@ def update_state(be: Backend, conv: Convention, state: BNState, st: Stats) -> BN
         keep, take = weights
     new_mean = take * st.mean + keep * xp.astype(rmean, dt)
     new_var = take * var + keep * xp.astype(rvar, dt)
+    if not isinstance(n, int):
+        new_mean = xp.where(n > 0, new_mean, xp.astype(rmean, dt))
+        new_var = xp.where(n > (1 if conv.unbiased_running_var else 0), new_var, xp.astype(rvar, dt))
+        if not conv.count_empty_batches:
+            t = xp.where(xp.any(n > 0), t, tracked)
     return BNState(xp.astype(new_mean, rmean.dtype), xp.astype(new_var, rvar.dtype), t)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import lru_cache, partial
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,8 @@ from .backends.base import FLOAT_DTYPES, Array, Backend
 from .conventions import Convention, resolve_convention
 from .state import BNState
 
-_ARRAY_ARGS = ("x", "gamma", "beta", "state.running_mean", "state.running_var", "state.num_batches_tracked", "dy")
+_ARRAY_ARGS = ("x", "gamma", "beta", "state.running_mean", "state.running_var", "state.num_batches_tracked", "dy",
+               "mask")
 
 
 # ---- backend choice and conversion ------------------------------------------------------------------------
@@ -106,8 +107,8 @@ def _check_vector(be: Backend, name: str, a: Array, channels: int, axis: int) ->
 def _prepare(
     x: object, gamma: object, beta: object, state: object, dy: object, *, training: bool,
     convention: str | Convention, momentum: float | None, eps: float | None, axis: int | None,
-    backend: str | None, device: object, sync: object = None,
-) -> tuple[Backend, Convention, alg.Layout, Array, Array, Array, BNState | None, Array | None]:
+    backend: str | None, device: object, sync: object = None, mask: object = None,
+) -> tuple[Backend, Convention, alg.Layout, Array, Array, Array, BNState | None, Array | None, Array | None]:
     """Every check, before any computation: a call that raises has changed nothing."""
     conv = resolve_convention(convention, momentum, eps)
     if not isinstance(training, bool):
@@ -119,7 +120,8 @@ def _prepare(
                 f"got {type(state).__name__}"
             )
         state = BNState(*state)
-    named = dict(zip(_ARRAY_ARGS, (x, gamma, beta, *(state if state is not None else (None,) * 3), dy), strict=True))
+    named = dict(zip(_ARRAY_ARGS, (x, gamma, beta, *(state if state is not None else (None,) * 3), dy, mask),
+                     strict=True))
     be = _pick_backend(backend, named)
     x = _to_backend(be, "x", x, device)
     xdt = _check_float(be, "x", x)
@@ -149,16 +151,42 @@ def _prepare(
         )
     if sync is not None and sync is not False and not training:
         sync = None  # eval normalises with the running statistics: nothing to synchronise
+    if mask is not None:
+        mask = _mask(be, mask, x, device) if training else None  # eval has no batch statistics to mask
     if sync is not None and sync is not False:
         be.sync_group(sync)  # refuses backends without collectives and malformed groups
     elif training:
         _check_count(conv, lay.count, x.shape)
+        if mask is not None and conv.single_value_raises and be.concrete(mask):
+            counts = be.to_numpy(alg.mask_count(be, lay, mask, be.dtype("float32")))
+            if (counts == 1).any():
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got 1 in channel(s) "
+                    f"{np.flatnonzero(counts == 1).tolist()} of the mask (convention {conv.name!r} stores the "
+                    "unbiased running variance M2/(n-1))"
+                )
     if dy is not None:
         dy = _to_backend(be, "dy", dy, device, xdt)
         _check_float(be, "dy", dy)
         if tuple(dy.shape) != tuple(x.shape):
             raise ValueError(f"dy must have the shape of x, {tuple(x.shape)}, got {tuple(dy.shape)}")
-    return be, conv, lay, x, gamma, beta, state, dy
+    return be, conv, lay, x, gamma, beta, state, dy, mask
+
+
+def _mask(be: Backend, mask: object, x: Array, device: object) -> Array:
+    """``mask`` as a boolean array of the backend with the shape of ``x`` (broadcast)."""
+    if not be.is_array(mask):
+        if isinstance(mask, (str, bytes, dict, set)):
+            raise TypeError(f"mask must be a boolean array, got {type(mask).__name__}")
+        mask = np.asarray(mask)
+        if mask.dtype != np.bool_:
+            raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype.name}")
+    elif be.dtype_name(mask) != "bool":
+        raise TypeError(f"mask must be a boolean array, got dtype {be.dtype_name(mask)}")
+    shape = tuple(mask.shape)
+    if len(shape) > x.ndim or any(m not in (1, n) for m, n in zip(shape[::-1], tuple(x.shape)[::-1], strict=False)):
+        raise ValueError(f"mask must be broadcastable to the shape of x, {tuple(x.shape)}, got shape {shape}")
+    return be.as_mask(mask, tuple(x.shape), device)
 
 
 def _check_count(conv: Convention, count: int, shape: tuple[int, ...]) -> None:
@@ -169,23 +197,20 @@ def _check_count(conv: Convention, count: int, shape: tuple[int, ...]) -> None:
         )
 
 
-# ---- the differentiable ops, one per (backend, convention, layout, mode, sync) ------------------------------------
+# ---- the differentiable ops, one per (backend, convention, layout, mode, sync, mask) -----------------------------
 @lru_cache(maxsize=512)
 def _op(
     be: Backend, conv: Convention, lay: alg.Layout, training: bool, sync: alg.Sync | None = None
 ) -> Callable[..., tuple[Array, ...]]:
-    if training:
-        return be.custom_op(
-            partial(alg.train_forward, be, conv, lay, sync=sync), partial(alg.train_backward, be, conv, lay, sync=sync)
-        )
-    return be.custom_op(partial(alg.eval_forward, be, conv, lay), partial(alg.eval_backward, be, conv, lay))
+    rule = alg.train_rule(be, conv, lay, sync) if training else alg.eval_rule(be, conv, lay)
+    return be.custom_op(rule)
 
 
 # ---- public API ---------------------------------------------------------------------------------------------------
 def batch_norm(
     x: Any, gamma: Any = None, beta: Any = None, state: BNState | None = None, *, training: bool = True,
     convention: str | Convention = "torch", momentum: float | None = None, eps: float | None = None,
-    axis: int | None = None, backend: str | None = None, device: Any = None, sync: Any = None,
+    axis: int | None = None, backend: str | None = None, device: Any = None, sync: Any = None, mask: Any = None,
 ) -> tuple[Any, BNState | None]:
     """Batch normalisation of ``x`` over every axis but ``axis``; returns ``(y, new_state)``.
 
@@ -197,17 +222,22 @@ def batch_norm(
     ``gamma``/``beta`` None mean 1/0. ``axis`` None is the convention's channel axis (1, or -1 for
     ``flax``/``keras``). ``momentum``/``eps`` override the convention's. ``backend`` None infers it from the
     arrays; a named backend converts NumPy arrays and Python sequences (onto ``device``). Pure: nothing
-    passed in is modified. Differentiable on torch, jax and mxnet, with the analytic backward of
-    :func:`batch_norm_vjp`.
+    passed in is modified. Differentiable on torch, jax and mxnet, to every order, in reverse and forward mode,
+    with respect to ``x``, ``gamma``, ``beta`` and (eval) the running statistics; the new state's statistics are
+    differentiable functions of ``x`` too (torch records them outside autograd, as ``nn.BatchNorm*d`` does).
+
+    ``mask`` (training; a boolean array broadcastable to ``x``): the statistics, their running update and the
+    backward use only the elements where it is True, with per-channel counts; every element is normalised (Flax's
+    semantics). A channel with no element keeps its running statistics and gives ``beta``.
 
     ``sync`` (training only) normalises with the statistics of the whole batch across replicas, merged exactly
-    whatever each replica's count: on torch ``True`` (the default process group) or a
+    whatever each replica's count (masked counts included): on torch ``True`` (the default process group) or a
     ``torch.distributed.ProcessGroup``; on jax the name of a mapped axis (``shard_map``, ``pmap``). The
     running statistics then use the global count.
     """
-    be, conv, lay, x, gamma, beta, state, _ = _prepare(
+    be, conv, lay, x, gamma, beta, state, _, mask = _prepare(
         x, gamma, beta, state, None, training=training, convention=convention, momentum=momentum, eps=eps,
-        axis=axis, backend=backend, device=device, sync=sync,
+        axis=axis, backend=backend, device=device, sync=sync, mask=mask,
     )
     if not training:
         with be.quiet():
@@ -216,37 +246,50 @@ def batch_norm(
     spec = None
     if sync is not None and sync is not False:
         group = be.sync_group(sync)
-        spec = alg.Sync(group, be.replica_counts(lay.count, group))
-        _check_count(conv, spec.count, x.shape)
+        spec = alg.Sync(group, () if mask is not None else be.replica_counts(lay.count, group))
+        if mask is None:
+            _check_count(conv, spec.count, x.shape)
+    inputs = (x, gamma, beta) if mask is None else (x, gamma, beta, mask)
     with be.quiet():
-        y, mean, m2 = _op(be, conv, lay, True, spec)(x, gamma, beta)
+        y, mean, m2 = _op(be, conv, lay, True, spec)(*inputs)
         if state is None:
             return y, None
         with be.untracked():
-            return y, alg.update_state(be, conv, state, alg.Stats(lay.count if spec is None else spec.count, mean, m2))
+            if mask is None:
+                count = lay.count if spec is None else spec.count
+            else:
+                count = alg.mask_count(be, lay, mask, mean.dtype)
+                count = count if spec is None else be.all_reduce_sum(count, spec.group)
+            return y, alg.update_state(be, conv, state, alg.Stats(count, mean, m2))
 
 
 def batch_norm_vjp(
     x: Any, gamma: Any, beta: Any, state: BNState | None, dy: Any, *, training: bool = True,
     convention: str | Convention = "torch", momentum: float | None = None, eps: float | None = None,
-    axis: int | None = None, backend: str | None = None, device: Any = None,
+    axis: int | None = None, backend: str | None = None, device: Any = None, mask: Any = None,
 ) -> tuple[Any, Any, Any]:
     """``(dx, dgamma, dbeta)``: the gradient of :func:`batch_norm` for the upstream gradient ``dy``.
 
     Training: ``dx = gamma * s * (dy - mean(dy) - xhat * mean(dy * xhat))``, ``dgamma = sum(dy * xhat)``,
-    ``dbeta = sum(dy)``; eval: ``dx = dy * gamma * s``; ``dgamma = 0`` under ``fix_gamma``. The same
+    ``dbeta = sum(dy)`` (under ``mask``, the two means are over the masked-in elements and only those get the
+    correction terms); eval: ``dx = dy * gamma * s``; ``dgamma = 0`` under ``fix_gamma``. The same
     function every backend's autodiff calls; on NumPy it is how to train.
     """
-    be, conv, lay, x, gamma, beta, state, dy = _prepare(
+    be, conv, lay, x, gamma, beta, state, dy, mask = _prepare(
         x, gamma, beta, state, dy, training=training, convention=convention, momentum=momentum, eps=eps,
-        axis=axis, backend=backend, device=device,
+        axis=axis, backend=backend, device=device, mask=mask,
     )
     with be.quiet():
         if training:
-            residuals = alg.train_residuals(be, conv, lay, x, gamma)
-            return alg.train_backward(be, conv, lay, residuals, dy)
-        residuals = alg.eval_residuals(be, conv, lay, x, gamma, state.running_mean, state.running_var)
-        return alg.eval_backward(be, conv, lay, residuals, dy)
+            rule = alg.train_rule(be, conv, lay)
+            inputs = (x, gamma, beta) if mask is None else (x, gamma, beta, mask)
+            st = alg.batch_stats(be, x, lay, mask=mask)
+            outputs = (None, st.mean, st.m2)  # the backward needs no y
+        else:
+            rule = alg.eval_rule(be, conv, lay)
+            inputs = (x, gamma, beta, state.running_mean, state.running_var)
+            outputs = ()
+        return tuple(rule.backward(rule.residuals(inputs, outputs), (dy, None, None))[:3])
 
 
 def init_state(

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_conformance import JAX_INEXACT_MEAN, KNOWN_BUGS
-
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"backend", "convention", "case", "quantity", "max_abs_err", "max_rel_err", "tol", "ok"}
 
@@ -64,23 +62,10 @@ def test_exit_status_and_table(quick: tuple[subprocess.CompletedProcess, dict]) 
     assert f"{len(failed)} failed" in lines[-1]
 
 
-def _known(row: dict) -> bool:
-    """A failure one of the known bugs explains (tests/test_conformance.py KNOWN_BUGS)."""
-    return JAX_INEXACT_MEAN and "jax" in row["backend"] and "constant" in row["case"]  # jax_inexact_mean
-
-
-def test_only_known_failures(quick: tuple[subprocess.CompletedProcess, dict]) -> None:
-    """Nothing fails but the cases that show the known bugs."""
-    _, data = quick
-    failed = [r for r in data["results"] if not r["ok"]]
-    assert all(_known(r) for r in failed), [
-        (r["backend"], r["convention"], r["case"], r["quantity"]) for r in failed if not _known(r)]
-
-
-@pytest.mark.xfail(JAX_INEXACT_MEAN, strict=True, reason=KNOWN_BUGS["jax_inexact_mean"])
 def test_quick_battery_passes(quick: tuple[subprocess.CompletedProcess, dict]) -> None:
     _, data = quick
-    assert all(r["ok"] for r in data["results"])
+    failed = [(r["backend"], r["convention"], r["case"], r["quantity"]) for r in data["results"] if not r["ok"]]
+    assert not failed, failed
 
 
 def test_check_imports_no_framework() -> None:

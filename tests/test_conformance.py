@@ -34,28 +34,11 @@ from tests.conftest import ALL_BACKENDS, _why_missing
 
 INSTALLED = tuple(b for b in ALL_BACKENDS if _why_missing(b) is None)
 DTYPES = ("float16", "bfloat16", "float32", "float64")
-KNOWN_BUGS = {
-    # Each is a disagreement of the library with the reference; kept as strict xfails below (report in the issue).
-    "jax_inexact_mean": "BUG: jax backend on newer XLA (jax 0.10.2 here): the channel mean sum/n is not correctly "
-                        "rounded (XLA turns /n into *(1/n)), so a constant channel gets a variance ~1e-12 > 0 and "
-                        "with eps=0 the zero-variance guard does not fire: y = +-1 instead of beta, dx ~ 1e6 not 0",
-}
-
-
 def fewer(fraction: float) -> settings:
     """The loaded profile with ``fraction`` of its examples (at least 5): for the costlier properties."""
     return settings(max_examples=max(5, int(settings().max_examples * fraction)))
 
 
-def _jax_inexact_mean() -> bool:
-    """Whether KNOWN_BUGS["jax_inexact_mean"] shows here (it depends on the XLA version)."""
-    if "jax" not in INSTALLED:
-        return False
-    y, _ = multibn.batch_norm(np.full((5, 4, 3), 20.0, np.float32), eps=0.0, backend="jax", axis=1)
-    return bool(np.any(np.asarray(y) != 0))
-
-
-JAX_INEXACT_MEAN = _jax_inexact_mean()
 
 
 # ---- strategies -----------------------------------------------------------------------------------------------------
@@ -93,8 +76,6 @@ def bn_cases(draw: st.DrawFn, dtypes: tuple[str, ...] = DTYPES, conventions: tup
                     label="momentum")
     offsets = draw(st.lists(st.sampled_from(OFFSETS), min_size=channels, max_size=channels), label="offsets")
     constant = [c for c in range(channels) if draw(st.integers(0, 5), label="constant channel") == 0]
-    if JAX_INEXACT_MEAN and eps == 0.0:  # KNOWN_BUGS["jax_inexact_mean"]: constant channels of zeros only
-        offsets = [0.0 if c in constant else o for c, o in enumerate(offsets)]
     specials = []
     if nonfinite:
         for _ in range(draw(st.integers(1, 2))):
@@ -145,10 +126,7 @@ def test_the_bound_tells_conventions_apart(case: C.Case) -> None:
 def _battery_params() -> list:
     params = []
     for case in C.battery(tuple(CONVENTIONS), quick=False):
-        marks = []
-        if "constant" in case.name and JAX_INEXACT_MEAN:
-            marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["jax_inexact_mean"]))
-        params.append(pytest.param(case, id=f"{case.conv_name}-{case.name}", marks=marks))
+        params.append(pytest.param(case, id=f"{case.conv_name}-{case.name}"))
     return params
 
 
@@ -159,12 +137,11 @@ def test_battery_case(case: C.Case) -> None:
 
 
 # ---- edge cases with known answers -----------------------------------------------------------------------------------
-@pytest.mark.xfail(JAX_INEXACT_MEAN, strict=True, reason=KNOWN_BUGS["jax_inexact_mean"])
 @pytest.mark.parametrize("conv", tuple(CONVENTIONS))
 def test_constant_channel_eps0(conv: str) -> None:
     """E8: with eps = 0 a constant channel is guarded (y = beta, dx = 0) under torch/mxnet/gluon, NaN elsewhere."""
     case = C.make_case("const", conv, "float32", [(5, 2, 3)], axis=1, seed=1, constant=[0], eps=0.0,
-                       offsets=[20.0, 1.0])  # the constant is +-20, n = 15: the probe of _jax_inexact_mean
+                       offsets=[20.0, 1.0])  # the constant is +-20, n = 15
     ref = C.reference_run(case).steps[0]
     guarded = CONVENTIONS[conv].zero_var_guard
     assert np.isnan(ref["y"][:, 0]).all() != guarded
@@ -248,21 +225,12 @@ def test_unsupported_raises(key: tuple[str, str]) -> None:
     assert C.unsupported(case, backend) == what
 
 
-# ---- known disagreements, kept as strict xfails ----------------------------------------------------------------------
+# ---- disagreements found and fixed --------------------------------------------------------------------------------
 def test_eval_dx_at_nonfinite_x() -> None:
     x = np.array([[np.inf], [1.0], [np.nan]], np.float32)
     dx, _, _ = multibn.batch_norm_vjp(x, None, None, multibn.init_state(1), np.ones((3, 1), np.float32),
                                       training=False)
     np.testing.assert_allclose(dx, np.full((3, 1), 1 / np.sqrt(1 + 1e-5)), rtol=1e-6)  # PyTorch's answer
-
-
-@pytest.mark.xfail(JAX_INEXACT_MEAN, strict=True, reason=KNOWN_BUGS["jax_inexact_mean"])
-def test_bug_jax_constant_channel_eps0() -> None:
-    """Passes where XLA divides exactly (jax 0.7.1), fails where it multiplies by 1/n (jax 0.10.2)."""
-    if "jax" not in INSTALLED:
-        pytest.skip("jax is not installed here")
-    y, _ = multibn.batch_norm(np.full((5, 4, 3), 20.0, np.float32), eps=0.0, backend="jax", axis=1)
-    np.testing.assert_array_equal(np.asarray(y), 0.0)  # the guard: y = beta
 
 
 def test_empty_eval_dgamma() -> None:
@@ -341,13 +309,14 @@ def _strict_run(case: C.Case) -> C.Run:
         x, dy = be.asarray(step.x, case.dtype), be.asarray(step.dy, case.dtype)
         lay = alg.Layout.of(tuple(x.shape), case.channel_axis)
         if step.training:
-            (y, mean, m2), res = alg.train_forward(be, conv, lay, x, g, b)
-            dx, dg, db = alg.train_backward(be, conv, lay, res, dy)
-            if state is not None:
-                state = alg.update_state(be, conv, state, alg.Stats(lay.count, mean, m2))
+            rule, inputs = alg.train_rule(be, conv, lay), (x, g, b)
         else:
-            (y,), res = alg.eval_forward(be, conv, lay, x, g, b, state.running_mean, state.running_var)
-            dx, dg, db = alg.eval_backward(be, conv, lay, res, dy)
+            rule, inputs = alg.eval_rule(be, conv, lay), (x, g, b, state.running_mean, state.running_var)
+        outputs = rule.forward(*inputs)
+        y = outputs[0]
+        dx, dg, db = rule.backward(rule.residuals(inputs, outputs), (dy, None, None))[:3]
+        if step.training and state is not None:
+            state = alg.update_state(be, conv, state, alg.Stats(lay.count, outputs[1], outputs[2]))
         out = {k: be.to_numpy(v).astype(np.float64) for k, v in dict(y=y, dx=dx, dgamma=dg, dbeta=db).items()}
         if state is not None:
             out.update(running_mean=be.to_numpy(state.running_mean).astype(np.float64),

@@ -64,6 +64,10 @@ def test_jax_sync_equals_concatenated_batch(tmp_path: Path) -> None:
     err = json.loads((tmp_path / "jax.json").read_text())
     assert err.pop("tracked") == 0
     assert max(err.values()) < 1e-10, err
+    # padded shards with 3, 8, 0 and 5 real rows of 8 (mask=): BN over the real rows, exactly
+    err = json.loads((tmp_path / "jax_masked.json").read_text())
+    assert err.pop("tracked") == 0
+    assert max(err.values()) < 1e-10, err
 
 
 @pytest.mark.parametrize("backend_name", ["numpy", "mxnet"])

@@ -6,7 +6,8 @@ The batch-norm maths lives in :mod:`multibn.algorithm`; it calls only
   hand-written one for MXNet), used on per-channel vectors;
 * the five kernels below, the only code that touches the full-size tensors. Their generic versions here are
   plain array-API code; an adapter may override one with something faster that computes the same quantity;
-* :meth:`Backend.custom_op`, which wires a forward and its analytic backward into the framework's autodiff;
+* :meth:`Backend.custom_op`, which wires a forward and its analytic derivatives (backward and tangent rule) into
+  the framework's autodiff;
 * for synchronised BN, the framework's collectives (torch.distributed, JAX's named-axis collectives).
 """
 
@@ -21,8 +22,7 @@ import array_api_compat
 import numpy as np
 
 Array = Any
-Forward = Callable[..., tuple[tuple[Array, ...], tuple[Array, ...]]]
-Backward = Callable[[tuple[Array, ...], Array], tuple[Array, Array, Array]]
+Rule = Any  # multibn.algorithm.Rule (not imported here: algorithm imports this module)
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -66,6 +66,16 @@ class Backend:
         """A 0-d integer array for ``num_batches_tracked``."""
         return self.xp.asarray(value, dtype=self.xp.int64, device=device)
 
+    def as_mask(self, mask: object, shape: tuple[int, ...], device: object = None) -> Array:
+        """A boolean ``mask`` (an array of this backend or a NumPy array) broadcast to ``shape``."""
+        if not self.is_array(mask):
+            mask = self.asarray(mask, device=device)
+        return self.xp.broadcast_to(mask, shape)
+
+    def concrete(self, a: Array) -> bool:
+        """Whether the values of ``a`` can be read now (not a tracer of a transform being compiled)."""
+        return True
+
     def quiet(self) -> contextlib.AbstractContextManager:
         """A context in which inf and NaN arise silently (the documented results for eps=0 or NaN input), as
         they do on every framework but NumPy, which warns."""
@@ -76,18 +86,11 @@ class Backend:
         return contextlib.nullcontext()
 
     # ---- autodiff hook --------------------------------------------------------------------------------
-    def custom_op(self, forward: Forward, backward: Backward) -> Callable[..., tuple[Array, ...]]:
-        """``op(x, gamma, beta, *consts) -> outputs`` whose gradient is ``backward``.
-
-        ``forward(*inputs)`` returns ``(outputs, residuals)``; ``outputs[0]`` is differentiable, the rest are
-        not. ``backward(residuals, dy)`` returns the cotangents of ``x``, ``gamma`` and ``beta``; ``consts``
-        get none. The generic version has no autodiff: it just runs the forward.
-        """
-
-        def op(*inputs: Array) -> tuple[Array, ...]:
-            return forward(*inputs)[0]
-
-        return op
+    def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
+        """``op(*inputs) -> outputs`` whose derivatives are ``rule``'s (a :class:`multibn.algorithm.Rule`):
+        its ``backward`` for reverse mode, its ``jvp`` for forward mode. The generic version has no autodiff: it
+        just runs the forward."""
+        return rule.forward
 
     # ---- synchronised BN: the framework's collectives ------------------------------------------------------
     def sync_group(self, sync: object) -> object:
@@ -106,9 +109,10 @@ class Backend:
 
     # ---- kernels: the only passes over full-size tensors ------------------------------------------------
     # ``axes`` are the reduced axes; per-channel operands arrive already reshaped to broadcast against x.
-    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
-        """sum_R x, accumulated in ``dtype``."""
-        return self.xp.sum(self.xp.astype(x, dtype, copy=False), axis=tuple(axes))
+    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any, shift: Array | None = None) -> Array:
+        """sum_R x, or sum_R (x - shift) for a per-channel ``shift`` (of ``dtype``), accumulated in ``dtype``."""
+        xd = self.xp.astype(x, dtype, copy=False)
+        return self.xp.sum(xd if shift is None else xd - shift, axis=tuple(axes))
 
     def channel_sq_dev_sum(self, x: Array, mean: Array, axes: Sequence[int]) -> Array:
         """sum_R (x - mean)^2 in the dtype of ``mean`` (second pass of the two-pass variance)."""

@@ -1,4 +1,4 @@
-"""JAX adapter (CPU and GPU through XLA): ``jax.numpy``, autodiff through ``jax.custom_vjp``.
+"""JAX adapter (CPU and GPU through XLA): ``jax.numpy``, autodiff through ``jax.custom_jvp``.
 
 JAX keeps float64 only with ``jax_enable_x64``; without it multibn refuses float64 input rather than let JAX
 truncate it silently. ``num_batches_tracked`` is int32 unless x64 is on.
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .base import Array, Backend, Backward, Forward
+from .base import Array, Backend, Rule
 
 
 class JaxBackend(Backend):
@@ -64,35 +64,21 @@ class JaxBackend(Backend):
     def all_reduce_sum(self, a: Array, group: object) -> Array:
         return jax.lax.psum(a, group)
 
-    def custom_op(self, forward: Forward, backward: Backward) -> Callable[..., tuple[Array, ...]]:
-        @jax.custom_vjp
+    def concrete(self, a: Array) -> bool:
+        return not isinstance(a, jax.core.Tracer)
+
+    def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
+        """A ``jax.custom_jvp`` with ``rule.jvp``: forward mode directly, reverse mode by JAX's transposition of
+        that linear rule (which also sums the cotangents of parameters replicated over ``shard_map`` axes), and
+        every higher order by differentiating the rule, which calls the op itself again."""
+
+        @jax.custom_jvp
         def op(*inputs: Array) -> tuple[Array, ...]:
-            return forward(*inputs)[0]
+            return tuple(rule.forward(*inputs))
 
-        def op_fwd(*inputs: Array) -> tuple[tuple[Array, ...], tuple]:
-            outputs, residuals = forward(*inputs)
-            return outputs, (residuals, inputs)
+        @op.defjvp
+        def op_jvp(primals: tuple[Array, ...], tangents: tuple[Array, ...]) -> tuple[tuple, tuple]:
+            outputs = op(*primals)
+            return outputs, tuple(rule.jvp(rule.residuals(primals, outputs), tangents[: rule.n_diff]))
 
-        def op_bwd(saved: tuple, cotangents: tuple[Array, ...]) -> tuple[Array, ...]:
-            residuals, inputs = saved
-            grads = (*backward(residuals, cotangents[0]), *(jnp.zeros_like(c) for c in inputs[3:]))
-            return tuple(_sum_over_new_axes(g, p) for g, p in zip(grads, inputs, strict=True))
-
-        op.defvjp(op_fwd, op_bwd)
         return op
-
-
-def _varying_axes(a: Array) -> frozenset[str]:
-    """The mapped axes (shard_map) along which ``a`` differs between devices."""
-    aval = jax.typeof(a)
-    vma = getattr(aval, "vma", None)  # jax <= 0.9
-    if vma is None:
-        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
-    return frozenset(vma)
-
-
-def _sum_over_new_axes(grad: Array, primal: Array) -> Array:
-    """Inside shard_map the cotangent of an input replicated over an axis (a parameter) is the sum of the
-    per-device contributions, as JAX's own autodiff gives it."""
-    extra = _varying_axes(grad) - _varying_axes(primal)
-    return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad

@@ -31,7 +31,7 @@ with warnings.catch_warnings():  # MXNet 1.9 warns about NumPy/SciPy/distutils A
 if _torch is not None and _torch_threads is not None:
     _torch.set_num_threads(_torch_threads)
 
-from .base import Array, Backend, Backward, Forward, channel_view_shape, chunk_slices  # noqa: E402
+from .base import Array, Backend, Rule, channel_view_shape, chunk_slices  # noqa: E402
 
 
 class _BatchNormFunction(mx.autograd.Function):
@@ -42,18 +42,19 @@ class _BatchNormFunction(mx.autograd.Function):
     ``loss.backward()`` returns, and reading the caller's arrays there deadlocks an in-place update of them
     (an SGD step on gamma waits for gamma's gradient, which waits for the read)."""
 
-    def __init__(self, forward: Forward, backward: Backward) -> None:
+    def __init__(self, rule: Rule) -> None:
         super().__init__()
-        self._forward, self._backward = forward, backward
+        self._rule = rule
 
     def forward(self, *inputs: Array) -> tuple[Array, ...]:
-        outputs, residuals = self._forward(*inputs)
-        self.residuals = tuple(r.copy() if any(r is a for a in inputs) else r for r in residuals)
-        self.consts = inputs[3:]
+        outputs = tuple(self._rule.forward(*inputs))
+        residuals = self._rule.residuals(inputs, outputs)
+        self.residuals = type(residuals)(*(r.copy() if any(r is a for a in inputs) else r for r in residuals))
+        self.consts = inputs[self._rule.n_diff:]
         return outputs
 
-    def backward(self, dy: Array, *_: Array) -> tuple[Array, ...]:
-        return (*self._backward(self.residuals, dy), *(mx.nd.zeros_like(c) for c in self.consts))
+    def backward(self, *cotangents: Array) -> tuple[Array, ...]:
+        return (*self._rule.backward(self.residuals, cotangents), *(mx.nd.zeros_like(c) for c in self.consts))
 
     def __call__(self, *inputs: Array) -> tuple[Array, ...]:
         ag = mx.autograd
@@ -132,6 +133,10 @@ class MXNetNamespace:
         return mx.nd.where(cond, a, b)
 
     @staticmethod
+    def any(x: Array) -> Array:
+        return mx.nd.max(x != 0).reshape((1,))
+
+    @staticmethod
     def zeros_like(x: Array) -> Array:
         return mx.nd.zeros_like(x)
 
@@ -185,12 +190,18 @@ class MXNetBackend(Backend):
     def counter(self, value: int = 0, device: object = None) -> Array:
         return mx.nd.array([value], ctx=_ctx(device), dtype="int64")
 
+    def as_mask(self, mask: object, shape: tuple[int, ...], device: object = None) -> Array:
+        # MXNet's where and casts do not take its bool arrays: the mask travels as float32 0/1
+        mask = mask.astype("float32") if self.is_array(mask) else mx.nd.array(np.asarray(mask, np.float32),
+                                                                               ctx=_ctx(device))
+        return mx.nd.broadcast_to(mask, shape)
+
     def untracked(self) -> contextlib.AbstractContextManager:
         return mx.autograd.pause()
 
-    def custom_op(self, forward: Forward, backward: Backward) -> Callable[..., tuple[Array, ...]]:
+    def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
         def op(*inputs: Array) -> tuple[Array, ...]:
-            return _BatchNormFunction(forward, backward)(*inputs)
+            return _BatchNormFunction(rule)(*inputs)
 
         return op
 
@@ -201,9 +212,17 @@ class MXNetBackend(Backend):
     # x * scale + shift and (x - mean) * b + c of float32 4-D data are oneDNN's inference-mode BatchNorm with
     # moving_var + eps == 1 exactly, i.e. gamma * (x - moving_mean) + beta; everything else streams in chunks
     # along P through reused buffers (``out=``). Under autograd.record the generic kernels run.
-    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
+    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any, shift: Array | None = None) -> Array:
         v = _pcq(x, axes, dtype)
-        return super().channel_sum(x, axes, dtype) if v is None else _rsum(v)
+        if v is None:
+            return super().channel_sum(x, axes, dtype, shift)
+        if shift is None:
+            return _rsum(v)
+        k = shift.reshape((1, -1, 1))
+        acc = None
+        for (xc,), buf in _chunks(v):
+            acc = _accumulate(acc, _rsum(mx.nd.broadcast_sub(xc, k, out=buf)))
+        return acc
 
     def channel_sq_dev_sum(self, x: Array, mean: Array, axes: Sequence[int]) -> Array:
         v = _pcq(x, axes, mean.dtype)

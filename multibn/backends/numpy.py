@@ -40,15 +40,19 @@ class NumpyBackend(Backend):
     # The same quantities as the generic kernels with in-place ufuncs (``out=``) on chunks of about _CHUNK elements:
     # x is viewed as (P, C, Q) and streamed along P, so the one scratch buffer stays in cache and the only
     # full-size allocation is the output. Reductions are NumPy's pairwise sum over the contiguous Q axis, then P.
-    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
+    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any, shift: Array | None = None) -> Array:
         v = _pcq(x, axes)
         if v is None:
-            return super().channel_sum(x, axes, dtype)
-        if v.dtype == dtype:
+            return super().channel_sum(x, axes, dtype, shift)
+        if v.dtype == dtype and shift is None:
             return _reduce(v)
         acc = None
+        k = None if shift is None else shift.reshape(1, -1, 1)
         for (xc,), buf in _chunks(dtype, v):
-            np.copyto(buf, xc)
+            if k is None:
+                np.copyto(buf, xc)
+            else:
+                np.subtract(xc, k, out=buf)
             acc = _accumulate(acc, _reduce(buf))
         return acc
 

@@ -9,8 +9,10 @@ from typing import Any
 import array_api_compat.torch as xp
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
+from torch._C import _functorch
 
-from .base import Array, Backend, Backward, Forward, channel_view_shape, chunk_slices
+from .base import Array, Backend, Rule, channel_view_shape, chunk_slices
 
 
 class TorchBackend(Backend):
@@ -29,6 +31,9 @@ class TorchBackend(Backend):
         if a.dtype == torch.bfloat16:
             a = a.float()
         return a.numpy()
+
+    def concrete(self, a: Array) -> bool:
+        return not torch.compiler.is_compiling() and not _functorch.is_functorch_wrapped_tensor(a)
 
     def untracked(self) -> contextlib.AbstractContextManager:
         return torch.no_grad()
@@ -59,25 +64,45 @@ class TorchBackend(Backend):
         dist.all_reduce(a, op=dist.ReduceOp.SUM, group=group)
         return a
 
-    def custom_op(self, forward: Forward, backward: Backward) -> Callable[..., tuple[Array, ...]]:
+    def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
         class BatchNormFunction(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, *inputs):  # type: ignore[override]
-                outputs, residuals = forward(*inputs)
-                ctx.save_for_backward(*residuals)
-                ctx.mark_non_differentiable(*outputs[1:])
-                ctx.n_consts = len(inputs) - 3
-                return outputs
+            """Reverse mode by ``rule.backward``, forward mode by ``rule.jvp``, vmap by running both batched.
+
+            The backward reads only saved inputs and outputs, through differentiable ops, so under
+            ``create_graph`` autograd differentiates it again: through the outputs ``mean`` and ``m2`` that
+            brings it back here with their cotangents, which ``rule.backward`` takes (exact double backward)."""
+
+            generate_vmap_rule = True
 
             @staticmethod
-            def backward(ctx, dy, *_):  # type: ignore[override]
-                grads = backward(ctx.saved_tensors, dy.contiguous())
+            def forward(*inputs: Array) -> tuple[Array, ...]:  # type: ignore[override]
+                return tuple(rule.forward(*inputs))
+
+            @staticmethod
+            def setup_context(ctx: Any, inputs: tuple[Array, ...], output: tuple[Array, ...]) -> None:
+                ctx.set_materialize_grads(False)
+                ctx.n_inputs = len(inputs)
+                ctx.save_for_backward(*inputs, *output)
+                ctx.save_for_forward(*inputs, *output)
+
+            @staticmethod
+            def backward(ctx: Any, *cotangents: Array | None) -> tuple[Array | None, ...]:  # type: ignore[override]
+                saved = ctx.saved_tensors
+                res = rule.residuals(saved[: ctx.n_inputs], saved[ctx.n_inputs :])
+                if all(c is None for c in cotangents):
+                    return (None,) * ctx.n_inputs
+                grads = rule.backward(res, tuple(None if c is None else c.contiguous() for c in cotangents))
                 grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=False)]
-                return (*grads, *([None] * ctx.n_consts))
+                return (*grads, *([None] * (ctx.n_inputs - rule.n_diff)))
+
+            @staticmethod
+            def jvp(ctx: Any, *tangents: Array | None) -> tuple[Array, ...]:
+                saved = ctx.saved_tensors
+                res = rule.residuals(saved[: ctx.n_inputs], saved[ctx.n_inputs :])
+                return tuple(rule.jvp(res, tangents[: rule.n_diff]))
 
         def op(*inputs: Array) -> tuple[Array, ...]:
-            outputs = BatchNormFunction.apply(*inputs)
-            return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+            return tuple(BatchNormFunction.apply(*inputs))
 
         return op
 
@@ -89,20 +114,21 @@ class TorchBackend(Backend):
     # (torch's mixed-dtype elementwise ops are up to 10x slower on CPU). Tensors that need autograd through the
     # kernels (create_graph), strided tensors and graphs being compiled (torch.compile fuses the generic ops
     # itself) take the generic path.
-    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
+    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any, shift: Array | None = None) -> Array:
         v = _pcq(x, axes)
-        if v is None:
-            return super().channel_sum(x, axes, dtype)
-        if v.dtype == dtype:
+        if v is None or (shift is not None and not _plain(shift)):
+            return super().channel_sum(x, axes, dtype, shift)
+        if v.dtype == dtype and shift is None:
             return _reduce(v)
         acc = None
+        k = None if shift is None else shift.reshape(1, -1, 1)
         for (xc,), buf in _chunks(dtype, v):
-            acc = _accumulate(acc, _reduce(buf.copy_(xc)))
+            acc = _accumulate(acc, _reduce(buf.copy_(xc) if k is None else _sub(xc, k, buf)))
         return acc
 
     def channel_sq_dev_sum(self, x: Array, mean: Array, axes: Sequence[int]) -> Array:
         v = _pcq(x, axes)
-        if v is None:
+        if v is None or not _plain(mean):
             return super().channel_sq_dev_sum(x, mean, axes)
         m = mean.reshape(1, -1, 1)
         acc = None
@@ -112,7 +138,7 @@ class TorchBackend(Backend):
         return acc
 
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
-        if not _eligible(x) or x.ndim != scale.ndim:
+        if not _eligible(x) or not _plain(scale, shift) or x.ndim != scale.ndim:
             return super().scale_shift(x, scale, shift)
         if x.dtype == scale.dtype:
             return torch.addcmul(shift, x, scale)  # one pass, no temporary besides the output
@@ -129,7 +155,7 @@ class TorchBackend(Backend):
 
     def backward_sums(self, dy: Array, x: Array, mean: Array, axes: Sequence[int]) -> tuple[Array, Array]:
         v, g = _pcq(x, axes), _pcq(dy, axes)
-        if v is None or g is None or dy.shape != x.shape:
+        if v is None or g is None or dy.shape != x.shape or not _plain(mean):
             return super().backward_sums(dy, x, mean, axes)
         m = mean.reshape(1, -1, 1)
         s1 = s2 = None
@@ -143,7 +169,7 @@ class TorchBackend(Backend):
     def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if mean.shape[i] == 1)
         v, g = _pcq(x, axes), _pcq(dy, axes)
-        if v is None or g is None or dy.shape != x.shape or len(axes) != x.ndim - 1:
+        if v is None or g is None or dy.shape != x.shape or len(axes) != x.ndim - 1 or not _plain(mean, a, b, c):
             return super().backward_apply(dy, x, mean, a, b, c)
         out = torch.empty_like(x)
         m, a, b, c = (t.reshape(1, -1, 1) for t in (mean, a, b, c))
@@ -168,12 +194,30 @@ _CHUNK = 1 << 22
 
 
 def _eligible(*ts: torch.Tensor) -> bool:
+    """Whether the chunked kernels may run: plain CPU tensors, not under compile, not recorded by autograd, not
+    wrapped by a torch.func transform or carrying forward-mode tangents (the generic ops handle those)."""
+    if not _plain(*ts):
+        return False
+    # CPU only: on a GPU the generic kernels are already single fused passes and chunk loops only add launches
+    return all(t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0 for t in ts)
+
+
+def _plain(*ts: torch.Tensor) -> bool:
+    """No compile, no autograd recording, no torch.func wrapper, no forward-mode tangent on any of ``ts``."""
     if torch.compiler.is_compiling():
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
         return False
-    # CPU only: on a GPU the generic kernels are already single fused passes and chunk loops only add launches
-    return all(t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0 for t in ts)
+    return not any(_functorch.is_functorch_wrapped_tensor(t) or _fwd_dual(t) for t in ts)
+
+
+def _fwd_dual(t: torch.Tensor) -> bool:
+    """Whether ``t`` carries a forward-mode AD tangent."""
+    return _fwd_level() >= 0 and fwAD.unpack_dual(t).tangent is not None
+
+
+def _fwd_level() -> int:
+    return fwAD._current_level
 
 
 def _pcq(x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor | None:
