@@ -20,8 +20,8 @@ The constructor fields, their meanings and the variables (``params``: ``scale``,
 unchanged. What differs: the statistics are always multibn's two-pass mean and variance in at least float32
 (``use_fast_variance`` is accepted and ignored, as is ``force_float32_reductions`` but for the dtype of the
 running statistics), the backward is multibn's analytic one, ``axis_name`` merges the replicas' statistics
-exactly (count-weighted) instead of averaging their moments, ``axis`` names one feature axis, and
-``convention=`` selects another framework's rules.
+exactly (count-weighted) instead of averaging their moments, several feature axes cost a transpose unless they
+are the last ones, and ``convention=`` selects another framework's rules.
 """
 
 from __future__ import annotations
@@ -53,19 +53,15 @@ def flax_convention(convention: str | Convention, momentum: float | None, epsilo
     return conv.with_overrides(momentum, epsilon)
 
 
-def feature_axis(axis: int | Sequence[int], ndim: int) -> int:
-    """Flax's ``axis`` (an int or a sequence of ints) as the one channel axis multibn normalises over."""
+def feature_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    """Flax's ``axis`` (an int or a sequence of ints) as sorted non-negative feature axes."""
     axes = tuple(axis) if isinstance(axis, Sequence) and not isinstance(axis, str) else (axis,)
     for a in axes:
         if isinstance(a, bool) or not isinstance(a, int) or not -ndim <= a < ndim:
             raise ValueError(f"axis must be an int in [{-ndim}, {ndim}) for an input of rank {ndim}, got {axis!r}")
-    distinct = {a % ndim for a in axes}
-    if len(distinct) != 1:
-        raise NotImplementedError(
-            f"axis={axis!r} names {len(distinct)} feature axes; multibn normalises over one channel axis: "
-            "reshape the feature axes into one (e.g. x.reshape(*x.shape[:-2], -1)) and pass that axis"
-        )
-    return distinct.pop()
+    if not axes or len(axes) == ndim:
+        raise ValueError(f"axis={axis!r} must leave at least one axis to reduce over for an input of rank {ndim}")
+    return tuple(sorted({a % ndim for a in axes}))
 
 
 def check_axis_index_groups(axis_index_groups: Any) -> None:
@@ -83,22 +79,49 @@ def needs_counter(conv: Convention) -> bool:
 
 def normalize(
     x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, stats: BNState, *, training: bool,
-    conv: Convention, axis: int, dtype: Any, sync: str | None, mask: jax.Array | None,
+    conv: Convention, axes: tuple[int, ...], dtype: Any, sync: str | None, mask: jax.Array | None,
 ) -> tuple[jax.Array, BNState]:
     """``(y, new_stats)`` of :func:`multibn.batch_norm` with Flax's dtype rule: ``y`` in ``dtype``, or when that
     is None in ``result_type(x, scale, bias)``, computed in at least that dtype (a bfloat16 ``x`` with float32
     params gives a float32 ``y``, as in Flax). ``mask`` is passed only when given, and only in training (eval
-    normalises every position with the running statistics, as Flax does)."""
+    normalises every position with the running statistics, as Flax does). Several feature ``axes`` are moved
+    last and flattened into one channel axis (params and statistics keep their shape ``x.shape[axes]``)."""
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise TypeError(f"x must have a floating dtype, got {jnp.result_type(x)}")
     out = jnp.dtype(dtype) if dtype is not None else jnp.result_type(*(a for a in (x, scale, bias) if a is not None))
     compute = jnp.promote_types(x.dtype, out)
     x = x.astype(compute) if x.dtype != compute else x
-    extra = {"mask": mask} if training and mask is not None else {}
-    y, new = batch_norm(
-        x, scale, bias, stats, training=training, convention=conv, axis=axis, backend="jax",
-        sync=sync if training else None, **extra,
+    mask = mask if training else None
+    if len(axes) == 1:
+        return _cast(_batch_norm(x, scale, bias, stats, training, conv, axes[0], sync, mask), out)
+    # several feature axes: move them last and flatten them into one channel axis, then undo that
+    last = tuple(range(x.ndim - len(axes), x.ndim))
+    moved = jnp.moveaxis(x, axes, last).shape
+
+    def flat(a: jax.Array) -> jax.Array:
+        return jnp.moveaxis(jnp.broadcast_to(a, x.shape), axes, last).reshape(*moved[: last[0]], -1)
+
+    flat_stats = BNState(stats.running_mean.reshape(-1), stats.running_var.reshape(-1), stats.num_batches_tracked)
+    y, new = _batch_norm(
+        flat(x), None if scale is None else scale.reshape(-1), None if bias is None else bias.reshape(-1),
+        flat_stats, training, conv, -1, sync, None if mask is None else flat(mask),
     )
+    y = jnp.moveaxis(y.reshape(moved), last, axes)
+    return _cast((y, BNState(new.running_mean.reshape(stats.running_mean.shape),
+                             new.running_var.reshape(stats.running_var.shape), new.num_batches_tracked)), out)
+
+
+def _batch_norm(
+    x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, stats: BNState, training: bool,
+    conv: Convention, axis: int, sync: str | None, mask: jax.Array | None,
+) -> tuple[jax.Array, BNState]:
+    extra = {"mask": mask} if mask is not None else {}  # mask= only when given: works before the core has it
+    return batch_norm(x, scale, bias, stats, training=training, convention=conv, axis=axis, backend="jax",
+                      sync=sync if training else None, **extra)
+
+
+def _cast(result: tuple[jax.Array, BNState], out: Any) -> tuple[jax.Array, BNState]:
+    y, new = result
     return y.astype(out) if y.dtype != out else y, new
 
 
@@ -120,7 +143,8 @@ class BatchNorm(nn.Module):
     Training: ``y = scale * (x - mean) / sqrt(var + epsilon) + bias`` with the batch's mean and biased variance
     (over the elements where ``mask`` is True when a mask is given; every position is normalised), and the
     running statistics move unless the module is initialising. Eval (``use_running_average``): the same with the
-    stored ``mean`` and ``var``. ``axis`` is one feature axis (an int, or a sequence naming one axis).
+    stored ``mean`` and ``var``. ``axis`` is an int or a sequence of feature axes (params and statistics of shape
+    ``x.shape[axis]``; several are moved last and flattened into one channel axis).
     ``axis_name`` synchronises over a mapped axis (``shard_map``, ``pmap``), merging the replicas' statistics
     exactly; ``axis_index_groups`` must be None. ``use_fast_variance`` is accepted and ignored: multibn always
     uses its two-pass variance. ``force_float32_reductions=False`` is accepted: the statistics are still
@@ -152,8 +176,8 @@ class BatchNorm(nn.Module):
         conv = flax_convention(self.convention, self.momentum, self.epsilon)
         check_axis_index_groups(self.axis_index_groups)
         x = jnp.asarray(x)
-        axis = feature_axis(self.axis, x.ndim)
-        shape = (x.shape[axis],)
+        axes = feature_axes(self.axis, x.ndim)
+        shape = tuple(x.shape[a] for a in axes)
         stats_dtype = jnp.float32 if self.force_float32_reductions else jnp.promote_types(self.param_dtype, jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), shape)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), shape)
@@ -166,7 +190,7 @@ class BatchNorm(nn.Module):
         stats = BNState(ra_mean.value, ra_var.value, jnp.zeros((), jnp.int32) if counter is None else counter.value)
         initializing = self.is_initializing()
         y, new = normalize(
-            x, scale, bias, stats, training=not use_running_average, conv=conv, axis=axis, dtype=self.dtype,
+            x, scale, bias, stats, training=not use_running_average, conv=conv, axes=axes, dtype=self.dtype,
             sync=None if initializing else self.axis_name, mask=mask,
         )
         if not use_running_average and not initializing:

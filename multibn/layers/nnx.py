@@ -14,7 +14,7 @@ The constructor, the attributes (``scale``, ``bias``: ``nnx.Param``; ``mean``, `
 float32) and ``train()``/``eval()`` are Flax's, so ``nnx.jit``, ``nnx.value_and_grad``, ``nnx.Optimizer`` and
 ``nnx.state(model, nnx.BatchStat)`` work unchanged. The differences are those of
 :class:`multibn.layers.flax.BatchNorm`: two-pass statistics (``use_fast_variance`` is ignored), the analytic
-backward, exact synchronisation over ``axis_name``, one feature axis, and ``convention=``.
+backward, exact synchronisation over ``axis_name``, and ``convention=``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from jax.nn import initializers
 
 from ..conventions import Convention
 from ..state import BNState
-from .flax import check_axis_index_groups, feature_axis, flax_convention, needs_counter, normalize
+from .flax import check_axis_index_groups, feature_axes, flax_convention, needs_counter, normalize
 
 __all__ = ["BatchNorm"]
 
@@ -105,12 +105,12 @@ class BatchNorm(nnx.Module):
         conv = flax_convention(self.convention, self.momentum, self.epsilon)
         check_axis_index_groups(self.axis_index_groups)
         x = jnp.asarray(x)
-        axis = feature_axis(self.axis, x.ndim)
+        axes = feature_axes(self.axis, x.ndim)
         counter = self.num_batches_tracked
         stats = BNState(self.mean.value, self.var.value, jnp.zeros((), jnp.int32) if counter is None else counter.value)
         y, new = normalize(
             x, self.scale.value if self.scale is not None else None, self.bias.value if self.bias is not None else None,
-            stats, training=not use_running_average, conv=conv, axis=axis, dtype=self.dtype,
+            stats, training=not use_running_average, conv=conv, axes=axes, dtype=self.dtype,
             sync=self.axis_name, mask=mask,
         )
         if not use_running_average:
