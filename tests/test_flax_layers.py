@@ -251,24 +251,32 @@ def test_linen_refusals() -> None:
         BatchNorm(use_running_average=True).init(key, x, use_running_average=True)
 
 
-def test_linen_convention_keeps_flax_momentum_meaning() -> None:
+@pytest.mark.parametrize(("convention", "momentum", "torch_momentum"), [("torch", 0.9, 0.1), ("torch_cma", None, None)])
+def test_linen_convention_keeps_flax_momentum_meaning(convention: str, momentum: float | None,
+                                                      torch_momentum: float | None) -> None:
     """convention="torch", momentum=0.9 (Flax's: weight of the old value) is torch's momentum 0.1, with the
-    unbiased running variance: the running statistics equal nn.BatchNorm1d's."""
+    unbiased running variance; "torch_cma" keeps a counter in batch_stats for its cumulative average. The
+    running statistics equal nn.BatchNorm1d's."""
     flax_linen()
     torch = pytest.importorskip("torch")
     from multibn.layers.flax import BatchNorm
 
-    native = torch.nn.BatchNorm1d(3, momentum=0.1)
-    ours = BatchNorm(use_running_average=False, momentum=0.9, convention="torch")
+    native = torch.nn.BatchNorm1d(3, momentum=torch_momentum)
+    ours = BatchNorm(use_running_average=False, momentum=momentum, convention=convention)
     batches = data((10, 3), 1, steps=3)
     variables = ours.init(jax.random.PRNGKey(0), batches[0][0])
+    step = jax.jit(lambda v, x: ours.apply(v, x, mutable=["batch_stats"]))
     for x, _ in batches:
         y_native = native(torch.tensor(np.asarray(x)))
-        y, upd = ours.apply(variables, x, mutable=["batch_stats"])
+        y, upd = step(variables, x)
         variables = {**variables, **upd}
         np.testing.assert_allclose(np.asarray(y), y_native.detach().numpy(), rtol=1e-5, atol=2e-6)
-    np.testing.assert_allclose(np.asarray(variables["batch_stats"]["mean"]), native.running_mean.numpy(), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(variables["batch_stats"]["var"]), native.running_var.numpy(), rtol=1e-6)
+    stats = variables["batch_stats"]
+    np.testing.assert_allclose(np.asarray(stats["mean"]), native.running_mean.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(stats["var"]), native.running_var.numpy(), rtol=1e-6)
+    assert set(stats) == ({"mean", "var", "num_batches_tracked"} if momentum is None else {"mean", "var"})
+    if momentum is None:
+        assert int(stats["num_batches_tracked"]) == int(native.num_batches_tracked) == 3
 
 
 @needs_mask
@@ -422,6 +430,20 @@ def test_nnx_bfloat16_params_and_refusals() -> None:
         BatchNorm(3, axis_index_groups=[[0, 1]], rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="num_features must be a positive int"):
         BatchNorm(0, rngs=nnx.Rngs(0))
+
+
+def test_nnx_torch_cma_counts_batches_as_torch() -> None:
+    nnx = flax_nnx()
+    torch = pytest.importorskip("torch")
+    from multibn.layers.nnx import BatchNorm
+
+    native, ours = torch.nn.BatchNorm1d(3, momentum=None), BatchNorm(3, convention="torch_cma", rngs=nnx.Rngs(0))
+    for x, _ in data((10, 3), 1, steps=3):
+        np.testing.assert_allclose(np.asarray(ours(x)), native(torch.tensor(np.asarray(x))).detach().numpy(),
+                                   rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(ours.mean.value), native.running_mean.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ours.var.value), native.running_var.numpy(), rtol=1e-6)
+    assert int(ours.num_batches_tracked.value) == int(native.num_batches_tracked) == 3
 
 
 @needs_mask

@@ -196,5 +196,5 @@ class BatchNorm(nn.Module):
         if not use_running_average and not initializing:
             ra_mean.value, ra_var.value = new.running_mean, new.running_var
             if counter is not None:
-                counter.value = new.num_batches_tracked
+                counter.value = new.num_batches_tracked.astype(counter.value.dtype)
         return y

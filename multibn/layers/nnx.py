@@ -116,5 +116,5 @@ class BatchNorm(nnx.Module):
         if not use_running_average:
             self.mean.value, self.var.value = new.running_mean, new.running_var
             if counter is not None:
-                counter.value = new.num_batches_tracked
+                counter.value = new.num_batches_tracked.astype(counter.value.dtype)
         return y
