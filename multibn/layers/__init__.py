@@ -4,7 +4,11 @@
   ``nn.BatchNorm1d/2d/3d``;
 * :mod:`multibn.layers.gluon`: ``BatchNorm``, an MXNet Gluon block whose parameter files interchange with
   ``mxnet.gluon.nn.BatchNorm`` (with MXNet's backward-time update of the running statistics on request);
-* :mod:`multibn.layers.jax`: ``BatchNorm``, a pure ``init``/``apply`` pair for ``jax.jit``/``jax.grad``.
+* :mod:`multibn.layers.flax`: ``BatchNorm``, a ``flax.linen`` module that replaces ``flax.linen.BatchNorm``
+  (same fields and variables, plus ``convention=``);
+* :mod:`multibn.layers.nnx`: ``BatchNorm``, a ``flax.nnx`` module that replaces ``flax.nnx.BatchNorm``;
+* :mod:`multibn.layers.jax`: ``BatchNorm``, a pure ``init``/``apply`` pair for ``jax.jit``/``jax.grad``, for
+  JAX code without Flax.
 
 The layers hold no batch-norm maths: each calls :func:`multibn.batch_norm` and keeps the state it returns.
 Importing this package imports no framework; import the submodule of the framework you use.

@@ -7,15 +7,20 @@
     params, state = bn.init()
     y, state = jax.jit(bn.apply, static_argnames="training")(params, state, x, training=True)
 
-``params`` is ``{"scale": (C,), "bias": (C,)}`` (empty without ``affine``), named as in Flax; ``state`` is a
-:class:`multibn.BNState` (a pytree). ``apply`` is a pure function of its arguments, so it works under
+``params`` is ``{"scale": (C,), "bias": (C,)}`` (empty without ``affine``), named as in Flax, and ``apply``
+refuses any other tree; ``state`` is a :class:`multibn.BNState` (a pytree) kept in float32 whatever the dtype of
+the params. ``apply`` is a pure function of its arguments, so it works under
 ``jax.jit``, ``jax.grad`` (through the analytic backward of the ``jax.custom_vjp``) and ``jax.vmap``.
 :meth:`BatchNorm.to_flax` / :meth:`BatchNorm.from_flax` convert to and from Flax's
 ``{"params": ..., "batch_stats": {"mean", "var"}}`` variables.
+
+This layer needs only JAX. With Flax, :mod:`multibn.layers.flax` and :mod:`multibn.layers.nnx` replace
+``flax.linen.BatchNorm`` and ``flax.nnx.BatchNorm`` inside a Flax model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -67,8 +72,13 @@ class BatchNorm:
         )
 
     def init(self, dtype: str = "float32") -> tuple[dict[str, Any], BNState]:
-        """``(params, state)``: scale ones and bias zeros; running mean 0, variance 1, counter 0."""
-        state = init_state(self.num_features, backend="jax", convention=self.convention, dtype=dtype)
+        """``(params, state)``: scale ones and bias zeros in ``dtype``; running mean 0, variance 1, counter 0.
+
+        The running statistics are float32 (float64 for float64 params) whatever ``dtype``, as in Flax: in
+        bfloat16 an update ``(1 - momentum) * (stat - R)`` below half an ulp of ``R`` would be lost.
+        """
+        stats_dtype = "float64" if str(jnp.dtype(dtype)) == "float64" else "float32"
+        state = init_state(self.num_features, backend="jax", convention=self.convention, dtype=stats_dtype)
         if not self.affine:
             return {}, state
         return {"scale": jnp.ones((self.num_features,), dtype), "bias": jnp.zeros((self.num_features,), dtype)}, state
@@ -78,14 +88,27 @@ class BatchNorm:
     ) -> tuple[Any, BNState | None]:
         """``(y, new_state)`` of :func:`multibn.batch_norm`; in eval (``training=False``) ``new_state`` is ``state``.
 
-        Pure: nothing is modified. Under ``jax.jit`` pass ``training`` as a static argument.
+        Pure: nothing is modified. Under ``jax.jit`` pass ``training`` as a static argument. ``params`` must be
+        ``{"scale", "bias"}`` (``{}`` without ``affine``): any other tree raises rather than default to 1 and 0.
         """
+        self._check_params(params)
         return batch_norm(
             x, params.get("scale"), params.get("bias"), state, training=training, convention=self.convention,
             axis=self.axis, backend="jax", sync=self.axis_name if training else None,
         )
 
     __call__ = apply
+
+    def _check_params(self, params: object) -> None:
+        want = {"scale", "bias"} if self.affine else set()
+        if not isinstance(params, Mapping):
+            raise TypeError(f"params must be a dict with keys {sorted(want)}, got {type(params).__name__}")
+        if set(params) != want:
+            hint = " (pass variables['params'], not the whole variables dict)" if "params" in params else ""
+            raise ValueError(
+                f"params must have exactly the keys {sorted(want)} (affine={self.affine}), got keys "
+                f"{sorted(map(str, params))}{hint}"
+            )
 
     # ---- Flax interchange ---------------------------------------------------------------------------------------
     @staticmethod
