@@ -18,8 +18,9 @@ def full_batch(total: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.nd
     return x, rng.normal(size=x.shape), rng.uniform(0.5, 2, CHANNELS), rng.normal(size=CHANNELS)
 
 
-def torch_worker(rank: int, counts: list[int], store: str, out: str) -> None:
-    """One rank: synchronised batch_norm on its shard (two training steps), forward and backward."""
+def torch_worker(rank: int, counts: list[int], store: str, out: str, padded: bool = False) -> None:
+    """One rank: synchronised batch_norm on its shard (two training steps), forward and backward. ``padded``: every
+    shard is padded to the largest count with junk rows that ``mask=`` leaves out."""
     import torch
     import torch.distributed as dist
 
@@ -29,15 +30,22 @@ def torch_worker(rank: int, counts: list[int], store: str, out: str) -> None:
     try:
         x, g, gamma, beta = full_batch(sum(counts))
         lo, hi = sum(counts[:rank]), sum(counts[: rank + 1])
-        xs = torch.tensor(x[lo:hi], requires_grad=True)
+        shard, gs, mask = x[lo:hi], g[lo:hi], None
+        if padded:
+            rows = max(counts)
+            junk = np.full((rows - (hi - lo), *x.shape[1:]), 1e3)
+            shard, gs = np.concatenate([shard, junk]), np.concatenate([gs, junk])
+            mask = torch.tensor(np.arange(rows) < hi - lo).reshape(-1, 1, 1, 1)
+        xs = torch.tensor(shard, requires_grad=True)
         gam = torch.tensor(gamma, requires_grad=True)
         bet = torch.tensor(beta, requires_grad=True)
         state = multibn.init_state(CHANNELS, backend="torch", dtype="float64")
-        _, state = multibn.batch_norm(xs.detach() * 2, gam.detach(), bet.detach(), state, sync=True)
-        y, state = multibn.batch_norm(xs, gam, bet, state, sync=True)
-        (y * torch.tensor(g[lo:hi])).sum().backward()
+        _, state = multibn.batch_norm(xs.detach() * 2, gam.detach(), bet.detach(), state, sync=True, mask=mask)
+        y, state = multibn.batch_norm(xs, gam, bet, state, sync=True, mask=mask)
+        (y * torch.tensor(gs) * (1 if mask is None else mask)).sum().backward()
+        real = hi - lo
         np.savez(
-            f"{out}/rank{rank}.npz", y=y.detach().numpy(), dx=xs.grad.numpy(), dgamma=gam.grad.numpy(),
+            f"{out}/rank{rank}.npz", y=y.detach().numpy()[:real], dx=xs.grad.numpy()[:real], dgamma=gam.grad.numpy(),
             dbeta=bet.grad.numpy(), running_mean=state.running_mean.numpy(), running_var=state.running_var.numpy(),
             tracked=state.num_batches_tracked.numpy(),
         )

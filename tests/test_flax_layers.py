@@ -15,7 +15,6 @@ Flax's tests skip where Flax is not installed (the ``current`` environment).
 
 from __future__ import annotations
 
-import inspect
 import os
 import subprocess
 import sys
@@ -26,16 +25,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-import multibn
-
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
 LR = 0.05
-HAS_MASK = "mask" in inspect.signature(multibn.batch_norm).parameters
-needs_mask = pytest.mark.skipif(not HAS_MASK, reason="multibn.batch_norm has no mask= yet")
 
 
 def flax_linen() -> Any:
@@ -208,8 +203,6 @@ def test_linen_feature_axes_as_flax(axis: Any) -> None:
     assert_trees_close(run(ours), run(native), rtol=2e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not HAS_MASK, reason="multibn.batch_norm predates issue 12's core (no mask=; the running-"
-                    "statistics update has a zero derivative there)")
 def test_linen_gradient_through_the_running_statistics_update_matches_flax() -> None:
     nn = flax_linen()
     from multibn.layers.flax import BatchNorm
@@ -279,7 +272,6 @@ def test_linen_convention_keeps_flax_momentum_meaning(convention: str, momentum:
         assert int(stats["num_batches_tracked"]) == int(native.num_batches_tracked) == 3
 
 
-@needs_mask
 @pytest.mark.parametrize("axis", [-1, (1, 2)])
 def test_linen_mask_matches_flax(axis: Any) -> None:
     """Masked statistics (a mask broadcast over the features, padded positions): outputs, running statistics
@@ -446,7 +438,6 @@ def test_nnx_torch_cma_counts_batches_as_torch() -> None:
     assert int(ours.num_batches_tracked.value) == int(native.num_batches_tracked) == 3
 
 
-@needs_mask
 def test_nnx_mask_matches_flax() -> None:
     nnx = flax_nnx()
     from multibn.layers.nnx import BatchNorm

@@ -32,8 +32,10 @@ def single_process(counts: list[int]) -> dict[str, np.ndarray]:
             "running_mean": state.running_mean.numpy(), "running_var": state.running_var.numpy(), "tracked": 2}
 
 
-@pytest.mark.parametrize("counts", [[4, 4], [2, 6], [3, 0, 5]], ids=["equal", "unequal", "empty-shard"])
-def test_torch_sync_equals_concatenated_batch(counts: list[int], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("counts", "padded"), [([4, 4], False), ([2, 6], False), ([3, 0, 5], False),
+                                               ([3, 8, 0, 5], True)],
+                         ids=["equal", "unequal", "empty-shard", "padded-masked"])
+def test_torch_sync_equals_concatenated_batch(counts: list[int], padded: bool, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     import torch.multiprocessing as mp
 
@@ -41,8 +43,8 @@ def test_torch_sync_equals_concatenated_batch(counts: list[int], tmp_path: Path)
 
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    mp.start_processes(torch_worker, args=(counts, str(tmp_path / "store"), str(tmp_path)), nprocs=len(counts),
-                       join=True, start_method="spawn")
+    mp.start_processes(torch_worker, args=(counts, str(tmp_path / "store"), str(tmp_path), padded),
+                       nprocs=len(counts), join=True, start_method="spawn")
     ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(len(counts))]
     ref = single_process(counts)
     np.testing.assert_allclose(np.concatenate([r["y"] for r in ranks]), ref["y"], rtol=1e-12, atol=1e-12)
