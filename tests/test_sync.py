@@ -90,6 +90,31 @@ def test_torch_sync_needs_an_initialised_process_group() -> None:
         multibn.batch_norm(torch.ones(4, 2), sync=True)
 
 
+def test_torch_sync_double_backward_raises_and_forward_ad_is_exact(tmp_path: Path) -> None:
+    """A second derivative through all_reduce would be silently wrong: it raises. Forward mode is exact."""
+    torch = pytest.importorskip("torch")
+    import torch.autograd.forward_ad as fwAD
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group yet")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+        y, _ = multibn.batch_norm(x, sync=True)
+        torch.autograd.grad((y**3).sum(), x, retain_graph=True)  # first derivatives work
+        with pytest.raises(NotImplementedError, match="cannot be differentiated twice"):
+            torch.autograd.grad((y**3).sum(), x, create_graph=True)
+        t = torch.randn_like(x)
+        with fwAD.dual_level():
+            got = fwAD.unpack_dual(multibn.batch_norm(fwAD.make_dual(x.detach(), t), sync=True)[0]).tangent
+            want = fwAD.unpack_dual(torch.nn.functional.batch_norm(fwAD.make_dual(x.detach(), t), None, None,
+                                                                   training=True)).tangent
+        torch.testing.assert_close(got, want)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_ddp_step_with_converted_layer_equals_single_process(tmp_path: Path) -> None:
     """Two SGD steps of a DistributedDataParallel model whose nn.BatchNorm1d was converted to multibn's
     synchronised layer (2 ranks of 5 rows) equal two steps of the native model on the 10 rows in one process."""

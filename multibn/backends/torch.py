@@ -60,6 +60,11 @@ class TorchBackend(Backend):
     def all_reduce_sum(self, a: Array, group: object) -> Array:
         import torch.distributed as dist
 
+        if (torch.is_grad_enabled() and a.requires_grad) or _functorch.is_functorch_wrapped_tensor(a):
+            raise NotImplementedError(
+                "multibn.batch_norm(..., sync=...) on torch cannot be differentiated twice or under torch.func: "
+                "torch.distributed.all_reduce has no derivative (first derivatives and forward-mode AD work)"
+            )
         a = a.clone()
         dist.all_reduce(a, op=dist.ReduceOp.SUM, group=group)
         return a
