@@ -144,12 +144,14 @@ def jax_masked(out: str, mesh: object, shard_map: object) -> None:
     """Shards padded to 8 rows with 3, 8, 0 and 5 real ones (mask=): exactly BN over the 16 real rows."""
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     import multibn
 
     counts, rows = (3, 8, 0, 5), 8
-    x, g, gamma, beta = (jnp.asarray(a) for a in full_batch(rows * len(counts), seed=1))
+    x_np, g_np, gamma_np, beta_np = full_batch(rows * len(counts), seed=1)
+    x, g, gamma, beta = (jnp.asarray(a) for a in (x_np, g_np, gamma_np, beta_np))
     real = np.concatenate([np.arange(rows) < c for c in counts])
     mask = jnp.asarray(real.reshape(-1, 1, 1, 1))
     state = multibn.init_state(CHANNELS, backend="jax", dtype="float64")
@@ -165,13 +167,15 @@ def jax_masked(out: str, mesh: object, shard_map: object) -> None:
 
     f = jax.jit(shard_map(sharded, mesh=mesh, in_specs=(P("d"), P(), P(), P(), P("d"), P("d")),
                           out_specs=(P("d"), P("d"), P(), P(), P())))
-    y, dx, dgamma, dbeta, new = f(x, gamma, beta, state, g, mask)
+    shard, rep = NamedSharding(mesh, P("d")), NamedSharding(mesh, P())
+    y, dx, dgamma, dbeta, new = f(*(jax.device_put(a, s) for a, s in zip(
+        (x, gamma, beta, state, g, mask), (shard, rep, rep, rep, shard, shard), strict=True)))
     idx = np.flatnonzero(real)
     (_, (y1, new1)), (dx1, dgamma1, dbeta1) = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
-        x[idx], gamma, beta, state, g[idx], None, None)
+        jnp.asarray(x_np[idx]), gamma, beta, state, jnp.asarray(g_np[idx]), None, None)
     err = {
-        "y": float(jnp.max(jnp.abs(y[idx] - y1))), "dx": float(jnp.max(jnp.abs(dx[idx] - dx1))),
-        "dx_padding": float(jnp.max(jnp.abs(dx[~real]))),
+        "y": float(np.max(np.abs(np.asarray(y)[idx] - y1))), "dx": float(np.max(np.abs(np.asarray(dx)[idx] - dx1))),
+        "dx_padding": float(np.max(np.abs(np.asarray(dx)[~real]))),
         "dgamma": float(jnp.max(jnp.abs(dgamma - dgamma1))), "dbeta": float(jnp.max(jnp.abs(dbeta - dbeta1))),
         "running_mean": float(jnp.max(jnp.abs(new.running_mean - new1.running_mean))),
         "running_var": float(jnp.max(jnp.abs(new.running_var - new1.running_var))),
