@@ -19,11 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from ..api import batch_norm
+from ..backends import get_backend
 from ..conventions import Convention, resolve_convention
 from ..state import BNState
 from . import check_layer_args
 
 __all__ = ["BatchNorm", "convert_sync_batchnorm"]
+
+get_backend("torch")  # imports the adapter now: torch.compile must never trace an import inside the forward
 
 
 class BatchNorm(nn.Module):
