@@ -328,6 +328,23 @@ def test_compile_fullgraph_inductor_equals_eager() -> None:
     compile_case("inductor", (8, 8))
 
 
+def test_compile_follows_live_attributes() -> None:
+    """A compiled model whose layer's momentum, eps and track_running_stats change between calls: each call as the
+    native layer's (the changed values recompile; none is baked in)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    native = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    ours = convert_batchnorm(copy.deepcopy(native))
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3, 3, 3)
+    for name, value in [("eps", 1e-5), ("momentum", 0.5), ("momentum", None), ("eps", 1e-2),
+                        ("track_running_stats", False), ("momentum", 0.3), ("track_running_stats", True)]:
+        setattr(ours[1], name, value)
+        setattr(native[1], name, value)
+        torch.testing.assert_close(compiled(x), native(x), rtol=1e-5, atol=1e-5)
+        assert_same_state(ours, native, rtol=1e-5, atol=1e-6)
+
+
 def test_compile_explain_counts_no_graph_break() -> None:
     torch._dynamo.reset()
     model = nn.Sequential(nn.Conv2d(3, 4, 1), BatchNorm(4, 4))

@@ -17,6 +17,7 @@ The layer computes nothing itself: the forward calls :func:`multibn.batch_norm` 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import torch
@@ -182,7 +183,8 @@ class BatchNorm(nn.Module):
     # ---- forward ----------------------------------------------------------------------------------------------
     def _current_convention(self) -> Convention:
         """``self.convention`` with the current ``self.momentum`` and ``self.eps`` (cached: one dict lookup)."""
-        return _with_settings(self.convention, self.momentum, self.eps)
+        momentum = self.momentum
+        return _with_settings(self.convention, None if momentum is None else _constant(momentum), _constant(self.eps))
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_tracing() or torch.jit.is_scripting():
@@ -223,11 +225,18 @@ class BatchNorm(nn.Module):
         return y
 
 
-_SETTINGS: dict[tuple[Convention, Any, Any], Convention] = {}
+class _Settings:
+    """Conventions with live settings as attributes ``c0``, ``c1``, ...: torch.compile reads the one it needs
+    without guarding on the others (it cannot trace the creation of a frozen dataclass)."""
 
 
-def _with_settings(conv: Convention, momentum: float | None, eps: float) -> Convention:
-    """``conv`` with ``momentum`` and ``eps`` (None momentum: the cumulative average), validated; cached."""
+_SETTINGS: dict[tuple[Convention, Any, Any], str] = {}
+_NAMES = itertools.count()
+
+
+def _settings_name(conv: Convention, momentum: float | None, eps: float) -> str:
+    """The attribute of :class:`_Settings` holding ``conv`` with ``momentum`` and ``eps`` (None momentum: the
+    cumulative average), validated. torch.compile calls this at trace time, as a constant."""
     key = (conv, momentum, eps)
     if key in _SETTINGS:
         return _SETTINGS[key]
@@ -236,13 +245,29 @@ def _with_settings(conv: Convention, momentum: float | None, eps: float) -> Conv
             f"momentum=None (PyTorch's cumulative average) needs a convention whose momentum weighs the new batch "
             f"(torch, torch_cma); convention {conv.name!r} weighs the old value: give a float momentum"
         )
-    if momentum is UNSET:
-        raise TypeError("momentum must be a float or None")
     same = (momentum, eps) == (conv.momentum, conv.eps)
     new = conv if same else dataclasses.replace(conv, momentum=momentum, eps=eps)
     if len(_SETTINGS) >= 4096:  # a momentum schedule makes a new key every step: keep the cache small
+        for name in _SETTINGS.values():
+            delattr(_Settings, name)
         _SETTINGS.clear()
-    return _SETTINGS.setdefault(key, new)
+    name = f"c{next(_NAMES)}"
+    setattr(_Settings, name, new)
+    return _SETTINGS.setdefault(key, name)
+
+
+_settings_name._dynamo_marked_constant = True  # type: ignore[attr-defined]  # torch._dynamo.assume_constant_result
+
+
+def _with_settings(conv: Convention, momentum: float | None, eps: float) -> Convention:
+    """``conv`` with ``momentum`` and ``eps``: one dict lookup (and one attribute) once made."""
+    return getattr(_Settings, _settings_name(conv, momentum, eps))
+
+
+def _constant(v: float) -> float:
+    """``v`` as a plain float. Under torch.compile a float attribute that changed between calls is symbolic:
+    ``hex()`` specialises it (a guard on its value), as the convention built from it must be a constant."""
+    return float.fromhex(float(v).hex())
 
 
 def _zero_counter(device: torch.device) -> Tensor:
