@@ -104,6 +104,11 @@ class BatchNorm(nn.Module):
         sync: Any = None,
     ) -> None:
         super().__init__()
+        if isinstance(num_dims, float):
+            raise TypeError(
+                f"num_dims must be None or an int (the input rank), got float {num_dims!r}; nn.BatchNorm*d's second "
+                "positional argument is eps: pass eps= and momentum= as keywords"
+            )
         check_layer_args(num_features, num_dims, axis)
         preset = resolve_convention(convention, None, eps)  # validates the convention and eps
         self.convention = preset
