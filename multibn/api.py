@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -20,7 +21,8 @@ _ARRAY_ARGS = ("x", "gamma", "beta", "state.running_mean", "state.running_var", 
 
 # ---- backend choice and conversion ------------------------------------------------------------------------
 def _framework_arrays(named: dict[str, object]) -> dict[str, str]:
-    return {k: b for k, v in named.items() if v is not None and (b := backend_name_of(v)) is not None}
+    found = {k: backend_name_of(v) for k, v in named.items() if v is not None}
+    return {k: b for k, b in found.items() if b is not None}
 
 
 def _pick_backend(backend: str | None, named: dict[str, object]) -> Backend:
@@ -130,7 +132,7 @@ def _prepare(
     axis = conv.axis if axis is None else axis
     if isinstance(axis, bool) or not isinstance(axis, int) or not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis must be an int in [{-x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got {axis!r}")
-    lay = alg.Layout.of(tuple(x.shape), axis)
+    lay = alg.Layout.of(tuple(map(operator.index, x.shape)), axis)  # torch.compile: a static shape, as the op
     dev = be.device_of(x)
     pdt = "float64" if xdt == "float64" else "float32"
     gamma = be.full(lay.channels, 1.0, pdt, dev) if gamma is None else _to_backend(be, "gamma", gamma, device, pdt)
@@ -206,6 +208,26 @@ def _op(
     return be.custom_op(rule)
 
 
+class _Ops:
+    """Every op made, as attributes ``op0``, ``op1``, ...: torch.compile reads one without guarding the others."""
+
+
+_OP_NAMES: dict[Callable[..., tuple[Array, ...]], str] = {}
+
+
+def _op_name(be: Backend, conv: Convention, lay: tuple, training: bool, sync: alg.Sync | None = None) -> str:
+    """The attribute of :class:`_Ops` holding ``_op(be, conv, Layout(*lay), training, sync)``. torch.compile runs
+    this at trace time (it cannot trace the class that ``custom_op`` creates) and then traces the op itself."""
+    op = _op(be, conv, alg.Layout(*lay), training, sync)
+    if op not in _OP_NAMES:
+        _OP_NAMES[op] = f"op{len(_OP_NAMES)}"
+        setattr(_Ops, _OP_NAMES[op], staticmethod(op))
+    return _OP_NAMES[op]
+
+
+_op_name._dynamo_marked_constant = True  # type: ignore[attr-defined]  # torch._dynamo.assume_constant_result
+
+
 # ---- public API ---------------------------------------------------------------------------------------------------
 def batch_norm(
     x: Any, gamma: Any = None, beta: Any = None, state: BNState | None = None, *, training: bool = True,
@@ -241,7 +263,8 @@ def batch_norm(
     )
     if not training:
         with be.quiet():
-            (y,) = _op(be, conv, lay, False)(x, gamma, beta, state.running_mean, state.running_var)
+            op = getattr(_Ops, _op_name(be, conv, tuple(lay), False))
+            (y,) = op(x, gamma, beta, state.running_mean, state.running_var)
         return y, state
     spec = None
     if sync is not None and sync is not False:
@@ -251,7 +274,7 @@ def batch_norm(
             _check_count(conv, spec.count, x.shape)
     inputs = (x, gamma, beta) if mask is None else (x, gamma, beta, mask)
     with be.quiet():
-        y, mean, m2 = _op(be, conv, lay, True, spec)(*inputs)
+        y, mean, m2 = getattr(_Ops, _op_name(be, conv, tuple(lay), True, spec))(*inputs)
         if state is None:
             return y, None
         with be.untracked():

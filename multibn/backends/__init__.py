@@ -24,6 +24,8 @@ ADAPTERS: dict[str, tuple[str, str, str, str]] = {
 @cache
 def get_backend(name: str) -> Backend:
     """The adapter called ``name``; ValueError if there is none, ImportError if its framework is missing."""
+    if name in _LOADED:  # a plain dict before the functools cache: torch.compile traces through this lookup
+        return _LOADED[name]
     if not isinstance(name, str) or name not in ADAPTERS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, ADAPTERS))} or None, got {name!r}")
     module, cls, framework, extra = ADAPTERS[name]
@@ -34,7 +36,10 @@ def get_backend(name: str) -> Backend:
             f"the {name} backend needs {framework}, which cannot be imported here ({e}); "
             f"install it with: pip install 'multibn[{extra}]'"
         ) from e
-    return getattr(adapter, cls)()
+    return _LOADED.setdefault(name, getattr(adapter, cls)())
+
+
+_LOADED: dict[str, Backend] = {}
 
 
 def backend_name_of(obj: object) -> str | None:

@@ -106,10 +106,14 @@ class TorchBackend(Backend):
                 res = rule.residuals(saved[: ctx.n_inputs], saved[ctx.n_inputs :])
                 return tuple(rule.jvp(res, tangents[: rule.n_diff]))
 
+        class CompiledBatchNormFunction(BatchNormFunction):
+            jvp = staticmethod(torch.autograd.Function.jvp)  # torch.compile refuses a custom jvp: none when compiling
+
         def op(*inputs: Array) -> tuple[Array, ...]:
             if _plain(*inputs):  # nothing to differentiate: no autograd node, no saved tensors
                 return tuple(rule.forward(*inputs))
-            return tuple(BatchNormFunction.apply(*inputs))
+            fn = CompiledBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
+            return tuple(fn.apply(*inputs))
 
         return op
 

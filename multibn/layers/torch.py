@@ -1,11 +1,14 @@
-"""``BatchNorm``: a PyTorch ``nn.Module`` over :func:`multibn.batch_norm`, interchangeable with ``nn.BatchNorm*d``.
+"""``BatchNorm``: a PyTorch ``nn.Module`` over :func:`multibn.batch_norm`, a drop-in for ``nn.BatchNorm1d/2d/3d``.
 
 Parameters and buffers are named as in ``nn.BatchNorm1d/2d/3d`` (``weight``, ``bias``, ``running_mean``,
-``running_var``, ``num_batches_tracked``), so ``load_state_dict`` works in both directions::
+``running_var``, ``num_batches_tracked``), so ``load_state_dict`` works in both directions; the constructor takes
+every keyword of the native layers with the same meaning, and ``eps``, ``momentum``, ``track_running_stats`` and
+the parameters and buffers may be changed after construction, as on the native layers::
 
-    from multibn.layers.torch import BatchNorm
+    from multibn.layers.torch import BatchNorm, convert_batchnorm
     bn = BatchNorm(16, 4)                       # textbook BatchNorm(num_features, num_dims): NCHW input
-    bn.load_state_dict(torch.nn.BatchNorm2d(16).state_dict())
+    bn = BatchNorm(16, eps=1e-3, momentum=None) # as nn.BatchNorm2d(16, eps=1e-3, momentum=None): cumulative average
+    model = convert_batchnorm(model)            # every nn.BatchNorm*d / nn.SyncBatchNorm of a model replaced
 
 The layer computes nothing itself: the forward calls :func:`multibn.batch_norm` (differentiable through its
 ``torch.autograd.Function``) and copies the returned running statistics into the buffers, in place.
@@ -13,17 +16,43 @@ The layer computes nothing itself: the forward calls :func:`multibn.batch_norm` 
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..api import batch_norm
-from ..conventions import Convention, resolve_convention
+from ..backends import get_backend
+from ..conventions import CONVENTIONS, Convention, resolve_convention
 from ..state import BNState
 from . import check_layer_args
 
-__all__ = ["BatchNorm", "convert_sync_batchnorm"]
+__all__ = ["BatchNorm", "convert_batchnorm", "convert_sync_batchnorm", "revert_batchnorm"]
+
+get_backend("torch")  # imports the adapter now: torch.compile must never trace an import inside the forward
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<the convention's>"
+
+
+#: ``momentum`` not given: the convention's. (``momentum=None`` given is PyTorch's cumulative average.)
+UNSET: Any = _Unset()
+
+#: the native classes and the input rank each accepts (BatchNorm1d: 2 or 3, so ``num_dims`` None)
+_NATIVE_NUM_DIMS: dict[type[nn.Module], int | None] = {
+    nn.BatchNorm1d: None, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5, nn.SyncBatchNorm: None,
+}
+
+_NO_TORCHSCRIPT = (
+    "multibn's BatchNorm (multibn.layers.torch.BatchNorm) cannot run under TorchScript (torch.jit.trace/script, "
+    "and the legacy torch.onnx.export(dynamo=False) built on them): its forward is Python code around a "
+    "torch.autograd.Function. Use torch.export.export (and torch.onnx.export(..., dynamo=True)) or torch.compile, "
+    "or turn the layers back into nn.BatchNorm*d with multibn.layers.torch.revert_batchnorm(model) first."
+)
 
 
 class BatchNorm(nn.Module):
@@ -34,20 +63,26 @@ class BatchNorm(nn.Module):
         num_dims: the input rank the layer accepts, as in the textbook ``BatchNorm(num_features, num_dims)``:
             2 for fully connected (N, C) input, 4 for convolutional (N, C, H, W) input (any rank >= 2 may be
             named); None accepts any rank >= 2 (like ``F.batch_norm``).
-        convention: a name in :data:`multibn.CONVENTIONS` (default ``"torch"``; ``"torch_cma"`` is
-            ``nn.BatchNorm*d(momentum=None)``, the cumulative moving average) or a :class:`multibn.Convention`.
-        momentum, eps: override the convention's (None keeps them).
+        eps, momentum: as in ``nn.BatchNorm*d``, in the convention's sense (torch: momentum weighs the new
+            batch); not given, the convention's. Under a convention whose momentum weighs the new batch
+            (``torch``, ``torch_cma``) ``momentum=None`` is the cumulative moving average, as in PyTorch.
         affine: learnable ``weight`` (ones) and ``bias`` (zeros); False registers them as None.
         track_running_stats: keep running statistics as buffers; False registers them as None and
             normalises with the batch statistics in eval mode too (PyTorch's behaviour).
+        device, dtype: where and in which dtype the parameters and statistics are created.
+        bias: False registers ``bias`` as None with ``affine`` (as ``nn.BatchNorm*d(bias=False)``).
+        convention: a name in :data:`multibn.CONVENTIONS` (default ``"torch"``) or a :class:`multibn.Convention`.
         axis: the channel axis of the input (1, PyTorch's, by default).
         sync: synchronised BN across processes (``nn.SyncBatchNorm``): True for the default process group, or a
             ``torch.distributed.ProcessGroup``. It takes effect in training while ``torch.distributed`` is
             initialised with more than one process, as ``nn.SyncBatchNorm`` does; otherwise the layer is plain BN.
-        device, dtype: where and in which dtype the parameters and statistics are created.
 
-    ``.train()`` / ``.eval()`` pick the mode. In training the running statistics are updated in the
-    forward, in place, outside autograd (as ``nn.BatchNorm*d`` does).
+    ``.train()`` / ``.eval()`` pick the mode. ``eps``, ``momentum``, ``track_running_stats``, ``weight``,
+    ``bias`` and the buffers are read at every call, exactly as ``nn.BatchNorm*d.forward`` reads them: the batch
+    statistics normalise in training and whenever the running buffers are None; the buffers are updated (in
+    the forward, in place, outside autograd) in training with ``track_running_stats``; the counter
+    ``num_batches_tracked`` counts those batches, and ``momentum=None`` without a counter leaves the statistics
+    as they are.
     """
 
     _version = 2  # as nn.BatchNorm*d: version 2 added num_batches_tracked (see _load_from_state_dict)
@@ -57,31 +92,40 @@ class BatchNorm(nn.Module):
         num_features: int,
         num_dims: int | None = None,
         *,
-        convention: str | Convention = "torch",
-        momentum: float | None = None,
         eps: float | None = None,
+        momentum: float | None = UNSET,
         affine: bool = True,
         track_running_stats: bool = True,
-        axis: int = 1,
-        sync: Any = None,
         device: Any = None,
         dtype: Any = None,
+        bias: bool = True,
+        convention: str | Convention = "torch",
+        axis: int = 1,
+        sync: Any = None,
     ) -> None:
         super().__init__()
+        if isinstance(num_dims, float):
+            raise TypeError(
+                f"num_dims must be None or an int (the input rank), got float {num_dims!r}; nn.BatchNorm*d's second "
+                "positional argument is eps: pass eps= and momentum= as keywords"
+            )
         check_layer_args(num_features, num_dims, axis)
-        self.convention = resolve_convention(convention, momentum, eps)  # validates momentum and eps
+        preset = resolve_convention(convention, None, eps)  # validates the convention and eps
+        self.convention = preset
         self.num_features = num_features
         self.num_dims = num_dims
-        self.momentum = self.convention.momentum
-        self.eps = self.convention.eps
+        self.eps = preset.eps
+        self.momentum = preset.momentum if momentum is UNSET else momentum
+        self.convention = self._current_convention()  # validates momentum; the preset with the overrides
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.axis = axis
         self.sync = sync
+        self._last_ndim: int | None = None  # the input rank last seen, for revert_batchnorm
         factory = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory)) if bias else None
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -106,7 +150,8 @@ class BatchNorm(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, x: Tensor) -> None:
         if self.num_dims is not None and x.dim() != self.num_dims:
@@ -118,7 +163,8 @@ class BatchNorm(nn.Module):
         return (
             f"{self.num_features}, num_dims={self.num_dims}, convention={self.convention.name!r}, "
             f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, axis={self.axis}"
+            + ("bias=False, " if self.affine and self.bias is None else "")
+            + f"track_running_stats={self.track_running_stats}, axis={self.axis}"
             + (f", sync={self.sync!r}" if self.sync else "")
         )
 
@@ -135,23 +181,103 @@ class BatchNorm(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script calls this on every submodule first: refuse with the supported routes."""
+        raise RuntimeError(_NO_TORCHSCRIPT)
+
     # ---- forward ----------------------------------------------------------------------------------------------
+    def _current_convention(self) -> Convention:
+        """``self.convention`` with the current ``self.momentum`` and ``self.eps`` (cached: one dict lookup)."""
+        momentum = self.momentum
+        return _with_settings(self.convention, None if momentum is None else _constant(momentum), _constant(self.eps))
+
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            raise RuntimeError(_NO_TORCHSCRIPT)
         self._check_input_dim(x)
-        tracking = self.running_mean is not None and self.running_var is not None
-        # As nn.BatchNorm*d: without running statistics the batch statistics are used in eval mode too.
-        training = self.training or not tracking
-        state = BNState(self.running_mean, self.running_var, self.num_batches_tracked) if tracking else None
-        y, new_state = batch_norm(
-            x, self.weight, self.bias, state, training=training, convention=self.convention, axis=self.axis,
-            backend="torch", sync=self.sync if training and _distributed(self.sync) else None,
-        )
-        if training and state is not None:
+        if not torch.compiler.is_compiling():
+            self._last_ndim = x.dim()
+        conv = self._current_convention()
+        rmean, rvar, counter = self.running_mean, self.running_var, self.num_batches_tracked
+        if (rmean is None) != (rvar is None):
+            raise ValueError(
+                "running_mean and running_var must both be tensors or both be None, got "
+                f"{type(rmean).__name__} and {type(rvar).__name__}"
+            )
+        # As nn.BatchNorm*d.forward: batch statistics in training and whenever the buffers are None; the buffers
+        # move in training with track_running_stats, and the counter counts those batches.
+        batch = self.training or rmean is None
+        update = self.training and self.track_running_stats
+        if update and rmean is None and counter is not None:
             with torch.no_grad():
-                self.running_mean.copy_(new_state.running_mean)
-                self.running_var.copy_(new_state.running_var)
-                self.num_batches_tracked.copy_(new_state.num_batches_tracked)
+                counter.add_(1)  # nothing to average, but the native layer still counts the batch
+        update = update and rmean is not None
+        if update and counter is None and conv.momentum is None:
+            conv = _with_settings(conv, 0.0, conv.eps)  # native: no counter, no cumulative average (factor 0)
+        state = None
+        if not batch or update:
+            state = BNState(rmean, rvar, counter if counter is not None else _zero_counter(rmean.device))
+        y, new_state = batch_norm(
+            x, self.weight, self.bias, state, training=batch, convention=conv, axis=self.axis, backend="torch",
+            sync=self.sync if self.training and _distributed(self.sync) else None,
+        )
+        if update:
+            with torch.no_grad():
+                rmean.copy_(new_state.running_mean)
+                rvar.copy_(new_state.running_var)
+                if counter is not None:
+                    counter.copy_(new_state.num_batches_tracked)
         return y
+
+
+class _Settings:
+    """Conventions with live settings as attributes ``c0``, ``c1``, ...: torch.compile reads the one it needs
+    without guarding on the others (it cannot trace the creation of a frozen dataclass)."""
+
+
+_SETTINGS: dict[tuple[Convention, Any, Any], str] = {}
+_NAMES = itertools.count()
+
+
+def _settings_name(conv: Convention, momentum: float | None, eps: float) -> str:
+    """The attribute of :class:`_Settings` holding ``conv`` with ``momentum`` and ``eps`` (None momentum: the
+    cumulative average), validated. torch.compile calls this at trace time, as a constant."""
+    key = (conv, momentum, eps)
+    if key in _SETTINGS:
+        return _SETTINGS[key]
+    if momentum is None and conv.momentum_weighs != "new":
+        raise ValueError(
+            f"momentum=None (PyTorch's cumulative average) needs a convention whose momentum weighs the new batch "
+            f"(torch, torch_cma); convention {conv.name!r} weighs the old value: give a float momentum"
+        )
+    same = (momentum, eps) == (conv.momentum, conv.eps)
+    new = conv if same else dataclasses.replace(conv, momentum=momentum, eps=eps)
+    if len(_SETTINGS) >= 4096:  # a momentum schedule makes a new key every step: keep the cache small
+        for name in _SETTINGS.values():
+            delattr(_Settings, name)
+        _SETTINGS.clear()
+    name = f"c{next(_NAMES)}"
+    setattr(_Settings, name, new)
+    return _SETTINGS.setdefault(key, name)
+
+
+_settings_name._dynamo_marked_constant = True  # type: ignore[attr-defined]  # torch._dynamo.assume_constant_result
+
+
+def _with_settings(conv: Convention, momentum: float | None, eps: float) -> Convention:
+    """``conv`` with ``momentum`` and ``eps``: one dict lookup (and one attribute) once made."""
+    return getattr(_Settings, _settings_name(conv, momentum, eps))
+
+
+def _constant(v: float) -> float:
+    """``v`` as a plain float. Under torch.compile a float attribute that changed between calls is symbolic:
+    ``hex()`` specialises it (a guard on its value), as the convention built from it must be a constant."""
+    return float.fromhex(float(v).hex())
+
+
+def _zero_counter(device: torch.device) -> Tensor:
+    """A throwaway ``num_batches_tracked`` for a layer whose counter is None (as the native layer allows)."""
+    return torch.zeros((), dtype=torch.long, device=device)
 
 
 def _distributed(sync: Any) -> bool:
@@ -165,29 +291,109 @@ def _distributed(sync: Any) -> bool:
     return dist.get_world_size(None if sync is True else sync) > 1
 
 
+# ---- converting the layers of a model ------------------------------------------------------------------------
+def _carry(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` holding ``old``'s parameters and buffers (the same tensors: device, dtype, requires_grad and an
+    optimizer's references stay), its live settings and its train/eval mode, as ``convert_sync_batchnorm``."""
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        setattr(new, name, getattr(old, name))
+    for name in ("num_features", "affine", "track_running_stats"):
+        setattr(new, name, getattr(old, name))
+    if hasattr(old, "qconfig"):
+        new.qconfig = old.qconfig
+    return new.train(old.training)
+
+
+def _multibn_from_native(module: nn.modules.batchnorm._BatchNorm, convention: str | Convention, sync: Any) -> BatchNorm:
+    """A multibn layer with the native layer's live settings; under a convention whose momentum weighs the old
+    value the native momentum m (new batch) becomes 1 - m, so the running statistics move alike."""
+    preset = resolve_convention("torch_cma" if convention == "torch" and module.momentum is None else convention,
+                                None, None)
+    momentum = module.momentum
+    if preset.momentum_weighs == "old":
+        if momentum is None:
+            raise ValueError(
+                f"{type(module).__name__}(momentum=None) is the cumulative average, which convention "
+                f"{preset.name!r} cannot express; convert with a torch convention"
+            )
+        momentum = 1.0 - momentum
+    new = BatchNorm(module.num_features, _NATIVE_NUM_DIMS.get(type(module)), eps=module.eps, momentum=momentum,
+                    affine=module.affine, track_running_stats=module.track_running_stats, convention=preset,
+                    sync=sync, device="meta")
+    return _carry(module, new)
+
+
+def convert_batchnorm(module: nn.Module, *, convention: str | Convention = "torch") -> nn.Module:
+    """``module`` with every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` replaced by a multibn
+    :class:`BatchNorm` under ``convention``; returns ``module`` (or the new layer if ``module`` is one).
+
+    Each new layer holds the native layer's parameters and buffers (the same tensors: state_dict keys, device,
+    dtype and ``requires_grad`` unchanged), its current ``eps``, ``momentum`` (None: the cumulative average) and
+    ``track_running_stats``, and its train/eval mode; ``num_dims`` is 4 for ``BatchNorm2d``, 5 for
+    ``BatchNorm3d`` and None (2 or more) for ``BatchNorm1d`` and ``nn.SyncBatchNorm``. Under the torch
+    convention a converted model computes what the original did, step for step. Subclasses of the native
+    classes are left alone (their forward may differ).
+    """
+    resolve_convention(convention, None, None)
+    if type(module) in _NATIVE_NUM_DIMS:
+        return _multibn_from_native(module, convention, None)
+    for name, child in module.named_children():
+        module.add_module(name, convert_batchnorm(child, convention=convention))
+    return module
+
+
+def revert_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every multibn :class:`BatchNorm` under a torch convention turned back into
+    ``nn.BatchNorm1d/2d/3d`` (``nn.SyncBatchNorm`` where ``sync`` is set), holding the same tensors and settings.
+
+    The class comes from ``num_dims`` (2 or 3: 1d, 4: 2d, 5: 3d) or, where ``num_dims`` is None, from the rank of
+    the last input the layer saw; ValueError where neither is known, or where the layer is not in PyTorch's
+    convention (another convention, a channel axis other than 1)."""
+    return _revert(module, "")
+
+
+def _revert(module: nn.Module, path: str) -> nn.Module:
+    if not isinstance(module, BatchNorm):
+        for name, child in module.named_children():
+            module.add_module(name, _revert(child, f"{path}.{name}" if path else name))
+        return module
+    where = f"layer {path or '(the root)'}"
+    torch_rules = dataclasses.replace(CONVENTIONS["torch"], momentum=module.convention.momentum,
+                                      eps=module.convention.eps)
+    if dataclasses.replace(module.convention, name="torch", reproduces=torch_rules.reproduces) != torch_rules:
+        raise ValueError(f"{where} uses convention {module.convention.name!r}; only torch-convention layers "
+                         "turn back into nn.BatchNorm*d")
+    if module.axis != 1:
+        raise ValueError(f"{where} has channel axis {module.axis}; nn.BatchNorm*d normalises over axis 1")
+    rank = module.num_dims if module.num_dims is not None else module._last_ndim
+    native = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank)
+    if module.sync:
+        native = nn.SyncBatchNorm
+    elif native is None:
+        raise ValueError(
+            f"{where} has num_dims=None and has seen no input, so BatchNorm1d, 2d or 3d cannot be chosen: "
+            "run one batch through the model, or give the layer num_dims" if rank is None else
+            f"{where} takes {rank}D input; nn.BatchNorm1d/2d/3d take 2D to 5D input"
+        )
+    extra = {"process_group": None if module.sync is True else module.sync} if module.sync else {}
+    new = native(module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
+                 track_running_stats=module.track_running_stats, device="meta", **extra)
+    return _carry(module, new)
+
+
 def convert_sync_batchnorm(module: nn.Module, sync: Any = True) -> nn.Module:
     """``module`` with every BN layer (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` and multibn's) replaced
-    by a multibn :class:`BatchNorm` with ``sync``, keeping its parameters, statistics, mode and settings, like
-    ``nn.SyncBatchNorm.convert_sync_batchnorm``. Native layers map to the ``torch`` convention (``torch_cma``
-    for ``momentum=None``)."""
+    by a multibn :class:`BatchNorm` with ``sync``, keeping its parameters, statistics, mode and current settings,
+    like ``nn.SyncBatchNorm.convert_sync_batchnorm``. Native layers map to the ``torch`` convention
+    (``torch_cma`` for ``momentum=None``)."""
     if isinstance(module, BatchNorm):
-        new = BatchNorm(module.num_features, module.num_dims, convention=module.convention,
-                        affine=module.affine, track_running_stats=module.track_running_stats, axis=module.axis,
-                        sync=sync)
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        convention = "torch_cma" if module.momentum is None else "torch"
-        new = BatchNorm(module.num_features, convention=convention, momentum=module.momentum, eps=module.eps,
-                        affine=module.affine, track_running_stats=module.track_running_stats, sync=sync)
-    else:
-        for name, child in module.named_children():
-            module.add_module(name, convert_sync_batchnorm(child, sync))
-        return module
-    ref = module.weight if module.affine else module.running_mean
-    if ref is not None:
-        new.to(device=ref.device, dtype=ref.dtype)
-    new.load_state_dict(module.state_dict())
-    if module.affine:
-        new.weight.requires_grad_(module.weight.requires_grad)
-        new.bias.requires_grad_(module.bias.requires_grad)
-    new.train(module.training)
-    return new
+        new = BatchNorm(module.num_features, module.num_dims, eps=module.eps, momentum=module.momentum,
+                        affine=module.affine, track_running_stats=module.track_running_stats,
+                        convention=module.convention, axis=module.axis, sync=sync, device="meta")
+        new._last_ndim = module._last_ndim
+        return _carry(module, new)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return _multibn_from_native(module, "torch", sync)
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, sync))
+    return module
