@@ -20,10 +20,11 @@ from torch import Tensor, nn
 
 from ..api import batch_norm
 from ..conventions import Convention, resolve_convention
+from ..recompute import recompute_statistics_torch as recompute_statistics
 from ..state import BNState
 from . import check_layer_args
 
-__all__ = ["BatchNorm", "convert_sync_batchnorm"]
+__all__ = ["BatchNorm", "convert_sync_batchnorm", "recompute_statistics"]
 
 
 class BatchNorm(nn.Module):

@@ -1,0 +1,306 @@
+"""``recompute_statistics`` (precise BN) on torch, Gluon and Flax: each BN layer's running mean and variance
+against float64 NumPy statistics of the concatenated inputs of that layer, captured independently (hooks on a
+copy of the model, or an interceptor of our own); against ``torch.optim.swa_utils.update_bn`` where the two must
+agree and where they must not; everything else untouched; the cross-process merge under torch.distributed."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from .conftest import require
+
+SIZES = (5, 9, 3, 12)
+
+
+def _batches(sizes: tuple[int, ...], shape: tuple[int, ...], seed: int = 0, offsets: bool = True) -> list[np.ndarray]:
+    """float32 batches whose means differ from batch to batch (each has its own offset)."""
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=(n, *shape)) * 2 + (rng.normal() * 3 if offsets else 0)).astype(np.float32)
+            for n in sizes]
+
+
+def _reference(inputs: dict[str, list[np.ndarray]], axes: dict[str, int]) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per layer: (mean, biased var, unbiased var) of the concatenated float64 inputs."""
+    out = {}
+    for name, xs in inputs.items():
+        x = np.concatenate([np.moveaxis(a.astype(np.float64), axes[name], -1).reshape(-1, a.shape[axes[name]])
+                            for a in xs])
+        out[name] = (x.mean(axis=0), x.var(axis=0), x.var(axis=0, ddof=1))
+    return out
+
+
+# ---- torch ----------------------------------------------------------------------------------------------------
+def _torch_model() -> Any:
+    """Conv - BatchNorm2d - ReLU - Conv - multibn BN (torch convention) - pool - Linear - multibn BN (channels
+    last, gluon convention: biased) - Linear - BatchNorm1d: four layers deep, native and multibn mixed."""
+    import torch
+    from torch import nn
+
+    from multibn.layers.torch import BatchNorm
+
+    class ChannelsLast(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.bn = BatchNorm(c, 3, convention="gluon", axis=-1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C*L) -> (N, L, C) -> BN over C
+            n = x.shape[0]
+            return self.bn(x.reshape(n, 3, -1).transpose(1, 2)).transpose(1, 2).reshape(n, -1)
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1), BatchNorm(3, 4), nn.Tanh(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 9), ChannelsLast(3), nn.Sigmoid(), nn.Linear(9, 5),
+        nn.BatchNorm1d(5),
+    )
+
+
+def _torch_bn_layers(model: Any) -> dict[str, Any]:
+    from torch import nn
+
+    from multibn.layers.torch import BatchNorm
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, (BatchNorm, nn.modules.batchnorm._BatchNorm))}
+
+
+def _torch_captured(model: Any, batches: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """Each BN layer's training-mode inputs, from hooks on a copy of the model."""
+    import torch
+
+    twin = copy.deepcopy(model).train()
+    seen: dict[str, list[np.ndarray]] = {}
+    for name, m in _torch_bn_layers(twin).items():
+        m.register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].numpy()))
+    with torch.no_grad():
+        for b in batches:
+            twin(torch.from_numpy(b))
+    return seen
+
+
+def _unbiased(m: Any) -> bool:
+    from multibn.layers.torch import BatchNorm
+
+    return m.convention.unbiased_running_var if isinstance(m, BatchNorm) else True
+
+
+def test_torch_equals_float64_statistics_of_each_layers_inputs() -> None:
+    require("torch")
+    import torch
+
+    from multibn.layers.torch import recompute_statistics
+
+    model = _torch_model()
+    batches = _batches(SIZES, (2, 6, 6))
+    layers = _torch_bn_layers(model)
+    ref = _reference(_torch_captured(model, batches), {n: m.axis if hasattr(m, "convention") else 1
+                                                       for n, m in layers.items()})
+    data = [(torch.from_numpy(b), torch.zeros(len(b))) if i % 2 else torch.from_numpy(b) for i, b in enumerate(batches)]
+    assert recompute_statistics(model, data, progress=False) is model
+    assert [n for n, m in layers.items() if not _unbiased(m)] == ["9.bn"]
+    for name, m in layers.items():
+        mean, var, var1 = ref[name]
+        np.testing.assert_allclose(m.running_mean.numpy(), mean, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(m.running_var.numpy(), var1 if _unbiased(m) else var, rtol=1e-5, err_msg=name)
+
+
+def test_torch_leaves_everything_else_as_it_was() -> None:
+    require("torch")
+    import torch
+
+    from multibn.layers.torch import recompute_statistics
+
+    model = _torch_model()
+    with torch.no_grad():  # some history: counters and statistics that are not the initial ones
+        model.train()(torch.from_numpy(_batches((8,), (2, 6, 6))[0]))
+    model.eval()
+    model[4].train()  # a mixed mode, restored module by module
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    recompute_statistics(model, [torch.from_numpy(b) for b in _batches(SIZES, (2, 6, 6))], progress=False)
+    assert [m.training for m in model.modules()] == modes
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"{n}.{s}" for n in _torch_bn_layers(model) for s in ("running_mean", "running_var")}
+    assert all(int(after[k]) == 1 for k in after if k.endswith("num_batches_tracked"))
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _native_model() -> Any:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3), nn.BatchNorm1d(3))
+
+
+def _update_bn(model: Any, batches: list[np.ndarray]) -> Any:
+    import torch
+    from torch.optim.swa_utils import update_bn
+
+    twin = copy.deepcopy(model)
+    update_bn([torch.from_numpy(b) for b in batches], twin)
+    return twin
+
+
+def test_torch_agrees_with_update_bn_on_the_mean_with_equal_batches_and_not_on_the_variance() -> None:
+    require("torch")
+    import torch
+
+    from multibn.layers.torch import recompute_statistics
+
+    model = _native_model()
+    batches = _batches((8, 8, 8, 8), (4,), seed=2)
+    theirs = _update_bn(model, batches)
+    recompute_statistics(model, [torch.from_numpy(b) for b in batches], progress=False)
+    ref = _reference(_torch_captured(model, batches), {"1": 1, "4": 1})
+    # equal batches: the mean of the batch means is the mean of the data
+    np.testing.assert_allclose(model[1].running_mean.numpy(), theirs[1].running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    # the variance: update_bn averages the batch variances, which leaves out the spread of the batch means
+    np.testing.assert_allclose(model[1].running_var.numpy(), ref["1"][2], rtol=1e-5)
+    gap = np.abs(theirs[1].running_var.numpy() / ref["1"][2] - 1)
+    assert gap.max() > 0.1, gap
+
+
+def test_torch_update_bn_is_off_with_unequal_batches_where_recompute_is_exact() -> None:
+    require("torch")
+    import torch
+
+    from multibn.layers.torch import recompute_statistics
+
+    model = _native_model()
+    batches = _batches(SIZES, (4,), seed=3)
+    theirs = _update_bn(model, batches)
+    recompute_statistics(model, [torch.from_numpy(b) for b in batches], progress=False)
+    ref = _reference(_torch_captured(model, batches), {"1": 1, "4": 1})
+    for i, name in ((1, "1"), (4, "4")):
+        np.testing.assert_allclose(model[i].running_mean.numpy(), ref[name][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(model[i].running_var.numpy(), ref[name][2], rtol=1e-5)
+    assert np.abs(theirs[1].running_mean.numpy() - ref["1"][0]).max() > 0.05  # equal weight for 3 and 12 samples
+    assert np.abs(theirs[1].running_var.numpy() / ref["1"][2] - 1).max() > 0.1
+
+
+def test_torch_num_batches_progress_and_device() -> None:
+    require("torch")
+    import torch
+
+    from multibn.layers.torch import recompute_statistics
+
+    model = _native_model()
+    batches = _batches(SIZES, (4,), seed=4)
+    stream = io.StringIO()
+    recompute_statistics(model, [torch.from_numpy(b) for b in batches], num_batches=2, progress=stream,
+                         device="cpu")
+    ref = _reference(_torch_captured(model, batches[:2]), {"1": 1, "4": 1})
+    np.testing.assert_allclose(model[4].running_var.numpy(), ref["4"][2], rtol=1e-5)
+    assert "recompute_statistics: [" in stream.getvalue() and "2/2 batches" in stream.getvalue()
+    stream = io.StringIO()
+    recompute_statistics(model, (torch.from_numpy(b) for b in batches), progress=stream)  # no len: a count
+    assert stream.getvalue().rstrip().endswith("4 batches")
+
+
+def test_torch_a_failed_call_changes_nothing() -> None:
+    require("torch")
+    import torch
+
+    from multibn.layers.torch import recompute_statistics
+
+    model = _torch_model().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def broken():
+        yield torch.from_numpy(_batches((6,), (2, 6, 6))[0])
+        yield torch.zeros(4, 7, 6, 6)  # wrong channel count: the first conv raises
+
+    with pytest.raises(RuntimeError):
+        recompute_statistics(model, broken(), progress=False)
+    with pytest.raises(ValueError, match="batches yielded no batch"):
+        recompute_statistics(model, [], progress=False)
+    with pytest.raises(ValueError, match="batch 0 is an empty tuple"):
+        recompute_statistics(model, [()], progress=False)
+    with pytest.raises(ValueError, match="num_batches must be None or a positive int"):
+        recompute_statistics(model, [torch.zeros(1)], num_batches=0, progress=False)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        recompute_statistics("model", [], progress=False)
+    with pytest.raises(TypeError, match="sync must be True, False or a torch.distributed.ProcessGroup"):
+        recompute_statistics(model, [], sync="world", progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.training and all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_torch_layers_without_statistics_or_input() -> None:
+    require("torch")
+    import torch
+    from torch import nn
+
+    from multibn.layers.torch import recompute_statistics
+
+    with pytest.warns(UserWarning, match="no batch-norm layer with running statistics"):
+        recompute_statistics(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, track_running_stats=False)),
+                             [torch.ones(3, 2)], progress=False)
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    model = Branchy()
+    x = torch.tensor([[1.0, 2.0], [3.0, 5.0], [5.0, 11.0]])
+    with pytest.warns(UserWarning, match="no input reached the batch-norm layer.s. unused"):
+        recompute_statistics(model, [x], progress=False)
+    np.testing.assert_allclose(model.used.running_var.numpy(), [4.0, 21.0], rtol=1e-6)
+    np.testing.assert_array_equal(model.unused.running_var.numpy(), [1.0, 1.0])
+
+
+def _recompute_worker(rank: int, shards: list[list[int]], store: str, out: str) -> None:
+    """One rank of a 2-process gloo group: recompute on its own batches (ranks may hold unequal numbers)."""
+    import torch
+    import torch.distributed as dist
+
+    from multibn.layers.torch import recompute_statistics
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=len(shards))
+    try:
+        batches = _batches(tuple(s for shard in shards for s in shard), (2, 6, 6))
+        lo = sum(len(s) for s in shards[:rank])
+        mine = [torch.from_numpy(b) for b in batches[lo:lo + len(shards[rank])]]
+        model = _torch_model()
+        recompute_statistics(model, mine, progress=False)
+        np.savez(f"{out}/rank{rank}.npz", **{f"{n}|{k}": getattr(m, k).numpy()
+                                             for n, m in _torch_bn_layers(model).items()
+                                             for k in ("running_mean", "running_var")})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torch_distributed_merges_the_processes_exactly(tmp_path: Path) -> None:
+    require("torch")
+    import torch
+    import torch.multiprocessing as mp
+
+    from multibn.layers.torch import recompute_statistics
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    shards = [[5, 9, 3], [12]]
+    mp.start_processes(_recompute_worker, args=(shards, str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    model = _torch_model()
+    recompute_statistics(model, [torch.from_numpy(b) for b in _batches(SIZES, (2, 6, 6))], progress=False)
+    for rank in range(2):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        for n, m in _torch_bn_layers(model).items():
+            for k in ("running_mean", "running_var"):
+                np.testing.assert_allclose(got[f"{n}|{k}"], getattr(m, k).numpy(), rtol=1e-6, atol=1e-7,
+                                           err_msg=f"rank {rank} {n} {k}")
