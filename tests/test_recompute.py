@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import io
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -227,9 +226,9 @@ def test_torch_a_failed_call_changes_nothing() -> None:
         recompute_statistics(model, [()], progress=False)
     with pytest.raises(ValueError, match="num_batches must be None or a positive int"):
         recompute_statistics(model, [torch.zeros(1)], num_batches=0, progress=False)
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module"):
         recompute_statistics("model", [], progress=False)
-    with pytest.raises(TypeError, match="sync must be True, False or a torch.distributed.ProcessGroup"):
+    with pytest.raises(TypeError, match=r"sync must be True, False or a torch.distributed.ProcessGroup"):
         recompute_statistics(model, [], sync="world", progress=False)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -304,3 +303,209 @@ def test_torch_distributed_merges_the_processes_exactly(tmp_path: Path) -> None:
             for k in ("running_mean", "running_var"):
                 np.testing.assert_allclose(got[f"{n}|{k}"], getattr(m, k).numpy(), rtol=1e-6, atol=1e-7,
                                            err_msg=f"rank {rank} {n} {k}")
+
+
+# ---- Gluon ----------------------------------------------------------------------------------------------------
+def _gluon_net() -> tuple[Any, Any]:
+    """A hybridized stem (Conv2D - native BatchNorm - ReLU), then multibn's BatchNorm (torch convention: unbiased),
+    Dense, native BatchNorm, Dense; the stem separately."""
+    from multibn.backends.mxnet import mx
+    from multibn.layers.gluon import BatchNorm
+
+    nn = mx.gluon.nn
+    mx.random.seed(0)
+    net, stem = nn.Sequential(), nn.HybridSequential()
+    stem.add(nn.Conv2D(4, 3, in_channels=2), nn.BatchNorm(in_channels=4), nn.Activation("relu"))
+    net.add(stem, BatchNorm(4, 4, convention="torch"), nn.Flatten(), nn.Dense(6, in_units=64),
+            nn.BatchNorm(in_channels=6), nn.Dense(3, in_units=6))
+    net.initialize(mx.init.Xavier())
+    return net, stem
+
+
+def _gluon_bn_blocks(net: Any) -> list[Any]:
+    from multibn.backends.mxnet import mx
+    from multibn.layers.gluon import BatchNorm
+
+    found: list[Any] = []
+    net.apply(lambda b: found.append(b) if isinstance(b, (BatchNorm, mx.gluon.nn.BatchNorm)) else None)
+    return found
+
+
+def test_gluon_equals_float64_statistics_of_each_layers_inputs() -> None:
+    require("mxnet")
+    from multibn.backends.mxnet import mx
+    from multibn.layers.gluon import BatchNorm, recompute_statistics
+
+    net, stem = _gluon_net()
+    blocks = _gluon_bn_blocks(net)
+    batches = _batches(SIZES, (2, 6, 6), seed=5)
+    seen: dict[str, list[np.ndarray]] = {}
+    hooks = [b.register_forward_pre_hook(lambda b, args: seen.setdefault(b.name, []).append(args[0].asnumpy()))
+             for b in blocks]
+    with mx.autograd.pause(train_mode=True):  # the reference: every layer's training-mode input, not hybridized
+        for b in batches:
+            net(mx.nd.array(b))
+    for h in hooks:
+        h.detach()
+    ref = _reference(seen, {b.name: 1 for b in blocks})
+    stem.hybridize()
+    net(mx.nd.array(batches[0]))  # builds the cached graph
+    others = {k: p.data().copy() for k, p in net.collect_params().items() if "running" not in k}
+    counter = blocks[1].num_batches_tracked().copy()
+    data = [(mx.nd.array(b), mx.nd.zeros(len(b))) if i % 2 else mx.nd.array(b) for i, b in enumerate(batches)]
+    assert recompute_statistics(net, data, progress=False) is net
+    assert [isinstance(b, BatchNorm) for b in blocks] == [False, True, False]
+    for b in blocks:
+        mean, var, var1 = ref[b.name]
+        np.testing.assert_allclose(b.running_mean.data().asnumpy(), mean, rtol=1e-5, atol=1e-6, err_msg=b.name)
+        want = var1 if isinstance(b, BatchNorm) else var
+        np.testing.assert_allclose(b.running_var.data().asnumpy(), want, rtol=1e-5, err_msg=b.name)
+    for k, p in net.collect_params().items():
+        if "running" not in k:
+            np.testing.assert_array_equal(p.data().asnumpy(), others[k].asnumpy(), err_msg=k)
+    assert int(blocks[1].num_batches_tracked().asscalar()) == int(counter.asscalar())
+    assert stem._active and all(not b._forward_pre_hooks for b in blocks)
+    with mx.autograd.predict_mode():  # the hybridized stem runs again, with the new statistics
+        out = stem(mx.nd.array(batches[0]))
+    assert np.isfinite(out.asnumpy()).all()
+
+
+def test_gluon_num_batches_and_errors() -> None:
+    require("mxnet")
+    from multibn.backends.mxnet import mx
+    from multibn.layers.gluon import recompute_statistics
+
+    net, _ = _gluon_net()
+    blocks = _gluon_bn_blocks(net)
+    before = [b.running_var.data().copy() for b in blocks]
+    with pytest.raises(ValueError, match="batches yielded no batch"):
+        recompute_statistics(net, [], progress=False)
+    with pytest.raises(mx.base.MXNetError):
+        recompute_statistics(net, [mx.nd.ones((3, 5, 6, 6))], progress=False)  # 5 channels into a 2-channel conv
+    for b, v in zip(blocks, before, strict=True):
+        np.testing.assert_array_equal(b.running_var.data().asnumpy(), v.asnumpy())
+    with pytest.raises(TypeError, match=r"net must be an mxnet.gluon.Block"):
+        recompute_statistics(object(), [], progress=False)
+    stream = io.StringIO()
+    batches = _batches(SIZES, (2, 6, 6), seed=6)
+    recompute_statistics(net, [mx.nd.array(b) for b in batches], num_batches=1, progress=stream)
+    assert "1/1 batches" in stream.getvalue()
+    with pytest.warns(UserWarning, match="no batch-norm block"):
+        recompute_statistics(mx.gluon.nn.Dense(2, in_units=2), [mx.nd.ones((2, 2))], progress=False)
+
+
+# ---- Flax -----------------------------------------------------------------------------------------------------
+def _flax_model() -> Any:
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any, train: bool) -> Any:
+            x = nn.Conv(4, (3, 3), padding="VALID")(x)
+            x = nn.BatchNorm(use_running_average=not train)(x)
+            x = nn.relu(x)
+            x = nn.BatchNorm(use_running_average=not train, axis=(-2, -1), name="two_axes")(x)
+            x = nn.Dense(5)(x.reshape(x.shape[0], -1))
+            shared = nn.BatchNorm(name="shared")
+            return nn.Dense(3)(shared(x, use_running_average=not train) + shared(2 * x, not train))
+
+    return Net()
+
+
+def _flax_captured(model: Any, variables: Any, batches: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """Each BN layer's training-mode inputs, run eagerly with an interceptor of the test's own."""
+    import flax.linen as nn
+
+    seen: dict[str, list[np.ndarray]] = {}
+
+    def record(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+            seen.setdefault("/".join(context.module.path), []).append(np.asarray(args[0]))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        for b in batches:
+            model.apply(variables, b, train=True, mutable=["batch_stats"])
+    return seen
+
+
+def test_flax_equals_float64_statistics_of_each_layers_inputs() -> None:
+    pytest.importorskip("flax")
+    import jax
+    import jax.numpy as jnp
+
+    from multibn.recompute import recompute_statistics_flax
+
+    model = _flax_model()
+    batches = [np.moveaxis(b, 1, -1) for b in _batches(SIZES, (2, 6, 6), seed=7)]
+    variables = model.init(jax.random.PRNGKey(0), batches[0], train=False)
+    seen = _flax_captured(model, variables, batches)
+    assert sorted(seen) == ["BatchNorm_0", "shared", "two_axes"] and len(seen["shared"]) == 8
+    ref = _reference({k: v for k, v in seen.items() if k != "two_axes"}, {"BatchNorm_0": -1, "shared": -1})
+    two = np.concatenate([a.astype(np.float64) for a in seen["two_axes"]]).reshape(-1, 4 * 4)  # (N*H, W*C)
+    ref["two_axes"] = (two.mean(axis=0).reshape(4, 4), two.var(axis=0).reshape(4, 4))
+    before = jax.tree_util.tree_map(np.array, variables)
+    data = [(b, np.zeros(len(b))) if i % 2 else b for i, b in enumerate(batches)]
+    out = recompute_statistics_flax(model, variables, data, progress=False, train=True)
+    for path, stats in out["batch_stats"].items():
+        np.testing.assert_allclose(stats["mean"], ref[path][0], rtol=1e-5, atol=1e-6, err_msg=path)
+        np.testing.assert_allclose(stats["var"], ref[path][1], rtol=1e-5, err_msg=path)  # Flax: biased
+        assert stats["var"].dtype == jnp.float32
+    jax.tree_util.tree_map(np.testing.assert_array_equal, out["params"], before["params"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, before)  # the input is not modified
+
+
+def test_flax_needs_training_mode_and_returns_the_container_type() -> None:
+    pytest.importorskip("flax")
+    import jax
+    from flax.core import freeze
+    from flax.core.frozen_dict import FrozenDict
+
+    from multibn.recompute import recompute_statistics_flax
+
+    model = _flax_model()
+    batches = [np.moveaxis(b, 1, -1) for b in _batches((4, 6), (2, 6, 6), seed=8)]
+    variables = model.init(jax.random.PRNGKey(0), batches[0], train=False)
+    with pytest.raises(ValueError, match=r"BatchNorm_0 ran with use_running_average=True.*train=True"):
+        recompute_statistics_flax(model, variables, batches, progress=False, train=False)
+    with pytest.raises(TypeError, match="sets mutable"):
+        recompute_statistics_flax(model, variables, batches, progress=False, train=True, mutable=True)
+    frozen = recompute_statistics_flax(model, freeze(variables), batches, num_batches=1, progress=False, train=True)
+    assert isinstance(frozen, FrozenDict)
+    seen = _flax_captured(model, variables, batches[:1])
+    np.testing.assert_allclose(frozen["batch_stats"]["BatchNorm_0"]["var"],
+                               seen["BatchNorm_0"][0].reshape(-1, 4).astype(np.float64).var(axis=0), rtol=1e-5)
+
+
+def test_flax_multibn_layer_stores_its_conventions_variance() -> None:
+    pytest.importorskip("flax")
+    layers = pytest.importorskip("multibn.layers.flax")
+    import flax.linen as nn
+    import jax
+
+    from multibn.recompute import recompute_statistics_flax
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any, train: bool) -> Any:
+            x = layers.BatchNorm(use_running_average=not train, convention="torch")(nn.Dense(3)(x))
+            return layers.BatchNorm(use_running_average=not train)(nn.tanh(x))
+
+    model = Net()
+    batches = _batches(SIZES, (4,), seed=9)
+    variables = model.init(jax.random.PRNGKey(1), batches[0], train=False)
+    seen: dict[str, list[np.ndarray]] = {}
+
+    def record(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        if isinstance(context.module, layers.BatchNorm) and context.method_name == "__call__":
+            seen.setdefault("/".join(context.module.path), []).append(np.asarray(args[0]))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        for b in batches:
+            model.apply(variables, b, train=True, mutable=["batch_stats"])
+    ref = _reference(seen, {k: -1 for k in seen})
+    out = recompute_statistics_flax(model, variables, batches, progress=False, train=True)["batch_stats"]
+    np.testing.assert_allclose(out["BatchNorm_0"]["var"], ref["BatchNorm_0"][2], rtol=1e-5)  # torch: unbiased
+    np.testing.assert_allclose(out["BatchNorm_1"]["var"], ref["BatchNorm_1"][1], rtol=1e-5)  # flax: biased
+    np.testing.assert_allclose(out["BatchNorm_1"]["mean"], ref["BatchNorm_1"][0], rtol=1e-5, atol=1e-6)
