@@ -351,7 +351,12 @@ def test_gluon_equals_float64_statistics_of_each_layers_inputs() -> None:
     stem.hybridize()
     net(mx.nd.array(batches[0]))  # builds the cached graph
     others = {k: p.data().copy() for k, p in net.collect_params().items() if "running" not in k}
-    counter = blocks[1].num_batches_tracked().copy()
+    tracked = blocks[1].num_batches_tracked  # a method of the Block version, a parameter of a hybrid one
+
+    def counter() -> np.ndarray:
+        return (tracked() if callable(tracked) else tracked.data()).asnumpy()
+
+    count_before = counter()
     data = [(mx.nd.array(b), mx.nd.zeros(len(b))) if i % 2 else mx.nd.array(b) for i, b in enumerate(batches)]
     assert recompute_statistics(net, data, progress=False) is net
     assert [isinstance(b, BatchNorm) for b in blocks] == [False, True, False]
@@ -363,7 +368,7 @@ def test_gluon_equals_float64_statistics_of_each_layers_inputs() -> None:
     for k, p in net.collect_params().items():
         if "running" not in k:
             np.testing.assert_array_equal(p.data().asnumpy(), others[k].asnumpy(), err_msg=k)
-    assert int(blocks[1].num_batches_tracked().asscalar()) == int(counter.asscalar())
+    np.testing.assert_array_equal(counter(), count_before)
     assert stem._active and all(not b._forward_pre_hooks for b in blocks)
     with mx.autograd.predict_mode():  # the hybridized stem runs again, with the new statistics
         out = stem(mx.nd.array(batches[0]))
@@ -509,3 +514,57 @@ def test_flax_multibn_layer_stores_its_conventions_variance() -> None:
     np.testing.assert_allclose(out["BatchNorm_0"]["var"], ref["BatchNorm_0"][2], rtol=1e-5)  # torch: unbiased
     np.testing.assert_allclose(out["BatchNorm_1"]["var"], ref["BatchNorm_1"][1], rtol=1e-5)  # flax: biased
     np.testing.assert_allclose(out["BatchNorm_1"]["mean"], ref["BatchNorm_1"][0], rtol=1e-5, atol=1e-6)
+
+
+# ---- multibn train: the recomputed evaluation of every backend ---------------------------------------------------
+def _train_data(task: str) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(11)
+    if task == "lenet":
+        return rng.random((24, 1, 28, 28), np.float32), rng.integers(0, 10, 24)
+    x = (rng.normal(size=(24, 8)) * 3).astype(np.float32)
+    return x, (x[:, :1] ** 2).astype(np.float32)
+
+
+def _float64_recomputed(trainer: Any, batches: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> tuple[Any, ...]:
+    """The NumPy float64 trainer evaluated with each BN layer's statistics set to np.mean / np.var (biased: the d2l
+    convention of the experiments) of its concatenated training-mode inputs, read off the forward's tape."""
+    from multibn.state import BNState
+
+    running = dict(trainer.states)
+    seen: dict[str, list[np.ndarray]] = {}
+    for b in batches:
+        for layer, inp, _ in trainer.forward(b.astype(np.float64), training=True)[1]:
+            if layer.kind == "bn":
+                seen.setdefault(layer.name, []).append(inp)
+    ref = _reference(seen, dict.fromkeys(seen, 1))
+    trainer.states = {k: BNState(ref[k][0], ref[k][1], running[k].num_batches_tracked) for k in running}
+    try:
+        return trainer.evaluate(x, y)
+    finally:
+        trainer.states = running
+
+
+@pytest.mark.parametrize(("task", "variant"), [("lenet", "bn"), ("placement", "before")])
+def test_train_recomputed_evaluation_against_float64_and_training_unchanged(backend: str, task: str,
+                                                                           variant: str) -> None:
+    from multibn.train.runner import make_trainer
+    from multibn.train.tasks import TASKS
+
+    x, y = _train_data(task)
+    batches = [x[i:i + 8] for i in (0, 8, 16)]
+    ref = make_trainer("numpy", TASKS[task], variant, 0, dtype="float64")
+    got, twin = (make_trainer(backend, TASKS[task], variant, 0) for _ in range(2))
+    for idx in (np.arange(0, 8), np.arange(8, 16)):
+        for t in (ref, got, twin):
+            t.step(x[idx], y[idx])
+    want = _float64_recomputed(ref, batches, x, y)
+    before = got.evaluate(x, y)
+    loss, acc = got.evaluate_recomputed(batches, x, y)
+    assert loss == pytest.approx(want[0], rel=1e-3)
+    assert acc is None if want[1] is None else abs(acc - want[1]) <= 1 / 24
+    assert loss != pytest.approx(before[0], rel=1e-3)  # the running averages give another answer
+    assert got.evaluate(x, y) == before  # the running averages are back
+    idx = np.arange(16, 24)
+    assert got.step(x[idx], y[idx]) == twin.step(x[idx], y[idx])
+    w, w_twin = got.weights(), twin.weights()
+    assert all(np.array_equal(w[k], w_twin[k]) for k in w)
