@@ -36,9 +36,10 @@ def _reference(inputs: dict[str, list[np.ndarray]], axes: dict[str, int]) -> dic
 
 
 # ---- torch ----------------------------------------------------------------------------------------------------
-def _torch_model() -> Any:
+def _torch_model(last: str = "BatchNorm1d") -> Any:
     """Conv - BatchNorm2d - ReLU - Conv - multibn BN (torch convention) - pool - Linear - multibn BN (channels
-    last, gluon convention: biased) - Linear - BatchNorm1d: four layers deep, native and multibn mixed."""
+    last, gluon convention: biased) - Linear - BatchNorm1d (or ``last``, SyncBatchNorm): four layers deep, native
+    and multibn mixed."""
     import torch
     from torch import nn
 
@@ -57,7 +58,7 @@ def _torch_model() -> Any:
     return nn.Sequential(
         nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1), BatchNorm(3, 4), nn.Tanh(),
         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 9), ChannelsLast(3), nn.Sigmoid(), nn.Linear(9, 5),
-        nn.BatchNorm1d(5),
+        getattr(nn, last)(5),
     )
 
 
@@ -95,9 +96,10 @@ def test_torch_equals_float64_statistics_of_each_layers_inputs() -> None:
 
     from multibn.layers.torch import recompute_statistics
 
-    model = _torch_model()
+    model = _torch_model("SyncBatchNorm")  # plain BN outside torch.distributed
     batches = _batches(SIZES, (2, 6, 6))
     layers = _torch_bn_layers(model)
+    assert type(layers["12"]).__name__ == "SyncBatchNorm"
     ref = _reference(_torch_captured(model, batches), {n: m.axis if hasattr(m, "convention") else 1
                                                        for n, m in layers.items()})
     data = [(torch.from_numpy(b), torch.zeros(len(b))) if i % 2 else torch.from_numpy(b) for i, b in enumerate(batches)]
