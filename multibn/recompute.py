@@ -439,7 +439,7 @@ def recompute_statistics_flax(
         if m.count == 0:
             continue
         node = out.get("batch_stats", {})
-        for key in path.split("/"):
+        for key in filter(None, path.split("/")):  # "" is a BatchNorm that is the model itself
             node = node.get(key, {}) if isinstance(node, dict) else {}
         if "mean" not in node or "var" not in node:
             raise ValueError(f"variables have no batch_stats/{path}/mean and var for the batch-norm layer {path}")

@@ -570,3 +570,19 @@ def test_train_recomputed_evaluation_against_float64_and_training_unchanged(back
     assert got.step(x[idx], y[idx]) == twin.step(x[idx], y[idx])
     w, w_twin = got.weights(), twin.weights()
     assert all(np.array_equal(w[k], w_twin[k]) for k in w)
+
+
+def test_flax_a_batchnorm_that_is_the_whole_model() -> None:
+    pytest.importorskip("flax")
+    import flax.linen as nn
+    import jax
+
+    from multibn.recompute import recompute_statistics_flax
+
+    batches = _batches((5, 9), (3,), seed=12)
+    model = nn.BatchNorm()
+    variables = model.init(jax.random.PRNGKey(0), batches[0], use_running_average=True)
+    out = recompute_statistics_flax(model, variables, batches, progress=False, use_running_average=False)
+    x = np.concatenate(batches).astype(np.float64)
+    np.testing.assert_allclose(out["batch_stats"]["mean"], x.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["batch_stats"]["var"], x.var(axis=0), rtol=1e-5)
