@@ -128,10 +128,12 @@ class ChannelMoments:
         if not -x.ndim <= self.axis < x.ndim:
             raise ValueError(f"axis {self.axis} is out of range for x of shape {tuple(x.shape)}")
         dtype = self._dtype_for(name, x)
-        if be.dtype_name(x) not in FLOAT_DTYPES:
-            x = be.xp.astype(x, be.dtype(dtype))
-        st = batch_stats(be, x, Layout.of(tuple(x.shape), self.axis))
-        return self._add(name, Stats(st.count, *(be.xp.astype(a, be.dtype(dtype)) for a in (st.mean, st.m2))))
+        with be.untracked():  # statistics, not part of any autodiff graph (torch, MXNet)
+            if be.dtype_name(x) not in FLOAT_DTYPES:
+                x = be.xp.astype(x, be.dtype(dtype))
+            st = batch_stats(be, x, Layout.of(tuple(x.shape), self.axis))
+            st = Stats(st.count, *(be.xp.astype(a, be.dtype(dtype)) for a in (st.mean, st.m2)))
+            return self._add(name, st)
 
     update = partial_fit
 
@@ -151,7 +153,8 @@ class ChannelMoments:
             raise ValueError(f"other.count must be a non-negative int, got {other.count!r}")
         be = get_backend(name)
         dt = be.dtype(self._dtype_for(name, other.mean))
-        return self._add(name, Stats(int(other.count), be.xp.astype(other.mean, dt), be.xp.astype(other.m2, dt)))
+        with be.untracked():
+            return self._add(name, Stats(int(other.count), be.xp.astype(other.mean, dt), be.xp.astype(other.m2, dt)))
 
     def _dtype_for(self, name: str, x: Array) -> str:
         return self.dtype or accumulator_dtype(name, x)

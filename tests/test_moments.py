@@ -161,3 +161,11 @@ def test_mixing_backends_is_a_type_error() -> None:
     m = multibn.ChannelMoments().partial_fit(np.ones((2, 3)))
     with pytest.raises(TypeError, match="x is a torch array, but this ChannelMoments holds numpy arrays"):
         m.partial_fit(torch.ones(2, 3))
+
+
+def test_torch_inputs_that_require_grad_build_no_graph() -> None:
+    torch = pytest.importorskip("torch")
+    m = multibn.ChannelMoments()
+    for _ in range(3):
+        m.partial_fit(torch.randn(4, 2, requires_grad=True) * 2)
+    assert not m.mean.requires_grad and m.mean.grad_fn is None and not m.var().requires_grad
