@@ -36,9 +36,10 @@ from jax.nn import initializers
 
 from ..api import batch_norm
 from ..conventions import Convention, check_momentum, resolve_convention
+from ..recompute import recompute_statistics_flax as recompute_statistics
 from ..state import BNState
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "recompute_statistics"]
 
 Initializer = Any
 

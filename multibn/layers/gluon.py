@@ -36,13 +36,14 @@ import numpy as np
 from ..api import batch_norm
 from ..backends.mxnet import mx  # imports MXNet 1.9 after restoring the NumPy alias it needs
 from ..conventions import Convention, resolve_convention
+from ..recompute import recompute_statistics_gluon as recompute_statistics
 from ..state import BNState
 from . import check_layer_args
 
 autograd = mx.autograd
 gluon = mx.gluon
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "recompute_statistics"]
 
 _UPDATES = ("forward", "backward")
 

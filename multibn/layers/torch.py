@@ -26,10 +26,11 @@ from torch import Tensor, nn
 from ..api import batch_norm
 from ..backends import get_backend
 from ..conventions import CONVENTIONS, Convention, resolve_convention
+from ..recompute import recompute_statistics_torch as recompute_statistics
 from ..state import BNState
 from . import check_layer_args
 
-__all__ = ["BatchNorm", "convert_batchnorm", "convert_sync_batchnorm", "revert_batchnorm"]
+__all__ = ["BatchNorm", "convert_batchnorm", "convert_sync_batchnorm", "recompute_statistics", "revert_batchnorm"]
 
 get_backend("torch")  # imports the adapter now: torch.compile must never trace an import inside the forward
 

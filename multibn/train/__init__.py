@@ -11,6 +11,9 @@ Every backend starts from the same weights (generated once in NumPy from the see
 the same order and takes the same optimizer step (SGD or Adam written once over array operators), so the
 per-epoch numbers differ only by floating-point rounding; the command prints the largest difference.
 NumPy trains too: its backward is written out here, with :func:`multibn.batch_norm_vjp` for the BN part.
+After every epoch each network with BN is evaluated twice: with its running averages and with every BN layer's
+statistics recomputed exactly over the training set ("recomputed"; ``recompute_statistics``), which leaves the
+training itself unchanged.
 
 Importing this package imports no framework.
 """
@@ -63,10 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a small subset of the data and 2 epochs: a smoke test of every backend")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help='write {"task", "runs": [{"backend", "bn", "seed", "epochs": [{"epoch", "train_loss", '
-                             '"test_loss", "test_acc"}]}], "max_divergence"} to PATH')
+                             '"test_loss", "test_acc", "test_loss_recomputed", "test_acc_recomputed"}]}], '
+                             '"max_divergence"} to PATH')
     parser.add_argument("--plot", metavar="PATH", default=None,
-                        help="write PNG curves (loss and accuracy, with vs without BN, one line per backend); "
-                             "needs matplotlib")
+                        help="write PNG curves (loss and accuracy, with vs without BN, one line per backend; test "
+                             "metrics also with recomputed statistics); needs matplotlib")
 
 
 def _backends(spec: str | None) -> list[str]:
@@ -98,24 +102,34 @@ def _summary(task: Task, runs: list[dict[str, Any]]) -> None:
 
     seeds = sorted({r["seed"] for r in runs})
     print(f"\nlast epoch{' (mean over seeds ' + ', '.join(map(str, seeds)) + ')' if len(seeds) > 1 else ''}:")
+    rec = "test_acc_recomputed" if classify else "test_loss_recomputed"
     head = f"{'backend':<7} {'network':<8} {'train loss':>10} {'test loss':>10}"
     head += f" {'test acc':>9} {'best acc (epoch)':>17} {'epoch-1 acc':>11}" if classify else ""
+    head += f" {'recomputed':>10}" + (f" {'best recomputed':>17}" if classify else "")
     print(head)
     print("-" * len(head))
     for b in backends:
         for v in variants:
             line = f"{b:<7} {_NAMES.get(v, v):<8} {_fmt(mean(b, v, 'train_loss'))} {_fmt(mean(b, v, 'test_loss'))}"
+            group = [r for r in runs if r["backend"] == b and r["variant"] == v]
             if classify:
-                group = [r for r in runs if r["backend"] == b and r["variant"] == v]
-                accs = [max(e["test_acc"] for e in r["epochs"]) for r in group]
-                best = next(e for e in group[0]["epochs"] if e["test_acc"] == accs[0])
-                line += f" {_fmt(mean(b, v, 'test_acc'), '9.4f')} {sum(accs) / len(accs):10.4f} ({best['epoch']:>2})"
+                line += f" {_fmt(mean(b, v, 'test_acc'), '9.4f')} {_best(group, 'test_acc')}"
                 line += f"  {_fmt(mean(b, v, 'test_acc', 0), '11.4f')}"
+            line += f" {_fmt(mean(b, v, rec))}" + (f" {_best(group, rec)}" if classify else "")
             print(line)
     if task.name == "mlp-regression" and {"bn", "no-bn"} <= set(variants):
         for b in backends:
             with_bn, without = mean(b, "bn", "test_loss"), mean(b, "no-bn", "test_loss")
             print(f"{b}: test MSE without BN / with BN = {without:.2f} / {with_bn:.2f} = {without / with_bn:.1f}x")
+
+
+def _best(group: list[dict[str, Any]], metric: str) -> str:
+    """``"  0.9721 ( 9)"``: the best (largest) per-epoch value of ``metric``, mean over the runs of ``group``, and the
+    epoch of the first run's best; ``-`` where the metric is None (a network without BN)."""
+    if group[0]["epochs"][0][metric] is None:
+        return f"{'-':>17}"
+    best = max(group[0]["epochs"], key=lambda e: e[metric])  # the first epoch reaching the maximum
+    return f"{sum(max(e[metric] for e in r['epochs']) for r in group) / len(group):10.4f} ({best['epoch']:>2})"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,9 +167,11 @@ def run(args: argparse.Namespace) -> int:
           f"seeds: {', '.join(map(str, seeds))}; {epochs} epoch{'s' * (epochs != 1)}, batch {batch_size}, "
           f"{model.optimizer} lr {model.lr}, {model.dtype}")
     print(f"BN: multibn's layer of each framework, convention {conv.name!r} with momentum {conv.momentum} on the old "
-          f"value, eps {conv.eps:g}; the same initial weights and batch order on every backend\n")
+          f"value, eps {conv.eps:g}; the same initial weights and batch order on every backend")
+    print(f"recomputed: the test {'accuracy' if model.loss == 'xent' else 'loss'} with every BN layer's statistics "
+          "recomputed exactly over the training set (recompute_statistics) instead of the running averages\n")
     head = f"{'backend':<7} {'network':<8} {'seed':>4} {'epoch':>5} {'train loss':>10} {'test loss':>10} " \
-           f"{'test acc':>9} {'sec':>6}"
+           f"{'test acc':>9} {'recomputed':>10} {'sec':>6}"
     print(head)
     print("-" * len(head), flush=True)
     progress = Progress()
@@ -169,8 +185,9 @@ def run(args: argparse.Namespace) -> int:
 
                 def on_epoch(row: dict[str, Any], label: str = label) -> None:
                     progress.clear()
+                    recomputed = row["test_acc_recomputed" if model.loss == "xent" else "test_loss_recomputed"]
                     print(f"{label} {row['epoch']:>5} {row['train_loss']:10.4f} {row['test_loss']:10.4f} "
-                          f"{_fmt(row['test_acc'], '9.4f')} {row['seconds']:6.1f}", flush=True)
+                          f"{_fmt(row['test_acc'], '9.4f')} {_fmt(recomputed)} {row['seconds']:6.1f}", flush=True)
 
                 def on_batch(epoch: int, done: int, total: int, label: str = label) -> None:
                     progress.update(f"{label} epoch {epoch}/{epochs}", done, total)

@@ -10,7 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..algorithm import Layout, Stats, batch_stats
+from ..backends import get_backend
 from ..layers.jax import BatchNorm
+from ..moments import ChannelMoments
 from ..state import BNState
 from .models import Model
 from .optim import adam, bias_corrections, sgd
@@ -46,9 +49,11 @@ class Trainer:
         self.t = 0
         self._step = jax.jit(self._train_step)
         self._eval = jax.jit(self._eval_chunk)
+        self._capture = jax.jit(self._bn_input_stats)
 
-    def forward(self, params: dict[str, Any], states: dict[str, BNState], x: Any, training: bool) -> tuple[
-            Any, dict[str, BNState]]:
+    def forward(self, params: dict[str, Any], states: dict[str, BNState], x: Any, training: bool,
+                capture: dict[str, Stats] | None = None) -> tuple[Any, dict[str, BNState]]:
+        """The output and the new BN states; ``capture`` collects each BN layer's input statistics."""
         new_states = dict(states)
         for layer in self.model.layers:
             if layer.kind == "conv":
@@ -63,6 +68,9 @@ class Trainer:
                 if layer.bias:
                     x = x + params[f"{layer.name}.bias"]
             elif layer.kind == "bn":
+                if capture is not None:
+                    st = batch_stats(get_backend("jax"), x, Layout.of(x.shape, 1))
+                    capture[layer.name] = Stats(jnp.asarray(st.count), st.mean, st.m2)
                 p = {"scale": params[f"{layer.name}.gamma"], "bias": params[f"{layer.name}.beta"]}
                 x, new_states[layer.name] = self.bn[layer.name].apply(p, states[layer.name], x, training=training)
             elif layer.kind == "act":
@@ -101,6 +109,11 @@ class Trainer:
         correct = jnp.sum(jnp.argmax(out, axis=1) == y) if self.model.loss == "xent" else jnp.asarray(0)
         return jnp.sum(self._losses(out, y)), correct
 
+    def _bn_input_stats(self, params: dict[str, Any], states: dict[str, BNState], x: Any) -> dict[str, Stats]:
+        captured: dict[str, Stats] = {}
+        self.forward(params, states, x, True, captured)
+        return captured
+
     def _cast(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         dt = self.model.dtype
         return x.astype(dt, copy=False), (y if self.model.loss == "xent" else y.astype(dt, copy=False))
@@ -113,14 +126,30 @@ class Trainer:
                                                                   *self._cast(x, y))
             return float(loss)
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float | None]:
+    def evaluate(self, x: np.ndarray, y: np.ndarray, states: dict[str, BNState] | None = None) -> tuple[
+            float, float | None]:
         """Eval mode (running statistics): mean loss and accuracy (None for regression) over ``x``."""
+        states = self.states if states is None else states
         total, correct = 0.0, 0
         with self.x64():
             for i in range(0, len(x), EVAL_CHUNK):
-                s, c = self._eval(self.params, self.states, *self._cast(x[i:i + EVAL_CHUNK], y[i:i + EVAL_CHUNK]))
+                s, c = self._eval(self.params, states, *self._cast(x[i:i + EVAL_CHUNK], y[i:i + EVAL_CHUNK]))
                 total, correct = total + float(s), correct + int(c)
         return total / len(x), (correct / len(x) if self.model.loss == "xent" else None)
+
+    def evaluate_recomputed(self, batches: list[np.ndarray], x: np.ndarray,
+                            y: np.ndarray) -> tuple[float, float | None]:
+        """:meth:`evaluate` with BN statistics recomputed exactly over ``batches``: each BN layer's training-mode
+        input statistics per batch (jitted), merged in float64 by :class:`multibn.ChannelMoments`."""
+        moments = {name: ChannelMoments() for name in self.bn}
+        with self.x64():
+            for b in batches:
+                for name, st in self._capture(self.params, self.states, b.astype(self.model.dtype, copy=False)).items():
+                    moments[name].merge(Stats(int(st.count), *(np.asarray(a, np.float64) for a in st[1:])))
+            ddof = int(self.model.convention.unbiased_running_var)
+            states = {name: BNState(jnp.asarray(m.mean, self.model.dtype), jnp.asarray(m.var(ddof), self.model.dtype),
+                                    self.states[name].num_batches_tracked) for name, m in moments.items()}
+        return self.evaluate(x, y, states)
 
     def weights(self) -> dict[str, np.ndarray]:
         return {k: np.asarray(v, np.float64) for k, v in self.params.items()}

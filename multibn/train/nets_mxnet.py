@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends.mxnet import mx  # MXNet after the NumPy alias it needs
-from ..layers.gluon import BatchNorm
+from ..layers.gluon import BatchNorm, recompute_statistics
 from .models import Model
 from .optim import Optimizer
 
@@ -77,6 +77,18 @@ class Trainer:
             if self.model.loss == "xent":
                 correct += int(mx.nd.sum(mx.nd.argmax(out, axis=1) == yb).asscalar())
         return total / len(x), (correct / len(x) if self.model.loss == "xent" else None)
+
+    def evaluate_recomputed(self, batches: list[np.ndarray], x: np.ndarray,
+                            y: np.ndarray) -> tuple[float, float | None]:
+        """:meth:`evaluate` with the BN statistics :func:`recompute_statistics` sets exactly over ``batches``; the
+        running averages are put back afterwards, for training to go on."""
+        running = [(p, p.data().copy()) for name, p in self.net.collect_params().items() if "running_" in name]
+        try:
+            recompute_statistics(self.net, (mx.nd.array(b, dtype=self.model.dtype) for b in batches), progress=False)
+            return self.evaluate(x, y)
+        finally:
+            for p, value in running:
+                p.set_data(value)
 
     def weights(self) -> dict[str, np.ndarray]:
         return {k: p.data().asnumpy().astype(np.float64) for k, p in self.params.items()}

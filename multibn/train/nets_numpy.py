@@ -10,6 +10,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..api import batch_norm, batch_norm_vjp, init_state
+from ..moments import ChannelMoments
+from ..state import BNState
 from .models import Layer, Model
 from .optim import Optimizer
 
@@ -149,6 +151,25 @@ class Trainer:
             if self.model.loss == "xent":
                 correct += int((out.argmax(axis=1) == yb).sum())
         return total / len(x), (correct / len(x) if self.model.loss == "xent" else None)
+
+    def evaluate_recomputed(self, batches: list[np.ndarray], x: np.ndarray,
+                            y: np.ndarray) -> tuple[float, float | None]:
+        """:meth:`evaluate` with BN statistics recomputed exactly over ``batches`` (each BN layer's training-mode
+        inputs, merged by :class:`multibn.ChannelMoments`); the running averages are put back afterwards."""
+        running = dict(self.states)  # the training-mode forward below replaces the entries of self.states
+        moments = {name: ChannelMoments(axis=1) for name in running}
+        ddof = int(self.model.convention.unbiased_running_var)
+        try:
+            for b in batches:
+                _, tape = self.forward(b.astype(self.dtype, copy=False), training=True)
+                for layer, inp, _ in tape:
+                    if layer.kind == "bn":
+                        moments[layer.name].partial_fit(inp)
+            self.states = {name: BNState(m.mean.astype(self.dtype), m.var(ddof).astype(self.dtype),
+                                         running[name].num_batches_tracked) for name, m in moments.items()}
+            return self.evaluate(x, y)
+        finally:
+            self.states = running
 
     def weights(self) -> dict[str, np.ndarray]:
         return {k: v.astype(np.float64) for k, v in self.params.items()}

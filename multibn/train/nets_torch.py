@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers.torch import BatchNorm
+from ..layers.torch import BatchNorm, recompute_statistics
 from .models import Model
 from .optim import Optimizer
 
@@ -69,18 +71,26 @@ class Trainer:
                 p.copy_(new)
         return float(loss.detach())
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float | None]:
+    def evaluate(self, x: np.ndarray, y: np.ndarray, net: nn.Module | None = None) -> tuple[float, float | None]:
         """Eval mode (running statistics): mean loss and accuracy (None for regression) over ``x``."""
-        self.net.eval()
+        net = self.net if net is None else net
+        net.eval()
         total, correct = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(x), EVAL_CHUNK):
-                out = self.net(self._input(x[i:i + EVAL_CHUNK]))
+                out = net(self._input(x[i:i + EVAL_CHUNK]))
                 yb = self._target(y[i:i + EVAL_CHUNK])
                 total += float(self._loss(out, yb, "sum"))
                 if self.model.loss == "xent":
                     correct += int((out.argmax(1) == yb).sum())
         return total / len(x), (correct / len(x) if self.model.loss == "xent" else None)
+
+    def evaluate_recomputed(self, batches: list[np.ndarray], x: np.ndarray,
+                            y: np.ndarray) -> tuple[float, float | None]:
+        """:meth:`evaluate` on a copy of the network whose BN statistics :func:`recompute_statistics` set exactly
+        over ``batches`` (the network being trained keeps its running averages)."""
+        net = recompute_statistics(copy.deepcopy(self.net), (self._input(b) for b in batches), progress=False)
+        return self.evaluate(x, y, net)
 
     def weights(self) -> dict[str, np.ndarray]:
         return {k: p.detach().numpy().astype(np.float64) for k, p in self.params.items()}

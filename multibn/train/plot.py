@@ -43,6 +43,12 @@ def write_plot(path: str, task: Task, data_name: str, runs: list[dict[str, Any]]
                 curve = np.mean([[e[metric] for e in r["epochs"][:n]] for r in group], axis=0)
                 ax.plot(range(1, n + 1), curve, _STYLES[j % len(_STYLES)], color=_COLORS.get(backend),
                         linewidth=widths[backend], alpha=0.85, label=f"{backend}, {_LABELS.get(variant, variant)}")
+                recomputed = f"{metric}_recomputed"  # the same network evaluated with recomputed BN statistics
+                if metric != "train_loss" and group[0]["epochs"][0].get(recomputed) is not None:
+                    curve = np.mean([[e[recomputed] for e in r["epochs"][:n]] for r in group], axis=0)
+                    ax.plot(range(1, n + 1), curve, linestyle=(0, (1, 1)), marker="o", markersize=2 + widths[backend],
+                            color=_COLORS.get(backend), linewidth=widths[backend], alpha=0.85,
+                            label=f"{backend}, {_LABELS.get(variant, variant)}, recomputed statistics")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         if metric != "test_acc":

@@ -14,7 +14,9 @@ from .data import Dataset
 from .models import init_weights
 from .tasks import Task
 
-METRICS = ("train_loss", "test_loss", "test_acc")
+#: ``*_recomputed``: in eval mode with every BN layer's statistics recomputed exactly over the training set
+#: (``recompute_statistics``) instead of the running averages; None for a network without BN
+METRICS = ("train_loss", "test_loss", "test_acc", "test_loss_recomputed", "test_acc_recomputed")
 
 #: backend -> module with its ``Trainer``; NumPy last (slowest: its convolutions are tensordots)
 TRAINERS = {"torch": "multibn.train.nets_torch", "jax": "multibn.train.nets_jax",
@@ -34,6 +36,13 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarr
     perm = np.random.default_rng([seed, 1, epoch]).permutation(n)
     batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
     return [b for b in batches if len(b) > 1]
+
+
+def recompute_batches(x_train: np.ndarray, batch_size: int, seed: int) -> list[np.ndarray]:
+    """The training inputs in the batches over which the BN statistics are recomputed: the whole training set in
+    batches of the training batch size, in a shuffled order fixed by ``seed`` (epoch 0 of :func:`batch_order`, which
+    no training epoch uses), the same after every epoch and on every backend."""
+    return [x_train[idx] for idx in batch_order(len(x_train), batch_size, seed, 0)]
 
 
 class Progress:
@@ -66,9 +75,12 @@ def train_run(
     trainer: Any, data: Dataset, epochs: int, batch_size: int, seed: int,
     on_epoch: Callable[[dict[str, Any]], None] | None = None, on_batch: Callable[[int, int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train for ``epochs``; per epoch ``{"epoch", "train_loss", "test_loss", "test_acc", "seconds"}``, where
-    ``train_loss`` is the mean training-mode loss over the epoch's batches and the test metrics are in eval mode."""
+    """Train for ``epochs``; per epoch ``{"epoch", "train_loss", "test_loss", "test_acc", "test_loss_recomputed",
+    "test_acc_recomputed", "seconds"}``, where ``train_loss`` is the mean training-mode loss over the epoch's batches
+    and the test metrics are in eval mode, with the running averages and with recomputed statistics."""
     out = []
+    has_bn = any(layer.kind == "bn" for layer in trainer.model.layers)
+    recompute_on = recompute_batches(data.x_train, batch_size, seed) if has_bn else []
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         batches = batch_order(len(data.x_train), batch_size, seed, epoch)
@@ -81,7 +93,10 @@ def train_run(
             if on_batch is not None:
                 on_batch(epoch, i + 1, len(batches))
         test_loss, test_acc = trainer.evaluate(data.x_test, data.y_test)
+        rec_loss, rec_acc = (trainer.evaluate_recomputed(recompute_on, data.x_test, data.y_test) if has_bn
+                             else (None, None))
         row = {"epoch": epoch, "train_loss": total / count, "test_loss": test_loss, "test_acc": test_acc,
+               "test_loss_recomputed": rec_loss, "test_acc_recomputed": rec_acc,
                "seconds": time.perf_counter() - start}
         out.append(row)
         if on_epoch is not None:
@@ -99,7 +114,7 @@ def divergence(runs: list[dict[str, Any]]) -> tuple[float, dict[str, Any] | None
     for (variant, seed), group in groups.items():
         for metric in METRICS:
             for e in range(min(len(r["epochs"]) for r in group)):
-                vals = [(r["epochs"][e][metric], r["backend"]) for r in group if r["epochs"][e][metric] is not None]
+                vals = [(r["epochs"][e][metric], r["backend"]) for r in group if r["epochs"][e].get(metric) is not None]
                 if len(vals) < 2:
                     continue
                 (lo, b_lo), (hi, b_hi) = min(vals), max(vals)
