@@ -109,15 +109,14 @@ class Backend:
 
     # ---- kernels: the only passes over full-size tensors ------------------------------------------------
     # ``axes`` are the reduced axes; per-channel operands arrive already reshaped to broadcast against x.
-    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any, shift: Array | None = None) -> Array:
-        """sum_R x, or sum_R (x - shift) for a per-channel ``shift`` (of ``dtype``), accumulated in ``dtype``."""
-        xd = self.xp.astype(x, dtype, copy=False)
-        return self.xp.sum(xd if shift is None else xd - shift, axis=tuple(axes))
+    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
+        """sum_R x, accumulated in ``dtype``."""
+        return self.xp.sum(self.xp.astype(x, dtype, copy=False), axis=tuple(axes))
 
-    def channel_sq_dev_sum(self, x: Array, mean: Array, axes: Sequence[int]) -> Array:
-        """sum_R (x - mean)^2 in the dtype of ``mean`` (second pass of the two-pass variance)."""
-        d = self.xp.astype(x, mean.dtype, copy=False) - mean
-        return self.xp.sum(d * d, axis=tuple(axes))
+    def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
+        """(sum_R (x - center), sum_R (x - center)^2) in the dtype of ``center`` (the second pass)."""
+        d = self.xp.astype(x, center.dtype, copy=False) - center
+        return self.xp.sum(d, axis=tuple(axes)), self.xp.sum(d * d, axis=tuple(axes))
 
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
         """x * scale + shift, computed in the dtype of ``scale``, returned in the dtype of ``x``."""

@@ -133,6 +133,10 @@ class MXNetNamespace:
         return mx.nd.where(cond, a, b)
 
     @staticmethod
+    def abs(x: Array) -> Array:
+        return mx.nd.abs(x)
+
+    @staticmethod
     def any(x: Array) -> Array:
         return mx.nd.max(x != 0).reshape((1,))
 
@@ -212,29 +216,22 @@ class MXNetBackend(Backend):
     # x * scale + shift and (x - mean) * b + c of float32 4-D data are oneDNN's inference-mode BatchNorm with
     # moving_var + eps == 1 exactly, i.e. gamma * (x - moving_mean) + beta; everything else streams in chunks
     # along P through reused buffers (``out=``). Under autograd.record the generic kernels run.
-    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any, shift: Array | None = None) -> Array:
+    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
         v = _pcq(x, axes, dtype)
-        if v is None:
-            return super().channel_sum(x, axes, dtype, shift)
-        if shift is None:
-            return _rsum(v)
-        k = shift.reshape((1, -1, 1))
-        acc = None
-        for (xc,), buf in _chunks(v):
-            acc = _accumulate(acc, _rsum(mx.nd.broadcast_sub(xc, k, out=buf)))
-        return acc
+        return super().channel_sum(x, axes, dtype) if v is None else _rsum(v)
 
-    def channel_sq_dev_sum(self, x: Array, mean: Array, axes: Sequence[int]) -> Array:
-        v = _pcq(x, axes, mean.dtype)
+    def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
+        v = _pcq(x, axes, center.dtype)
         if v is None:
-            return super().channel_sq_dev_sum(x, mean, axes)
-        m = mean.reshape((1, -1, 1))
-        acc = None
+            return super().channel_dev_sums(x, center, axes)
+        m = center.reshape((1, -1, 1))
+        s1 = s2 = None
         for (xc,), buf in _chunks(v):
             mx.nd.broadcast_sub(xc, m, out=buf)
+            s1 = _accumulate(s1, _rsum(buf))
             mx.nd.square(buf, out=buf)
-            acc = _accumulate(acc, _rsum(buf))
-        return acc
+            s2 = _accumulate(s2, _rsum(buf))
+        return s1, s2
 
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if scale.shape[i] == 1) if x.ndim == scale.ndim else ()

@@ -40,33 +40,30 @@ class NumpyBackend(Backend):
     # The same quantities as the generic kernels with in-place ufuncs (``out=``) on chunks of about _CHUNK elements:
     # x is viewed as (P, C, Q) and streamed along P, so the one scratch buffer stays in cache and the only
     # full-size allocation is the output. Reductions are NumPy's pairwise sum over the contiguous Q axis, then P.
-    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any, shift: Array | None = None) -> Array:
+    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
         v = _pcq(x, axes)
         if v is None:
-            return super().channel_sum(x, axes, dtype, shift)
-        if v.dtype == dtype and shift is None:
+            return super().channel_sum(x, axes, dtype)
+        if v.dtype == dtype:
             return _reduce(v)
         acc = None
-        k = None if shift is None else shift.reshape(1, -1, 1)
         for (xc,), buf in _chunks(dtype, v):
-            if k is None:
-                np.copyto(buf, xc)
-            else:
-                np.subtract(xc, k, out=buf)
+            np.copyto(buf, xc)
             acc = _accumulate(acc, _reduce(buf))
         return acc
 
-    def channel_sq_dev_sum(self, x: Array, mean: Array, axes: Sequence[int]) -> Array:
+    def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
         v = _pcq(x, axes)
         if v is None:
-            return super().channel_sq_dev_sum(x, mean, axes)
-        m = mean.reshape(1, -1, 1)
-        acc = None
-        for (xc,), buf in _chunks(mean.dtype, v):
+            return super().channel_dev_sums(x, center, axes)
+        m = center.reshape(1, -1, 1)
+        s1 = s2 = None
+        for (xc,), buf in _chunks(center.dtype, v):
             np.subtract(xc, m, out=buf)
+            s1 = _accumulate(s1, _reduce(buf))
             np.multiply(buf, buf, out=buf)
-            acc = _accumulate(acc, _reduce(buf))
-        return acc
+            s2 = _accumulate(s2, _reduce(buf))
+        return s1, s2
 
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if scale.shape[i] == 1) if x.ndim == scale.ndim else ()

@@ -125,28 +125,28 @@ class TorchBackend(Backend):
     # (torch's mixed-dtype elementwise ops are up to 10x slower on CPU). Tensors that need autograd through the
     # kernels (create_graph), strided tensors and graphs being compiled (torch.compile fuses the generic ops
     # itself) take the generic path.
-    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any, shift: Array | None = None) -> Array:
+    def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
         v = _pcq(x, axes)
-        if v is None or (shift is not None and not _plain(shift)):
-            return super().channel_sum(x, axes, dtype, shift)
-        if v.dtype == dtype and shift is None:
+        if v is None:
+            return super().channel_sum(x, axes, dtype)
+        if v.dtype == dtype:
             return _reduce(v)
         acc = None
-        k = None if shift is None else shift.reshape(1, -1, 1)
         for (xc,), buf in _chunks(dtype, v):
-            acc = _accumulate(acc, _reduce(buf.copy_(xc) if k is None else _sub(xc, k, buf)))
+            acc = _accumulate(acc, _reduce(buf.copy_(xc)))
         return acc
 
-    def channel_sq_dev_sum(self, x: Array, mean: Array, axes: Sequence[int]) -> Array:
+    def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
         v = _pcq(x, axes)
-        if v is None or not _plain(mean):
-            return super().channel_sq_dev_sum(x, mean, axes)
-        m = mean.reshape(1, -1, 1)
-        acc = None
-        for (xc,), buf in _chunks(mean.dtype, v):
-            _sub(xc, m, buf).square_()
-            acc = _accumulate(acc, _reduce(buf))
-        return acc
+        if v is None or not _plain(center):
+            return super().channel_dev_sums(x, center, axes)
+        m = center.reshape(1, -1, 1)
+        s1 = s2 = None
+        for (xc,), buf in _chunks(center.dtype, v):
+            _sub(xc, m, buf)
+            s1 = _accumulate(s1, _reduce(buf))
+            s2 = _accumulate(s2, _reduce(buf.square_()))
+        return s1, s2
 
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
         if not _eligible(x) or not _plain(scale, shift) or x.ndim != scale.ndim:
