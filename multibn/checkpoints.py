@@ -31,11 +31,13 @@ Default layer-name rule between formats (:func:`default_target_name`); within on
   (So a torch module whose own name ends in ``_<digits>``, ``conv_1``, comes back from flax as ``conv.1``:
   name such layers with a map.)
 
-Every entry that is not part of a BN layer is carried unchanged, under its own key (a flax leaf's key is its
-path joined with ``/``, and a key with ``/`` becomes a nested flax path): the same values, dtype and shape,
-bit for bit, so a round trip through another format gives them back exactly. Converting the layout of
-non-BN layers (a conv kernel's OIHW vs HWIO) is not done here. Writes go to a temporary file in the output's
-directory, renamed over the output only when complete.
+Between torch and gluon (the same module paths and layouts) every entry that is not part of a BN layer is
+carried unchanged, under its own key: the same values, dtype and shape, bit for bit. Between Flax and
+torch/gluon, :func:`relayout` places each such entry where the other framework's model has it (``M.weight``
+<-> ``params/M'/kernel`` with the kernel transposed between ``(out, in, *spatial)`` and ``(*spatial, in,
+out)``, ``bias`` <-> ``bias``, a rank-1 ``weight`` <-> ``scale``); what has no place there is left out and
+listed by the command. Transposes are exact, so a round trip gives the placed entries back bit for bit.
+Writes go to a temporary file in the output's directory, renamed over the output only when complete.
 """
 
 from __future__ import annotations
@@ -256,6 +258,14 @@ def _read_torch(path: str, head: bytes) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if pickled:
+            raise CheckpointError(
+                f"{path}: holds a pickled Python object ({pickled.group(1)}), not a state_dict: torch.save(model) "
+                "pickles the module itself, which multibn does not unpickle (unpickling can run arbitrary code). "
+                "Where the model's class is defined, save its parameters instead: "
+                "torch.save(model.state_dict(), PATH)"
+            ) from e
         what = ("a torch.save zip archive that is corrupt or truncated" if head.startswith(_TORCH_MAGIC_ZIP)
                 else "not a torch.save file (neither a zip archive nor a legacy torch pickle), or a corrupt one")
         raise CheckpointError(f"{path}: cannot read as a torch state_dict: {what} ({_first_line(e)})") from e
@@ -443,6 +453,95 @@ def _to_flax(v: Any, key: str) -> Any:
         return _to_numpy(v)
     except CheckpointError as e:
         raise CheckpointError(f"{key!r} cannot be stored in a Flax file: {e}") from e
+
+
+# ---- non-BN entries between Flax and torch/gluon -------------------------------------------------------------------
+def entry_parts(fmt: str, key: str) -> tuple[str, str, str]:
+    """``(namespace, module, leaf)`` of an entry key in ``fmt``'s notation.
+
+    torch ``features.0.weight`` -> ``("", "features.0", "weight")``; gluon ``arg:conv0_weight`` -> ``("arg:",
+    "conv0_", "weight")`` and ``features.0.weight`` -> ``("", "features.0.", "weight")`` (the module keeps its
+    separator, as gluon BN layer names do); flax ``params/block/conv/kernel`` -> ``("params", "block/conv",
+    "kernel")`` (the namespace is the variable collection).
+    """
+    if fmt == "torch":
+        module, _, leaf = key.rpartition(".")
+        return "", module, leaf
+    if fmt == "gluon":
+        ns = key[:4] if key.startswith(("arg:", "aux:")) else ""
+        bare = key[len(ns):]
+        cut = max(bare.rfind("."), bare.rfind("_")) + 1
+        return ns, bare[:cut], bare[cut:]
+    coll, _, rest = key.partition("/")
+    module, _, leaf = rest.rpartition("/")
+    return coll, module, leaf
+
+
+def join_entry(fmt: str, ns: str, module: str, leaf: str) -> str:
+    """The inverse of :func:`entry_parts`."""
+    if fmt == "torch":
+        return f"{module}.{leaf}" if module else leaf
+    if fmt == "gluon":
+        return f"{ns}{module}{leaf}"
+    return "/".join(p for p in (ns, module, leaf) if p)
+
+
+def _kernel_perm(ndim: int) -> tuple[int, ...]:
+    """torch/MXNet ``(out, in, *spatial)`` -> Flax ``(*spatial, in, out)``: OIHW -> HWIO, (out, in) -> (in, out)."""
+    return (*range(2, ndim), 1, 0)
+
+
+def relayout(src_fmt: str, dst_fmt: str, key: str, value: Any, *, module: str | None = None,
+             gluon_style: str = "structural") -> tuple[str, Any, bool] | str:
+    """Where a non-BN entry goes when a checkpoint moves between Flax and torch/gluon, as
+    ``(key, value, transposed)``, or the reason it has no place in the destination.
+
+    torch/gluon -> flax: ``M.weight`` of rank >= 2 is a kernel, ``params/M'/kernel``, transposed from
+    ``(out, in, *spatial)`` to ``(*spatial, in, out)`` (conv OIHW -> HWIO, dense (out, in) -> (in, out)); a
+    rank-1 ``weight`` (or a gluon ``gamma``) is a norm layer's ``scale``; ``bias``/``beta`` is ``bias``. M' is the
+    module by the default renaming rule, or ``module`` (the map's name for it). Anything else (buffers, ``aux:``
+    states, 0-d values) has no place in a Flax ``params`` tree. flax -> torch/gluon is the inverse, for the
+    ``params`` collection; an ``embedding`` is carried as ``weight`` unchanged. Neither side records what kind
+    of layer owns an entry, so a rank-2 torch ``weight`` is taken for a ``Linear`` (an ``nn.Embedding``'s
+    table would be transposed wrongly; name it with an entry of the map, which is carried as it is).
+    """
+    ns, mod, leaf = entry_parts(src_fmt, key)
+    if not hasattr(value, "shape"):
+        return f"a {type(value).__name__}, not an array"
+    ndim = len(value.shape)
+    if dst_fmt == "flax":
+        if ns == "aux:":
+            return "an auxiliary state of a non-BN layer: a Flax model has no place for it"
+        if leaf == "weight" and ndim >= 2:
+            new_leaf, perm = "kernel", _kernel_perm(ndim)
+        elif (leaf == "weight" or (leaf == "gamma" and src_fmt == "gluon")) and ndim == 1:
+            new_leaf, perm = "scale", None
+        elif (leaf == "bias" or (leaf == "beta" and src_fmt == "gluon")) and ndim == 1:
+            new_leaf, perm = "bias", None
+        else:
+            return (f"{leaf!r} of shape {tuple(value.shape)} is not a weight or bias: a Flax params tree has no "
+                    "place for it")
+        target = module if module is not None else from_canonical("flax", to_canonical(src_fmt, mod))
+        new_key = join_entry("flax", "params", target, new_leaf)
+    else:
+        if ns != "params" or not leaf:
+            return f"Flax collection {ns!r}: only 'params' and 'batch_stats' have a {dst_fmt} counterpart"
+        if leaf == "kernel" and ndim >= 2:
+            new_leaf, perm = "weight", tuple(int(i) for i in np.argsort(_kernel_perm(ndim)))
+        elif leaf in ("scale", "bias", "embedding"):
+            new_leaf, perm = ("bias" if leaf == "bias" else "weight"), None
+        else:
+            return f"{leaf!r} of shape {tuple(value.shape)} is not a kernel, scale, bias or embedding"
+        target = module if module is not None else from_canonical(dst_fmt, to_canonical("flax", mod), gluon_style)
+        symbol = dst_fmt == "gluon" and gluon_style == "symbol"
+        new_key = join_entry(dst_fmt, "arg:" if symbol else "", target, new_leaf)
+    if perm is None:
+        return new_key, value, False
+    try:
+        a = _to_numpy(value)
+    except CheckpointError as e:
+        return str(e)
+    return new_key, np.ascontiguousarray(np.transpose(a, perm)), True
 
 
 # ---- writing ----------------------------------------------------------------------------------------------------

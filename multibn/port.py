@@ -17,8 +17,15 @@ for a bare BN layer) and whose values are either the destination layer name or a
 * ``"count"``: elements per channel per training batch, for ``--preserve statistics``.
 
 A key of the map that is not a BN layer but another entry of the file (``"arg:conv0_weight"``, a flax
-``"params/Conv_0/kernel"``) renames that entry: its value is the new key (or ``{"to": key}``); the values are
-carried unchanged (no layout conversion: conv kernels are OIHW in torch and MXNet, HWIO in Flax).
+``"params/Conv_0/kernel"``) renames that entry: its value is the new key (or ``{"to": key}``). A key that is
+the module of other entries (torch ``"0"``, gluon ``"conv0_"``, flax ``"Conv_0"``) renames the module:
+``{"0": "Conv_0"}`` with ``--to flax`` writes ``0.weight`` as ``params/Conv_0/kernel``.
+
+Between torch/gluon and flax the other entries are placed where the destination model has them
+(:func:`multibn.checkpoints.relayout`): ``M.weight`` of rank >= 2 <-> ``params/M/kernel``, transposed between
+``(out, in, *spatial)`` and ``(*spatial, in, out)`` (conv OIHW <-> HWIO, dense (out, in) <-> (in, out)),
+``bias`` <-> ``bias``, a rank-1 ``weight`` <-> ``scale``; entries with no place there (buffers, other Flax
+collections) are listed and left out. Between torch and gluon every other entry is carried unchanged.
 
 ``--layer NAME:KEY=VALUE,...`` takes the same keys (``--layer features.1:fix_gamma=true,eps=1e-3``) and wins
 over the map. Exit status: 0 when everything was converted and written; 1 when a layer or entry could not be
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from typing import Any
 
@@ -42,7 +50,10 @@ from .checkpoints import (
     CheckpointError,
     default_target_name,
     display_name,
+    entry_parts,
+    join_entry,
     read_checkpoint,
+    relayout,
     write_checkpoint,
 )
 from .conventions import CONVENTIONS, Convention, check_eps, check_momentum, resolve_convention
@@ -128,15 +139,19 @@ def _run(args: argparse.Namespace) -> int:
         per_layer.setdefault(name, {}).update(settings)
 
     src = read_checkpoint(args.src, args.src_format)  # CheckpointError: exit 1
-    renames = {}
-    for name in [n for n in per_layer if n not in src.layers and n in src.other]:
+    _check_statistics_count(args, src_conv, dst_conv, per_layer, src.layers)
+    renames: dict[str, str] = {}  # entry -> new key
+    module_renames: dict[str, str] = {}  # module of other entries -> new module name
+    modules = {entry_parts(args.src_format, k)[1] for k in src.other}
+    for name in [n for n in per_layer if n not in src.layers and (n in src.other or n in modules)]:
         settings = per_layer.pop(name)
+        what = "another entry" if name in src.other else "the module of other entries"
         if set(settings) != {"to"}:
             raise UsageError(
-                f"--map/--layer: {name!r} is not a BN layer of {args.src} but another entry: only 'to' (its new "
-                f"key) applies to it, got {', '.join(sorted(settings))}"
+                f"--map/--layer: {name!r} is not a BN layer of {args.src} but {what}: only 'to' (its new "
+                f"{'key' if name in src.other else 'name'}) applies to it, got {', '.join(sorted(settings))}"
             )
-        renames[name] = settings["to"]
+        (renames if name in src.other else module_renames)[name] = settings["to"]
     unknown = sorted(set(per_layer) - set(src.layers))
     if unknown:
         listed = ", ".join(display_name(n) for n in src.layers) or "none"
@@ -189,18 +204,37 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     out = Checkpoint(args.src_format, {}, {}, [], [], src.metadata)
     origin: dict[str, str] = {}
+    crossing = (args.src_format == "flax") != (args.dst_format == "flax")  # layouts and names differ
+    left_out: list[tuple[str, str]] = []
+    kernels: list[int] = []  # ranks of the kernels transposed
     for kind, ref in src.order:
         if kind == "bn":
             out.layers[layers[ref].name] = layers[ref]
             out.order.append(("bn", layers[ref].name))
             continue
-        key = renames.get(ref, ref)
+        value = src.other[ref]
+        ns, module, leaf = entry_parts(args.src_format, ref)
+        if crossing:
+            placed = relayout(args.src_format, args.dst_format, ref, value, module=module_renames.get(module),
+                              gluon_style=style)
+            if isinstance(placed, str) and ref not in renames:
+                left_out.append((ref, placed))
+                continue
+            if not isinstance(placed, str):
+                key, value, transposed = placed
+                if transposed:
+                    kernels.append(len(value.shape))
+        elif module in module_renames:
+            key = join_entry(args.dst_format, ns, module_renames[module], leaf)
+        else:
+            key = ref
+        key = renames.get(ref, key)  # an entry the map names is written under that name
         if key in origin:
             print(f"multibn port: error: entries {origin[key]!r} and {ref!r} would both be written as {key!r}; "
                   f"{args.output} not written", file=sys.stderr)
             return 1
         origin[key] = ref
-        out.other[key] = src.other[ref]
+        out.other[key] = value
         out.order.append(("other", key))
     try:
         write_checkpoint(args.output, out, args.dst_format, gluon_style=args.gluon_style,
@@ -216,16 +250,46 @@ def _run(args: argparse.Namespace) -> int:
         notes.append(f"num_batches_tracked dropped ({args.dst_format} has no counter)")
     if args.src_format != "torch" and args.dst_format == "torch":
         notes.append(f"num_batches_tracked written as {args.batches or 0}")
-    if src.other:
-        notes.append(f"{len(src.other)} other entries carried unchanged"
-                     + (f" ({len(renames)} renamed by the map)" if renames else ""))
+    if out.other and crossing:
+        how = ("OIHW -> HWIO, (out, in) -> (in, out)" if args.dst_format == "flax"
+               else "HWIO -> OIHW, (in, out) -> (out, in)")
+        notes.append(f"{len(out.other)} other entries placed by the {args.dst_format} layout"
+                     + (f" under params ({len(kernels)} kernels transposed {how})" if args.dst_format == "flax"
+                        else f" ({len(kernels)} kernels transposed {how})")
+                     + (f", {len(renames)} named by the map" if renames else ""))
+    elif out.other:
+        renamed = len(renames) + sum(1 for k in src.other if entry_parts(args.src_format, k)[1] in module_renames)
+        notes.append(f"{len(out.other)} other entries carried unchanged"
+                     + (f" ({renamed} renamed by the map)" if renamed else ""))
+    if left_out:
+        notes.append(f"{len(left_out)} left out (listed above)")
+        print(f"left out: {len(left_out)} entr{'ies' if len(left_out) != 1 else 'y'} with no place in a "
+              f"{args.dst_format} model (name them in --map to carry them as they are):")
+        for key, why in left_out:
+            print(f"  {key}: {why}")
+    if 2 in kernels and any(k > 2 for k in kernels):
+        print("note: if a dense layer takes a flattened conv output, its kernel rows need reordering too (torch "
+              "and MXNet flatten NCHW, Flax NHWC): the checkpoint does not record that, so it is not done")
     print(f"wrote {args.output}: {len(layers)} BN layer{'s' if len(layers) != 1 else ''}"
           + "".join(f"; {n}" for n in notes))
+    if any("WARNING" in r.changes or "NOT folded" in r.changes for r in rows):
+        print(f"multibn port: warning: {args.dst_format} cannot hold some folded running variances "
+              "(see the table)", file=sys.stderr)
     return 0
+
+
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    return value
 
 
 def _base_conventions(args: argparse.Namespace) -> tuple[Convention, Convention]:
     try:
+        for flag, value in (("--src-eps", args.src_eps), ("--dst-eps", args.dst_eps),
+                            ("--src-momentum", args.src_momentum)):
+            if value is not None:
+                _finite(value, flag)
         src = resolve_convention(args.src_convention or DEFAULT_CONVENTION[args.src_format], args.src_momentum,
                                  args.src_eps)
         dst = resolve_convention(args.dst_convention or DEFAULT_CONVENTION[args.dst_format], None, args.dst_eps)
@@ -233,7 +297,24 @@ def _base_conventions(args: argparse.Namespace) -> tuple[Convention, Convention]
         raise UsageError(str(e)) from e
     if args.count is not None and args.preserve != "statistics":
         raise UsageError("--count is used only with --preserve statistics")
+    if args.count is not None and args.count < 2:
+        raise UsageError(f"--count must be an integer >= 2 (elements per channel in each training batch), "
+                         f"got {args.count}")
     return src, dst
+
+
+def _check_statistics_count(args: argparse.Namespace, src: Convention, dst: Convention,
+                            per_layer: dict[str, dict[str, Any]], layers: dict[str, BNLayer]) -> None:
+    """``--preserve statistics`` between a biased and an unbiased running variance needs a count for every layer."""
+    if args.preserve != "statistics" or args.count is not None or src.unbiased_running_var == dst.unbiased_running_var:
+        return
+    missing = [display_name(n) for n in layers if "count" not in per_layer.get(n, {})]
+    if missing:
+        raise UsageError(
+            f"--preserve statistics from {src.name!r} ({'unbiased' if src.unbiased_running_var else 'biased'} "
+            f"running variance) to {dst.name!r} ({'unbiased' if dst.unbiased_running_var else 'biased'}) needs "
+            f"--count N (elements per channel in each training batch), or a count for layers {', '.join(missing)}"
+        )
 
 
 def _convert_layer(
@@ -295,7 +376,7 @@ def _setting(layer: str, key: str, value: Any, where: str) -> Any:
             return v
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError(f"expected a number, got {value!r}")
-        v = float(value)
+        v = _finite(float(value), key)
         return check_eps(v) if key.endswith("eps") else check_momentum(v)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{where}: layer {display_name(layer)!r}: {key}: {e}") from None
