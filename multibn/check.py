@@ -424,7 +424,7 @@ def _native_torch(case: Case, *, functional: bool, affine: bool = True, track: b
 
 #: What MXNet 1.9's CPU ``nd.BatchNorm`` is allowed beyond multibn's bound: its moving variance is recovered as
 #: ``1/invstd^2 - eps`` (a few float32 roundings of var + eps), float64 input is computed at float32 accuracy and
-#: float16 input partly at float16 accuracy (both observed here; §6 of the semantics notes measured about 2e-4 off
+#: float16 input partly at float16 accuracy (both observed here; ``docs/semantics.md`` §6 measured 1.6e-4 off
 #: float64 on a (64, 64, 56, 56) batch, which the n u terms of the bound cover).
 MXNET_NATIVE = dict(extra_var_rel=4 * 2.0**-24, u_acc={"float64": 2.0**-24, "float16": 2.0**-11})
 

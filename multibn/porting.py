@@ -58,7 +58,8 @@ def convert_state(
 
     where ``a_i`` is the weight the source convention gave batch ``i`` (``1 - momentum`` for "old"-weighted
     momentum, ``momentum`` for "new", ``1/i`` for the cumulative average) and ``t =
-    state.num_batches_tracked`` (§2.6, from ``U_0 = B_0 = 1``, every framework's initial running variance).
+    state.num_batches_tracked`` (``docs/semantics.md`` §2.6, from ``U_0 = B_0 = 1``, every framework's initial
+    running variance).
     This is **exact only when every training batch had ``count`` elements per channel**, with no other
     change to the running variance; with varying batch sizes there is no exact conversion and ``count`` should
     be the typical one. ``num_batches_tracked=None`` means t is unknown: ``P_t`` is taken as 0, the steady

@@ -1,8 +1,8 @@
 """Porting BN parameters and running statistics: ``multibn.convert_state``, the checkpoint files, ``multibn port``.
 
 The maths is checked on NumPy against ``multibn.batch_norm`` (inference output of every pair of conventions,
-the §2.6 identity on a constant-count sequence); the files with native layers of PyTorch, MXNet Gluon and Flax
-(skipped, with the reason, where a framework is not installed: MXNet and Flax are only in the full
+the ``docs/semantics.md`` §2.6 identity on a constant-count sequence); the files with native layers of PyTorch,
+MXNet Gluon and Flax (skipped, with the reason, where a framework is not installed: MXNet and Flax are only in the full
 environment).
 """
 
