@@ -1,8 +1,8 @@
 """``multibn port``: convert a checkpoint's BN parameters and running statistics from one framework to another.
 
-Checkpoint files do not record eps, momentum or ``fix_gamma`` (they live in the model code), so the command
-takes them: the source and destination conventions (default: each format's own, ``torch``, ``gluon``,
-``flax``), ``--src-eps``/``--dst-eps`` for every layer, and per layer ``--layer NAME:KEY=VALUE,...`` or a JSON
+Checkpoint files do not record eps, momentum or ``fix_gamma`` (they live in the model code), so the command takes
+them: the source and destination conventions (default: each format's own, ``torch``, ``gluon``, ``flax`` for flax
+and nnx), ``--src-eps``/``--dst-eps`` for every layer, and per layer ``--layer NAME:KEY=VALUE,...`` or a JSON
 ``--map FILE``. Each BN layer goes through :func:`multibn.porting.convert_state`; the file through
 :mod:`multibn.checkpoints` (layer names, the default renaming rule, every other entry carried unchanged).
 
@@ -10,7 +10,7 @@ The JSON map is an object whose keys are source layer names (as the table prints
 for a bare BN layer) and whose values are either the destination layer name or an object with any of:
 
 * ``"to"``: the destination layer name, in the destination format's notation (torch ``features.1``, gluon
-  ``features.1.``, flax ``features_1`` or ``block/bn``);
+  ``features.1.``, flax ``features_1`` or ``block/bn``, nnx ``features/1`` or ``bn``);
 * ``"fix_gamma"``, ``"eps"``, ``"momentum"``: the source layer's settings (momentum in the source convention's
   sense; it matters only to ``--preserve statistics``);
 * ``"dst_fix_gamma"``, ``"dst_eps"``: the destination layer's settings;
@@ -21,11 +21,16 @@ A key of the map that is not a BN layer but another entry of the file (``"arg:co
 the module of other entries (torch ``"0"``, gluon ``"conv0_"``, flax ``"Conv_0"``) renames the module:
 ``{"0": "Conv_0"}`` with ``--to flax`` writes ``0.weight`` as ``params/Conv_0/kernel``.
 
-Between torch/gluon and flax the other entries are placed where the destination model has them
+Formats: ``torch`` (a ``torch.save`` state_dict), ``gluon`` (an MXNet ``.params`` file), ``flax`` (linen
+variables, ``flax.serialization.to_bytes``), ``nnx`` (Flax NNX state as a pure dict,
+``to_bytes(nnx.to_pure_dict(nnx.state(model)))``; :mod:`multibn.checkpoints` says how to load it back).
+
+Between torch/gluon and flax/nnx the other entries are placed where the destination model has them
 (:func:`multibn.checkpoints.relayout`): ``M.weight`` of rank >= 2 <-> ``params/M/kernel``, transposed between
 ``(out, in, *spatial)`` and ``(*spatial, in, out)`` (conv OIHW <-> HWIO, dense (out, in) <-> (in, out)),
-``bias`` <-> ``bias``, a rank-1 ``weight`` <-> ``scale``; entries with no place there (buffers, other Flax
-collections) are listed and left out. Between torch and gluon every other entry is carried unchanged.
+``bias`` <-> ``bias``, a rank-1 ``weight`` <-> ``scale`` (nnx without the ``params/``); entries with no place
+there (buffers, other Flax collections) are listed and left out. Between flax and nnx only the names change;
+between torch and gluon every other entry is carried unchanged.
 
 ``--layer NAME:KEY=VALUE,...`` takes the same keys (``--layer features.1:fix_gamma=true,eps=1e-3``) and wins
 over the map. Exit status: 0 when everything was converted and written; 1 when a layer or entry could not be
@@ -43,6 +48,7 @@ from typing import Any
 
 from .checkpoints import (
     DEFAULT_CONVENTION,
+    FLAX_FAMILY,
     FORMATS,
     GLUON_STYLES,
     BNLayer,
@@ -101,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, metavar="N",
                         help="elements per channel in each training batch (N*H*W), for --preserve statistics")
     parser.add_argument("--batches", type=int, metavar="T",
-                        help="training batches the source saw, where the file does not record it (gluon, flax): "
+                        help="training batches the source saw, where the file does not record it (gluon, flax, nnx): "
                         "used by --preserve statistics and written as torch's num_batches_tracked (default 0)")
     parser.add_argument("--gluon-style", choices=GLUON_STYLES,
                         help="names of a gluon OUT's BN entries: structural (save_parameters: features.1.gamma, "
@@ -204,7 +210,8 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     out = Checkpoint(args.src_format, {}, {}, [], [], src.metadata)
     origin: dict[str, str] = {}
-    crossing = (args.src_format == "flax") != (args.dst_format == "flax")  # layouts and names differ
+    # torch and gluon share names and layouts; to, from and between the Flax formats entries are placed anew
+    crossing = args.src_format != args.dst_format and {args.src_format, args.dst_format} != {"torch", "gluon"}
     left_out: list[tuple[str, str]] = []
     kernels: list[int] = []  # ranks of the kernels transposed
     for kind, ref in src.order:
@@ -251,11 +258,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.src_format != "torch" and args.dst_format == "torch":
         notes.append(f"num_batches_tracked written as {args.batches or 0}")
     if out.other and crossing:
-        how = ("OIHW -> HWIO, (out, in) -> (in, out)" if args.dst_format == "flax"
+        how = ("OIHW -> HWIO, (out, in) -> (in, out)" if args.dst_format in FLAX_FAMILY
                else "HWIO -> OIHW, (in, out) -> (out, in)")
         notes.append(f"{len(out.other)} other entries placed by the {args.dst_format} layout"
-                     + (f" under params ({len(kernels)} kernels transposed {how})" if args.dst_format == "flax"
-                        else f" ({len(kernels)} kernels transposed {how})")
+                     + (" under params" if args.dst_format == "flax" else "")
+                     + (f" ({len(kernels)} kernels transposed {how})" if kernels else "")
                      + (f", {len(renames)} named by the map" if renames else ""))
     elif out.other:
         renamed = len(renames) + sum(1 for k in src.other if entry_parts(args.src_format, k)[1] in module_renames)

@@ -32,8 +32,8 @@ from multibn.checkpoints import (
 from multibn.cli import main
 
 C = 3
-SRC_KINDS = ("torch", "gluon", "flax", "torch_eps1e-3", "mxnet_op_fix_gamma", "gluon_scale_false")
-FORMATS = ("torch", "gluon", "flax")
+SRC_KINDS = ("torch", "gluon", "flax", "nnx", "torch_eps1e-3", "mxnet_op_fix_gamma", "gluon_scale_false")
+FORMATS = ("torch", "gluon", "flax", "nnx")
 
 
 # ---- convert_state: inference output --------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def _need(fmt):
         import mxnet
 
         return mxnet
-    if fmt == "flax":
+    if fmt in ("flax", "nnx"):
         pytest.importorskip("flax", reason="the flax format needs flax (installed in the full environment only)")
         import flax
 
@@ -361,6 +361,34 @@ def _flax_source(path, eps=1e-5):
     return np.asarray(y).transpose(0, 3, 1, 2)
 
 
+def _nnx_source(path, eps=1e-5):
+    """``flax.nnx.BatchNorm`` after four training calls, with scale and bias set away from 1 and 0."""
+    _need("nnx")
+    from flax import nnx, serialization
+
+    bn = nnx.BatchNorm(C, momentum=1 - MOMENTUM_NEW, epsilon=eps, rngs=nnx.Rngs(0))
+    for x, _ in TRAIN:
+        bn(x.transpose(0, 2, 3, 1))  # nnx updates the batch statistics on every train-mode call
+    bn.scale[...] = np.array([1.5, 0.7, 1.2], np.float32)
+    bn.bias[...] = np.array([0.1, -0.3, 0.2], np.float32)
+    path.write_bytes(serialization.to_bytes(nnx.to_pure_dict(nnx.state(bn))))
+    bn.eval()
+    return np.asarray(bn(FRESH.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+
+
+def _load_nnx(path, eps=1e-5):
+    _need("nnx")
+    from flax import nnx, serialization
+
+    bn = nnx.BatchNorm(C, epsilon=eps, use_running_average=True, rngs=nnx.Rngs(0))
+    state = nnx.state(bn)
+    raw = serialization.msgpack_restore(path.read_bytes())
+    assert set(raw) == set(nnx.to_pure_dict(state))  # exactly nnx.BatchNorm's variables
+    nnx.replace_by_pure_dict(state, raw)
+    nnx.update(bn, state)
+    return np.asarray(bn(FRESH.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+
+
 def _load_torch(path, eps=1e-5):
     torch = _need("torch")
     bn = torch.nn.BatchNorm2d(C, eps=eps)
@@ -398,6 +426,7 @@ SOURCES = {
     "torch": ("torch", _torch_source, [], "unchanged", None),
     "gluon": ("gluon", _gluon_source, [], "unchanged", None),
     "flax": ("flax", _flax_source, [], "unchanged", None),
+    "nnx": ("nnx", _nnx_source, [], "unchanged", None),
     "torch_eps1e-3": ("torch", lambda p: _torch_source(p, eps=1e-3), ["--src-eps", "1e-3"],
                       "eps 0.001 -> 1e-05 folded", []),
     "mxnet_op_fix_gamma": ("gluon", _mxnet_op_source, ["--src-convention", "mxnet", "--layer", "bn0_:to=(root)",
@@ -406,8 +435,8 @@ SOURCES = {
     "gluon_scale_false": ("gluon", lambda p: _gluon_source(p, scale=False), ["--layer", ":fix_gamma=true"],
                           "gamma reset to 1", []),
 }
-LOADERS = {"torch": _load_torch, "gluon": _load_gluon, "flax": _load_flax}
-SUFFIX = {"torch": ".pt", "gluon": ".params", "flax": ".msgpack"}
+LOADERS = {"torch": _load_torch, "gluon": _load_gluon, "flax": _load_flax, "nnx": _load_nnx}
+SUFFIX = {"torch": ".pt", "gluon": ".params", "flax": ".msgpack", "nnx": ".nnx.msgpack"}
 
 
 @pytest.fixture(scope="module")
@@ -660,7 +689,25 @@ def _gluon_model_file(path):
     net.save_parameters(str(path))
 
 
-MODEL_FILES = {"torch": _torch_model_file, "gluon": _gluon_model_file, "flax": _flax_model_file}
+def _nnx_model_file(path):
+    _need("nnx")
+    from flax import nnx, serialization
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 4, (1, 1), rngs=rngs)
+            self.blocks = nnx.List([nnx.BatchNorm(4, momentum=0.5, rngs=rngs)])
+
+        def __call__(self, x):
+            return self.blocks[0](self.conv(x))
+
+    net = Net(nnx.Rngs(1))
+    net(np.random.default_rng(2).normal(size=(4, 3, 3, 3)).astype(np.float32) * 2 + 1)
+    path.write_bytes(serialization.to_bytes(nnx.to_pure_dict(nnx.state(net))))
+
+
+MODEL_FILES = {"torch": _torch_model_file, "gluon": _gluon_model_file, "flax": _flax_model_file,
+               "nnx": _nnx_model_file}
 
 
 @pytest.mark.parametrize(("start", "via"), list(itertools.permutations(FORMATS, 2)))
@@ -676,7 +723,7 @@ def test_round_trip_keeps_every_non_bn_entry_bit_identical(start, via, tmp_path)
     src = read_checkpoint(first, start)
     assert src.layers and src.other
     kept = set(src.other)
-    if start == "torch" and via == "flax":  # torch buffers have no place in a Flax model: left out, listed
+    if start == "torch" and via in ("flax", "nnx"):  # torch buffers have no place in a Flax model: left out
         kept -= {"steps", "table"}
         assert set(a) - set(c) == {"steps", "table"}
         a = {k: v for k, v in a.items() if k in c}
@@ -775,6 +822,47 @@ def test_torch_conv_bn_dense_model_to_the_same_flax_model(sequential, tmp_path, 
     again.load_state_dict(torch.load(back, weights_only=True))
     with torch.no_grad():
         np.testing.assert_allclose(again.eval()(torch.from_numpy(x)).numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_torch_conv_bn_dense_model_to_the_same_nnx_model(tmp_path, capsys):
+    """``--to nnx``: the state of the matching ``flax.nnx`` model (attribute paths, a list index as a path
+    component) loads with ``nnx.replace_by_pure_dict`` and gives the torch model's eval output; and back."""
+    torch = _need("torch")
+    _need("nnx")
+    from flax import nnx, serialization
+
+    net = _torch_conv_bn_dense(sequential=False)
+    sd = {k.replace("fc.", "fc.0."): v for k, v in net.state_dict().items()}  # torch ModuleList([Linear]) names
+    torch.save(sd, tmp_path / "net.pt")
+    out = tmp_path / "net.msgpack"
+    assert port(tmp_path / "net.pt", "-o", out, "--from", "torch", "--to", "nnx") == 0
+    assert "(2 kernels transposed OIHW -> HWIO" in capsys.readouterr().out
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 4, (3, 2), padding=1, rngs=rngs)
+            self.bn = nnx.BatchNorm(4, use_running_average=True, rngs=rngs)
+            self.fc = nnx.List([nnx.Linear(4, 2, rngs=rngs)])
+
+        def __call__(self, x):
+            return self.fc[0](nnx.relu(self.bn(self.conv(x))).mean((1, 2)))
+
+    model = Net(nnx.Rngs(0))
+    state = nnx.state(model)
+    raw = serialization.msgpack_restore(out.read_bytes())
+    pure = nnx.to_pure_dict(state)
+    assert {k: set(map(str, v)) for k, v in raw.items()} == {k: set(map(str, v)) for k, v in pure.items()}
+    nnx.replace_by_pure_dict(state, raw)
+    nnx.update(model, state)
+    x = np.random.default_rng(5).normal(size=(3, 3, 6, 5)).astype(np.float32) * 2 + 1
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(model(x.transpose(0, 2, 3, 1))), want, rtol=1e-5, atol=1e-5)
+    assert port(out, "-o", tmp_path / "back.pt", "--from", "nnx", "--to", "torch") == 0
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert set(back) == set(sd)
+    for k in sd:
+        assert torch.equal(back[k], sd[k]) or k.endswith("num_batches_tracked"), k
 
 
 def test_gluon_model_to_flax_places_kernels(tmp_path, capsys):
