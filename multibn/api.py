@@ -96,6 +96,11 @@ def _index(value: object) -> int | None:
         return None
 
 
+def _describe(value: object) -> str:
+    """``repr(value)``, with the type named where the repr alone hides it (``np.float64(1.0)`` prints ``1.0``)."""
+    return repr(value) if type(value) in (int, float, bool, str, type(None)) else f"{type(value).__name__} {value!r}"
+
+
 def _check_float_name(be: Backend, name: str, dt: str) -> str:
     if dt not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have a floating dtype ({', '.join(FLOAT_DTYPES)}), got {dt}")
@@ -141,7 +146,7 @@ def _prepare(
     ax = conv.axis if axis is None else _index(axis)
     if ax is None or not -x.ndim <= ax < x.ndim:
         raise ValueError(f"axis must be an int in [{-x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got "
-                         f"{type(axis).__name__} {axis!r}")
+                         f"{_describe(axis)}")
     axis = ax
     lay = alg.Layout.of(tuple(x.shape), axis)
     dev = be.device_of(x)
@@ -272,7 +277,7 @@ def init_state(
     resolve_convention(convention, None, None)
     n = _index(num_features)
     if n is None or n < 1:
-        raise ValueError(f"num_features must be a positive int, got {type(num_features).__name__} {num_features!r}")
+        raise ValueError(f"num_features must be a positive int, got {_describe(num_features)}")
     num_features = n
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
