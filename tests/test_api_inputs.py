@@ -52,10 +52,11 @@ def test_numpy_integer_axis(axis):
     np.testing.assert_allclose(y, _reference_y(x, np.ones(3), np.zeros(3), 1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("bad", "shown"), [(1.0, "1.0"), (True, "True"), ("1", "'1'"), (np.bool_(True), "bool_ "),
-                                            (np.float64(1.0), "float64 ")])
+@pytest.mark.parametrize(("bad", "shown"), [(1.0, "1.0"), (True, "True"), ("1", "'1'"), (np.bool_(True), None),
+                                            (np.float64(1.0), None)])
 def test_non_integer_axis_is_refused_naming_its_type(bad, shown):
     """A NumPy scalar's repr can look like an int (``1.0``, ``True``): the message names its type then."""
+    shown = f"{type(bad).__name__} " if shown is None else shown  # np.bool_ is "bool_" in NumPy 1, "bool" in 2
     with pytest.raises(ValueError, match=f"axis must be an int .* got {shown}"):
         multibn.batch_norm(np.zeros((4, 3), np.float32), axis=bad)
 
