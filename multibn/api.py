@@ -57,6 +57,8 @@ def _pick_backend(backend: str | None, named: dict[str, object]) -> Backend:
 def _to_backend(be: Backend, name: str, value: object, device: object, dtype: str = "float32") -> Array:
     """``value`` as an array of ``be``: its own arrays as they are, NumPy arrays converted with their dtype,
     Python numbers and sequences converted to ``dtype`` (like ``torch.tensor`` of floats)."""
+    if isinstance(value, np.ndarray) and not value.dtype.isnative:
+        value = value.astype(value.dtype.newbyteorder("="))  # big-endian data (.npy, FITS): the same values
     if be.is_array(value):
         return value
     if isinstance(value, (str, bytes, dict, set)):
@@ -84,6 +86,21 @@ def _counter(be: Backend, tracked: object, device: object) -> Array:
             f"state.num_batches_tracked must be an integer count, got {type(tracked).__name__} {tracked!r}"
         )
     return be.counter(int(value.reshape(-1)[0]), device)
+
+
+def _index(value: object) -> int | None:
+    """An integer argument as an int (NumPy integers too, by ``operator.index``); None for a bool or a non-integer."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _describe(value: object) -> str:
+    """``repr(value)``, with the type named where the repr alone hides it (``np.float64(1.0)`` prints ``1.0``)."""
+    return repr(value) if type(value) in (int, float, bool, str, type(None)) else f"{type(value).__name__} {value!r}"
 
 
 def _check_float_name(be: Backend, name: str, dt: str) -> str:
@@ -129,9 +146,11 @@ def _prepare(
     xdt = _check_float(be, "x", x)
     if x.ndim < 2:
         raise ValueError(f"x must have rank >= 2 (a batch axis and a channel axis), got shape {tuple(x.shape)}")
-    axis = conv.axis if axis is None else axis
-    if isinstance(axis, bool) or not isinstance(axis, int) or not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"axis must be an int in [{-x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got {axis!r}")
+    ax = conv.axis if axis is None else _index(axis)
+    if ax is None or not -x.ndim <= ax < x.ndim:
+        raise ValueError(f"axis must be an int in [{-x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got "
+                         f"{_describe(axis)}")
+    axis = ax
     lay = alg.Layout.of(tuple(map(operator.index, x.shape)), axis)  # torch.compile: a static shape, as the op
     dev = be.device_of(x)
     pdt = "float64" if xdt == "float64" else "float32"
@@ -142,7 +161,7 @@ def _prepare(
     if state is not None:
         rmean = _to_backend(be, "state.running_mean", state.running_mean, device, pdt)
         rvar = _to_backend(be, "state.running_var", state.running_var, device, pdt)
-        tracked = _counter(be, state.num_batches_tracked, device)
+        tracked = _counter(be, state.num_batches_tracked, device if device is not None else be.device_of(rvar))
         _check_vector(be, "state.running_mean", rmean, lay.channels, axis)
         _check_vector(be, "state.running_var", rvar, lay.channels, axis)
         state = BNState(rmean, rvar, tracked)
@@ -321,8 +340,10 @@ def init_state(
 ) -> BNState:
     """Fresh running statistics: mean 0, variance 1, ``num_batches_tracked`` 0 (every framework's init)."""
     resolve_convention(convention, None, None)
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    n = _index(num_features)
+    if n is None or n < 1:
+        raise ValueError(f"num_features must be a positive int, got {_describe(num_features)}")
+    num_features = n
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
     be = get_backend(backend)

@@ -424,7 +424,7 @@ def _native_torch(case: Case, *, functional: bool, affine: bool = True, track: b
 
 #: What MXNet 1.9's CPU ``nd.BatchNorm`` is allowed beyond multibn's bound: its moving variance is recovered as
 #: ``1/invstd^2 - eps`` (a few float32 roundings of var + eps), float64 input is computed at float32 accuracy and
-#: float16 input partly at float16 accuracy (both observed here; §6 of the semantics notes measured about 2e-4 off
+#: float16 input partly at float16 accuracy (both observed here; ``docs/semantics.md`` §6 measured 1.6e-4 off
 #: float64 on a (64, 64, 56, 56) batch, which the n u terms of the bound cover).
 MXNET_NATIVE = dict(extra_var_rel=4 * 2.0**-24, u_acc={"float64": 2.0**-24, "float16": 2.0**-11})
 
@@ -791,25 +791,64 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+class UsageError(ValueError):
+    """A bad selection or output path: exit status 2, nothing run."""
+
+
 def _parse_list(value: str | None, allowed: Sequence[str], what: str) -> list[str]:
     if value is None:
         return list(allowed)
     items = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in items if v not in allowed]
     if bad:
-        raise SystemExit(f"multibn check: unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
-    return items
+        raise UsageError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
+    if not items:
+        raise UsageError(f"--{what}s {value!r} selects no {what}; choose from {', '.join(allowed)} "
+                         f"(or leave the flag out for all)")
+    return list(dict.fromkeys(items))
+
+
+def _unavailable(asked: Sequence[str]) -> dict[str, str]:
+    """Backend -> why it cannot be imported here, for the asked-for backends that cannot (imports them)."""
+    from .backends import get_backend
+
+    out = {}
+    for b in asked:
+        try:
+            get_backend(b)
+        except ImportError as e:
+            out[b] = str(e)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
+    from .cli import check_outputs
+
+    try:
+        conventions = _parse_list(args.conventions, tuple(CONVENTIONS), "convention")
+        asked = _parse_list(args.backends, BACKENDS, "backend")
+    except UsageError as e:
+        print(f"multibn check: error: {e}", file=sys.stderr)
+        return 2
+    bad_output = check_outputs("check", json=args.json)
+    if bad_output is not None:
+        return bad_output
+    if args.backends is not None:  # asked for by name: each must run, or the check would pass without them
+        missing = _unavailable(asked)
+        if missing:
+            for b, why in missing.items():
+                print(f"multibn check: error: backend {b} was asked for but cannot run here: {why}", file=sys.stderr)
+            return 1
+    return _run(args, conventions, asked)
+
+
+def _run(args: argparse.Namespace, conventions: list[str], asked: list[str]) -> int:
     import importlib.util
     import shutil
 
     from .backends import available_backends
 
     t0 = time.monotonic()
-    conventions = _parse_list(args.conventions, tuple(CONVENTIONS), "convention")
-    asked = _parse_list(args.backends, BACKENDS, "backend")
     cases = battery(conventions, quick=args.quick)
     present = [b for b in asked if importlib.util.find_spec(b) is not None]
     natives = [] if args.no_native else native_battery(present, conventions, quick=args.quick)
@@ -858,17 +897,20 @@ def run(args: argparse.Namespace) -> int:
         for r in failed:
             print(f"  {r.backend} {r.convention} [{r.case}] {r.quantity}: {r.detail}")
     elapsed = time.monotonic() - t0
+    passed = bool(rows) and not failed  # nothing compared is not a pass
+    if not rows:
+        print("\nno comparison ran: none of the selected backends can run here", file=sys.stderr)
     print(f"\n{len(rows)} comparisons ({len(cases)} cases x {len(backends)} backends + pairwise, "
           f"{len(natives)} native): "
           f"{len(rows) - len(failed)} passed, {len(failed)} failed in {elapsed:.1f}s "
-          f"-> {'PASS' if not failed else 'FAIL'}")
+          f"-> {'PASS' if passed else 'FAIL'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"versions": versions(), "results": [r.as_json() for r in rows],
                        "not_run": [{"backend": b, "what": w, "reason": why} for (b, w), why in not_run.items()]
                        + [{"backend": b, "what": "backend", "reason": "not installed"} for b in missing]},
                       f, indent=1)
-    return 0 if not failed else 1
+    return 0 if passed else 1
 
 
 def _print_table(rows: list[Row], conventions: Sequence[str], backends: Sequence[str]) -> None:
@@ -895,3 +937,7 @@ def _print_table(rows: list[Row], conventions: Sequence[str], backends: Sequence
         print(f"{k[0]:<14} {k[1]:<24} {k[2]:<20} {len(rs):>5} {max(r.max_abs_err for r in rs):>11.3g} "
               f"{max(r.max_rel_err for r in rs):>11.3g} {max(r.tol for r in rs):>9.2g} "
               f"{max(r.err_to_tol for r in rs):>8.2g}  {'PASS' if ok else 'FAIL'}")
+    if any(not np.isfinite(r.tol) for r in rows):
+        print("tol inf: the error bound is infinite where 1/sqrt(var + eps) is (a constant channel with eps 0) or "
+              "the input holds NaN/inf; such a row checks that NaN and inf sit at the same places, and its error "
+              "columns show how far the finite values are apart (mxnet dgamma under fix_gamma: exactly 0)")

@@ -18,6 +18,12 @@ Formats (each framework is imported only when its format is read or written):
     BN layer is a path ``P`` with ``batch_stats/P/mean`` and ``batch_stats/P/var``, and optionally
     ``params/P/scale`` and ``params/P/bias``. Layer names are the paths joined with ``/`` (``features_1``,
     ``block/bn``; ``""`` for a bare ``nn.BatchNorm``).
+``nnx``
+    Flax NNX state as a pure dict, ``flax.serialization.to_bytes(nnx.to_pure_dict(nnx.state(model)))``
+    (load it back with ``nnx.replace_by_pure_dict(nnx.state(model), msgpack_restore(data))`` and
+    ``nnx.update``): a BN layer is a path ``P`` with ``P/mean`` and ``P/var`` (``nnx.BatchNorm``'s batch
+    statistics), and optionally ``P/scale`` and ``P/bias``. Layer names are the attribute paths joined with
+    ``/`` (``bn``, ``blocks/0/bn``: a list index is a path component).
 
 Default layer-name rule between formats (:func:`default_target_name`); within one format names are kept:
 
@@ -31,11 +37,13 @@ Default layer-name rule between formats (:func:`default_target_name`); within on
   (So a torch module whose own name ends in ``_<digits>``, ``conv_1``, comes back from flax as ``conv.1``:
   name such layers with a map.)
 
-Every entry that is not part of a BN layer is carried unchanged, under its own key (a flax leaf's key is its
-path joined with ``/``, and a key with ``/`` becomes a nested flax path): the same values, dtype and shape,
-bit for bit, so a round trip through another format gives them back exactly. Converting the layout of
-non-BN layers (a conv kernel's OIHW vs HWIO) is not done here. Writes go to a temporary file in the output's
-directory, renamed over the output only when complete.
+Between torch and gluon (the same module paths and layouts) every entry that is not part of a BN layer is
+carried unchanged, under its own key: the same values, dtype and shape, bit for bit. Between Flax and
+torch/gluon, :func:`relayout` places each such entry where the other framework's model has it (``M.weight``
+<-> ``params/M'/kernel`` with the kernel transposed between ``(out, in, *spatial)`` and ``(*spatial, in,
+out)``, ``bias`` <-> ``bias``, a rank-1 ``weight`` <-> ``scale``); what has no place there is left out and
+listed by the command. Transposes are exact, so a round trip gives the placed entries back bit for bit.
+Writes go to a temporary file in the output's directory, renamed over the output only when complete.
 """
 
 from __future__ import annotations
@@ -52,9 +60,11 @@ from typing import Any
 
 import numpy as np
 
-FORMATS = ("torch", "gluon", "flax")
+FORMATS = ("torch", "gluon", "flax", "nnx")
+#: the formats whose weights have Flax's layouts (HWIO kernels, ``(in, out)`` dense kernels)
+FLAX_FAMILY = ("flax", "nnx")
 #: the convention of each format's native BN layer, the default for a file of that format
-DEFAULT_CONVENTION = {"torch": "torch", "gluon": "gluon", "flax": "flax"}
+DEFAULT_CONVENTION = {"torch": "torch", "gluon": "gluon", "flax": "flax", "nnx": "flax"}
 GLUON_STYLES = ("structural", "symbol")
 _TORCH_MAGIC_ZIP = b"PK\x03\x04"
 _MX_MAGIC = (0x112).to_bytes(8, "little")
@@ -107,6 +117,8 @@ def to_canonical(fmt: str, name: str) -> str:
     """A layer name of ``fmt`` as a dotted module path (torch's notation)."""
     if fmt == "torch":
         return name
+    if fmt == "nnx":
+        return name.replace("/", ".")
     if fmt == "gluon":
         return name[:-1] if name.endswith((".", "_")) else name
     if fmt == "flax":
@@ -122,6 +134,8 @@ def from_canonical(fmt: str, name: str, gluon_style: str = "structural") -> str:
     """A dotted module path as a layer name of ``fmt``."""
     if fmt == "torch":
         return name
+    if fmt == "nnx":
+        return name.replace(".", "/")
     if fmt == "gluon":
         if not name:
             return ""
@@ -160,7 +174,7 @@ def read_checkpoint(path: str | os.PathLike[str], fmt: str) -> Checkpoint:
         head = f.read(16)
     if not head:
         raise CheckpointError(f"{path}: the file is empty")
-    return {"torch": _read_torch, "gluon": _read_gluon, "flax": _read_flax}[fmt](path, head)
+    return {"torch": _read_torch, "gluon": _read_gluon, "flax": _read_flax, "nnx": _read_nnx}[fmt](path, head)
 
 
 def _first_line(e: BaseException) -> str:
@@ -256,6 +270,14 @@ def _read_torch(path: str, head: bytes) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if pickled:
+            raise CheckpointError(
+                f"{path}: holds a pickled Python object ({pickled.group(1)}), not a state_dict: torch.save(model) "
+                "pickles the module itself, which multibn does not unpickle (unpickling can run arbitrary code). "
+                "Where the model's class is defined, save its parameters instead: "
+                "torch.save(model.state_dict(), PATH)"
+            ) from e
         what = ("a torch.save zip archive that is corrupt or truncated" if head.startswith(_TORCH_MAGIC_ZIP)
                 else "not a torch.save file (neither a zip archive nor a legacy torch pickle), or a corrupt one")
         raise CheckpointError(f"{path}: cannot read as a torch state_dict: {what} ({_first_line(e)})") from e
@@ -347,7 +369,8 @@ def _flatten(tree: Any, prefix: tuple[str, ...], out: dict[tuple[str, ...], Any]
         out[prefix] = tree
 
 
-def _read_flax(path: str, head: bytes) -> Checkpoint:
+def _flax_entries(path: str, what: str) -> dict[str, Any]:
+    """The leaves of a flax.serialization msgpack file, by path joined with ``/``."""
     serialization = _flax_serialization()
     with open(path, "rb") as f:
         data = f.read()
@@ -355,14 +378,33 @@ def _read_flax(path: str, head: bytes) -> Checkpoint:
         tree = serialization.msgpack_restore(data)
     except Exception as e:
         raise CheckpointError(
-            f"{path}: cannot read as Flax variables (flax.serialization msgpack), corrupt or truncated "
-            f"({_first_line(e)})"
+            f"{path}: cannot read as {what} (flax.serialization msgpack), corrupt or truncated ({_first_line(e)})"
         ) from e
     if not isinstance(tree, dict) or not tree:
-        raise CheckpointError(f"{path}: holds a {type(tree).__name__}, not a dict of Flax variable collections")
+        raise CheckpointError(f"{path}: holds a {type(tree).__name__}, not a dict of {what}")
     leaves: dict[tuple[str, ...], Any] = {}
     _flatten(tree, (), leaves)
-    entries = {"/".join(p): v for p, v in leaves.items()}
+    return {"/".join(p): v for p, v in leaves.items()}
+
+
+def _read_nnx(path: str, head: bytes) -> Checkpoint:
+    entries = _flax_entries(path, "Flax NNX state")
+
+    def split(key: str) -> tuple[str, str] | None:
+        layer, _, leaf = key.rpartition("/")
+        return (layer, leaf) if leaf in ("mean", "var") else None
+
+    groups = _group(list(entries), split)
+    for name, roles in groups.items():
+        for leaf, role in (("scale", "gamma"), ("bias", "beta")):
+            k = "/".join(filter(None, (name, leaf)))
+            if k in entries:
+                roles[role] = k
+    return _assemble("nnx", entries, groups, list(entries))
+
+
+def _read_flax(path: str, head: bytes) -> Checkpoint:
+    entries = _flax_entries(path, "Flax variable collections")
     stats_roles = {"mean": "mean", "var": "var"}
     param_roles = {"scale": "gamma", "bias": "beta"}
 
@@ -445,6 +487,101 @@ def _to_flax(v: Any, key: str) -> Any:
         raise CheckpointError(f"{key!r} cannot be stored in a Flax file: {e}") from e
 
 
+# ---- non-BN entries between Flax and torch/gluon -------------------------------------------------------------------
+def entry_parts(fmt: str, key: str) -> tuple[str, str, str]:
+    """``(namespace, module, leaf)`` of an entry key in ``fmt``'s notation.
+
+    torch ``features.0.weight`` -> ``("", "features.0", "weight")``; gluon ``arg:conv0_weight`` -> ``("arg:",
+    "conv0_", "weight")`` and ``features.0.weight`` -> ``("", "features.0.", "weight")`` (the module keeps its
+    separator, as gluon BN layer names do); flax ``params/block/conv/kernel`` -> ``("params", "block/conv",
+    "kernel")`` (the namespace is the variable collection).
+    """
+    if fmt == "torch":
+        module, _, leaf = key.rpartition(".")
+        return "", module, leaf
+    if fmt == "gluon":
+        ns = key[:4] if key.startswith(("arg:", "aux:")) else ""
+        bare = key[len(ns):]
+        cut = max(bare.rfind("."), bare.rfind("_")) + 1
+        return ns, bare[:cut], bare[cut:]
+    if fmt == "nnx":
+        module, _, leaf = key.rpartition("/")
+        return "", module, leaf
+    coll, _, rest = key.partition("/")
+    module, _, leaf = rest.rpartition("/")
+    return coll, module, leaf
+
+
+def join_entry(fmt: str, ns: str, module: str, leaf: str) -> str:
+    """The inverse of :func:`entry_parts`."""
+    if fmt == "torch":
+        return f"{module}.{leaf}" if module else leaf
+    if fmt == "gluon":
+        return f"{ns}{module}{leaf}"
+    return "/".join(p for p in (ns, module, leaf) if p)
+
+
+def _kernel_perm(ndim: int) -> tuple[int, ...]:
+    """torch/MXNet ``(out, in, *spatial)`` -> Flax ``(*spatial, in, out)``: OIHW -> HWIO, (out, in) -> (in, out)."""
+    return (*range(2, ndim), 1, 0)
+
+
+def relayout(src_fmt: str, dst_fmt: str, key: str, value: Any, *, module: str | None = None,
+             gluon_style: str = "structural") -> tuple[str, Any, bool] | str:
+    """Where a non-BN entry goes when a checkpoint moves between the torch/gluon and the Flax family (flax,
+    nnx), or between flax and nnx, as ``(key, value, transposed)``, or the reason it has no place there.
+
+    torch/gluon -> flax/nnx: ``M.weight`` of rank >= 2 is a kernel, ``[params/]M'/kernel``, transposed from
+    ``(out, in, *spatial)`` to ``(*spatial, in, out)`` (conv OIHW -> HWIO, dense (out, in) -> (in, out)); a
+    rank-1 ``weight`` (or a gluon ``gamma``) is a norm layer's ``scale``; ``bias``/``beta`` is ``bias``. M' is the
+    module by the default renaming rule, or ``module`` (the map's name for it). Anything else (buffers, ``aux:``
+    states, 0-d values) has no place in a Flax model. flax/nnx -> torch/gluon is the inverse, for flax's
+    ``params`` collection and nnx's parameters; an ``embedding`` is carried as ``weight`` unchanged. Between
+    flax and nnx only the names change. Neither side records what kind of layer owns an entry, so a rank-2
+    torch ``weight`` is taken for a ``Linear`` (an ``nn.Embedding``'s table would be transposed wrongly; name
+    it with an entry of the map, which is carried as it is).
+    """
+    ns, mod, leaf = entry_parts(src_fmt, key)
+    if not hasattr(value, "shape"):
+        return f"a {type(value).__name__}, not an array"
+    ndim = len(value.shape)
+    src_flax, dst_flax = src_fmt in FLAX_FAMILY, dst_fmt in FLAX_FAMILY
+    if src_fmt == "flax" and (ns != "params" or not leaf):
+        return f"Flax collection {ns!r}: only 'params' and 'batch_stats' have a {dst_fmt} counterpart"
+    perm: tuple[int, ...] | None = None
+    if src_flax and dst_flax:
+        new_leaf = leaf
+    elif dst_flax:
+        if ns == "aux:":
+            return "an auxiliary state of a non-BN layer: a Flax model has no place for it"
+        if leaf == "weight" and ndim >= 2:
+            new_leaf, perm = "kernel", _kernel_perm(ndim)
+        elif (leaf == "weight" or (leaf == "gamma" and src_fmt == "gluon")) and ndim == 1:
+            new_leaf = "scale"
+        elif (leaf == "bias" or (leaf == "beta" and src_fmt == "gluon")) and ndim == 1:
+            new_leaf = "bias"
+        else:
+            return (f"{leaf!r} of shape {tuple(value.shape)} is not a weight or bias: a Flax model has no "
+                    "place for it")
+    else:
+        if leaf == "kernel" and ndim >= 2:
+            new_leaf, perm = "weight", tuple(int(i) for i in np.argsort(_kernel_perm(ndim)))
+        elif leaf in ("scale", "bias", "embedding"):
+            new_leaf = "bias" if leaf == "bias" else "weight"
+        else:
+            return f"{leaf!r} of shape {tuple(value.shape)} is not a kernel, scale, bias or embedding"
+    target = module if module is not None else from_canonical(dst_fmt, to_canonical(src_fmt, mod), gluon_style)
+    new_ns = {"flax": "params", "gluon": "arg:" if gluon_style == "symbol" else ""}.get(dst_fmt, "")
+    new_key = join_entry(dst_fmt, new_ns, target, new_leaf)
+    if perm is None:
+        return new_key, value, False
+    try:
+        a = _to_numpy(value)
+    except CheckpointError as e:
+        return str(e)
+    return new_key, np.ascontiguousarray(np.transpose(a, perm)), True
+
+
 # ---- writing ----------------------------------------------------------------------------------------------------
 def gluon_keys(name: str, style: dict[str, Any]) -> dict[str, str]:
     """role -> key of a gluon BN layer with prefix ``name`` in ``style`` ({"symbol": bool, "stats": word})."""
@@ -493,6 +630,9 @@ def build(ckpt: Checkpoint, fmt: str, *, gluon_style: str | None = None, batches
                     "var": pre + "running_var"}
         elif fmt == "gluon":
             keys = gluon_keys(layer.name, _gluon_style(layer, gluon_style))
+        elif fmt == "nnx":
+            pre = layer.name + "/" if layer.name else ""
+            keys = {"gamma": f"{pre}scale", "beta": f"{pre}bias", "mean": f"{pre}mean", "var": f"{pre}var"}
         else:
             pre = layer.name + "/" if layer.name else ""
             keys = {"gamma": f"params/{pre}scale", "beta": f"params/{pre}bias", "mean": f"batch_stats/{pre}mean",

@@ -1,6 +1,6 @@
 """Named batch-norm conventions: one table, one row per framework's native BN.
 
-A convention fixes every rule on which frameworks disagree (see ``shared/bn-semantics.md`` §1-2):
+A convention fixes every rule on which frameworks disagree (see ``docs/semantics.md`` §1-2):
 
 * momentum and which side it weighs: ``"new"`` means ``R <- (1 - m) R + m stat`` (PyTorch),
   ``"old"`` means ``R <- m R + (1 - m) stat`` (MXNet, Gluon, Flax, Keras, d2l); ``None`` is PyTorch's

@@ -9,6 +9,7 @@ gradients.
 from __future__ import annotations
 
 import argparse
+import sys
 from importlib import resources
 
 import numpy as np
@@ -41,11 +42,23 @@ def run_steps(backend: str, convention: str, data: dict[str, np.ndarray], dtype:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backends", default=None, help="comma-separated (default: every installed backend)")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated subset of numpy,torch,jax,mxnet (default: every installed backend)")
 
 
 def run(args: argparse.Namespace) -> int:
-    backends = args.backends.split(",") if args.backends else list(available_backends())
+    from .check import BACKENDS, UsageError, _parse_list, _unavailable
+
+    try:  # every name checked before the first line of the table
+        backends = _parse_list(args.backends, BACKENDS, "backend") if args.backends is not None else None
+    except UsageError as e:
+        print(f"multibn demo: error: {e}", file=sys.stderr)
+        return 2
+    if backends is None:
+        backends = list(available_backends())
+    for b, why in _unavailable(backends).items():
+        print(f"multibn demo: error: backend {b} cannot run here: {why}", file=sys.stderr)
+        return 1
     data = load_demo_data()
     print(f"multibn demo: 4 training steps + eval on batches of shape {data['x'].shape[1:]} (shipped data),")
     print("float32 on each backend against the float64 NumPy run: max|got - ref| / max|ref| per quantity\n")

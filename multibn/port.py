@@ -1,8 +1,8 @@
 """``multibn port``: convert a checkpoint's BN parameters and running statistics from one framework to another.
 
-Checkpoint files do not record eps, momentum or ``fix_gamma`` (they live in the model code), so the command
-takes them: the source and destination conventions (default: each format's own, ``torch``, ``gluon``,
-``flax``), ``--src-eps``/``--dst-eps`` for every layer, and per layer ``--layer NAME:KEY=VALUE,...`` or a JSON
+Checkpoint files do not record eps, momentum or ``fix_gamma`` (they live in the model code), so the command takes
+them: the source and destination conventions (default: each format's own, ``torch``, ``gluon``, ``flax`` for flax
+and nnx), ``--src-eps``/``--dst-eps`` for every layer, and per layer ``--layer NAME:KEY=VALUE,...`` or a JSON
 ``--map FILE``. Each BN layer goes through :func:`multibn.porting.convert_state`; the file through
 :mod:`multibn.checkpoints` (layer names, the default renaming rule, every other entry carried unchanged).
 
@@ -10,15 +10,27 @@ The JSON map is an object whose keys are source layer names (as the table prints
 for a bare BN layer) and whose values are either the destination layer name or an object with any of:
 
 * ``"to"``: the destination layer name, in the destination format's notation (torch ``features.1``, gluon
-  ``features.1.``, flax ``features_1`` or ``block/bn``);
+  ``features.1.``, flax ``features_1`` or ``block/bn``, nnx ``features/1`` or ``bn``);
 * ``"fix_gamma"``, ``"eps"``, ``"momentum"``: the source layer's settings (momentum in the source convention's
   sense; it matters only to ``--preserve statistics``);
 * ``"dst_fix_gamma"``, ``"dst_eps"``: the destination layer's settings;
 * ``"count"``: elements per channel per training batch, for ``--preserve statistics``.
 
 A key of the map that is not a BN layer but another entry of the file (``"arg:conv0_weight"``, a flax
-``"params/Conv_0/kernel"``) renames that entry: its value is the new key (or ``{"to": key}``); the values are
-carried unchanged (no layout conversion: conv kernels are OIHW in torch and MXNet, HWIO in Flax).
+``"params/Conv_0/kernel"``) renames that entry: its value is the new key (or ``{"to": key}``). A key that is
+the module of other entries (torch ``"0"``, gluon ``"conv0_"``, flax ``"Conv_0"``) renames the module:
+``{"0": "Conv_0"}`` with ``--to flax`` writes ``0.weight`` as ``params/Conv_0/kernel``.
+
+Formats: ``torch`` (a ``torch.save`` state_dict), ``gluon`` (an MXNet ``.params`` file), ``flax`` (linen
+variables, ``flax.serialization.to_bytes``), ``nnx`` (Flax NNX state as a pure dict,
+``to_bytes(nnx.to_pure_dict(nnx.state(model)))``; :mod:`multibn.checkpoints` says how to load it back).
+
+Between torch/gluon and flax/nnx the other entries are placed where the destination model has them
+(:func:`multibn.checkpoints.relayout`): ``M.weight`` of rank >= 2 <-> ``params/M/kernel``, transposed between
+``(out, in, *spatial)`` and ``(*spatial, in, out)`` (conv OIHW <-> HWIO, dense (out, in) <-> (in, out)),
+``bias`` <-> ``bias``, a rank-1 ``weight`` <-> ``scale`` (nnx without the ``params/``); entries with no place
+there (buffers, other Flax collections) are listed and left out. Between flax and nnx only the names change;
+between torch and gluon every other entry is carried unchanged.
 
 ``--layer NAME:KEY=VALUE,...`` takes the same keys (``--layer features.1:fix_gamma=true,eps=1e-3``) and wins
 over the map. Exit status: 0 when everything was converted and written; 1 when a layer or entry could not be
@@ -30,11 +42,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from typing import Any
 
 from .checkpoints import (
     DEFAULT_CONVENTION,
+    FLAX_FAMILY,
     FORMATS,
     GLUON_STYLES,
     BNLayer,
@@ -42,7 +56,10 @@ from .checkpoints import (
     CheckpointError,
     default_target_name,
     display_name,
+    entry_parts,
+    join_entry,
     read_checkpoint,
+    relayout,
     write_checkpoint,
 )
 from .conventions import CONVENTIONS, Convention, check_eps, check_momentum, resolve_convention
@@ -90,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, metavar="N",
                         help="elements per channel in each training batch (N*H*W), for --preserve statistics")
     parser.add_argument("--batches", type=int, metavar="T",
-                        help="training batches the source saw, where the file does not record it (gluon, flax): "
+                        help="training batches the source saw, where the file does not record it (gluon, flax, nnx): "
                         "used by --preserve statistics and written as torch's num_batches_tracked (default 0)")
     parser.add_argument("--gluon-style", choices=GLUON_STYLES,
                         help="names of a gluon OUT's BN entries: structural (save_parameters: features.1.gamma, "
@@ -128,15 +145,19 @@ def _run(args: argparse.Namespace) -> int:
         per_layer.setdefault(name, {}).update(settings)
 
     src = read_checkpoint(args.src, args.src_format)  # CheckpointError: exit 1
-    renames = {}
-    for name in [n for n in per_layer if n not in src.layers and n in src.other]:
+    _check_statistics_count(args, src_conv, dst_conv, per_layer, src.layers)
+    renames: dict[str, str] = {}  # entry -> new key
+    module_renames: dict[str, str] = {}  # module of other entries -> new module name
+    modules = {entry_parts(args.src_format, k)[1] for k in src.other}
+    for name in [n for n in per_layer if n not in src.layers and (n in src.other or n in modules)]:
         settings = per_layer.pop(name)
+        what = "another entry" if name in src.other else "the module of other entries"
         if set(settings) != {"to"}:
             raise UsageError(
-                f"--map/--layer: {name!r} is not a BN layer of {args.src} but another entry: only 'to' (its new "
-                f"key) applies to it, got {', '.join(sorted(settings))}"
+                f"--map/--layer: {name!r} is not a BN layer of {args.src} but {what}: only 'to' (its new "
+                f"{'key' if name in src.other else 'name'}) applies to it, got {', '.join(sorted(settings))}"
             )
-        renames[name] = settings["to"]
+        (renames if name in src.other else module_renames)[name] = settings["to"]
     unknown = sorted(set(per_layer) - set(src.layers))
     if unknown:
         listed = ", ".join(display_name(n) for n in src.layers) or "none"
@@ -189,18 +210,38 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     out = Checkpoint(args.src_format, {}, {}, [], [], src.metadata)
     origin: dict[str, str] = {}
+    # torch and gluon share names and layouts; to, from and between the Flax formats entries are placed anew
+    crossing = args.src_format != args.dst_format and {args.src_format, args.dst_format} != {"torch", "gluon"}
+    left_out: list[tuple[str, str]] = []
+    kernels: list[int] = []  # ranks of the kernels transposed
     for kind, ref in src.order:
         if kind == "bn":
             out.layers[layers[ref].name] = layers[ref]
             out.order.append(("bn", layers[ref].name))
             continue
-        key = renames.get(ref, ref)
+        value = src.other[ref]
+        ns, module, leaf = entry_parts(args.src_format, ref)
+        if crossing:
+            placed = relayout(args.src_format, args.dst_format, ref, value, module=module_renames.get(module),
+                              gluon_style=style)
+            if isinstance(placed, str) and ref not in renames:
+                left_out.append((ref, placed))
+                continue
+            if not isinstance(placed, str):
+                key, value, transposed = placed
+                if transposed:
+                    kernels.append(len(value.shape))
+        elif module in module_renames:
+            key = join_entry(args.dst_format, ns, module_renames[module], leaf)
+        else:
+            key = ref
+        key = renames.get(ref, key)  # an entry the map names is written under that name
         if key in origin:
             print(f"multibn port: error: entries {origin[key]!r} and {ref!r} would both be written as {key!r}; "
                   f"{args.output} not written", file=sys.stderr)
             return 1
         origin[key] = ref
-        out.other[key] = src.other[ref]
+        out.other[key] = value
         out.order.append(("other", key))
     try:
         write_checkpoint(args.output, out, args.dst_format, gluon_style=args.gluon_style,
@@ -216,16 +257,46 @@ def _run(args: argparse.Namespace) -> int:
         notes.append(f"num_batches_tracked dropped ({args.dst_format} has no counter)")
     if args.src_format != "torch" and args.dst_format == "torch":
         notes.append(f"num_batches_tracked written as {args.batches or 0}")
-    if src.other:
-        notes.append(f"{len(src.other)} other entries carried unchanged"
-                     + (f" ({len(renames)} renamed by the map)" if renames else ""))
+    if out.other and crossing:
+        how = ("OIHW -> HWIO, (out, in) -> (in, out)" if args.dst_format in FLAX_FAMILY
+               else "HWIO -> OIHW, (in, out) -> (out, in)")
+        notes.append(f"{len(out.other)} other entries placed by the {args.dst_format} layout"
+                     + (" under params" if args.dst_format == "flax" else "")
+                     + (f" ({len(kernels)} kernels transposed {how})" if kernels else "")
+                     + (f", {len(renames)} named by the map" if renames else ""))
+    elif out.other:
+        renamed = len(renames) + sum(1 for k in src.other if entry_parts(args.src_format, k)[1] in module_renames)
+        notes.append(f"{len(out.other)} other entries carried unchanged"
+                     + (f" ({renamed} renamed by the map)" if renamed else ""))
+    if left_out:
+        notes.append(f"{len(left_out)} left out (listed above)")
+        print(f"left out: {len(left_out)} entr{'ies' if len(left_out) != 1 else 'y'} with no place in a "
+              f"{args.dst_format} model (name them in --map to carry them as they are):")
+        for key, why in left_out:
+            print(f"  {key}: {why}")
+    if 2 in kernels and any(k > 2 for k in kernels):
+        print("note: if a dense layer takes a flattened conv output, its kernel rows need reordering too (torch "
+              "and MXNet flatten NCHW, Flax NHWC): the checkpoint does not record that, so it is not done")
     print(f"wrote {args.output}: {len(layers)} BN layer{'s' if len(layers) != 1 else ''}"
           + "".join(f"; {n}" for n in notes))
+    if any("WARNING" in r.changes or "NOT folded" in r.changes for r in rows):
+        print(f"multibn port: warning: {args.dst_format} cannot hold some folded running variances "
+              "(see the table)", file=sys.stderr)
     return 0
+
+
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    return value
 
 
 def _base_conventions(args: argparse.Namespace) -> tuple[Convention, Convention]:
     try:
+        for flag, value in (("--src-eps", args.src_eps), ("--dst-eps", args.dst_eps),
+                            ("--src-momentum", args.src_momentum)):
+            if value is not None:
+                _finite(value, flag)
         src = resolve_convention(args.src_convention or DEFAULT_CONVENTION[args.src_format], args.src_momentum,
                                  args.src_eps)
         dst = resolve_convention(args.dst_convention or DEFAULT_CONVENTION[args.dst_format], None, args.dst_eps)
@@ -233,7 +304,24 @@ def _base_conventions(args: argparse.Namespace) -> tuple[Convention, Convention]
         raise UsageError(str(e)) from e
     if args.count is not None and args.preserve != "statistics":
         raise UsageError("--count is used only with --preserve statistics")
+    if args.count is not None and args.count < 2:
+        raise UsageError(f"--count must be an integer >= 2 (elements per channel in each training batch), "
+                         f"got {args.count}")
     return src, dst
+
+
+def _check_statistics_count(args: argparse.Namespace, src: Convention, dst: Convention,
+                            per_layer: dict[str, dict[str, Any]], layers: dict[str, BNLayer]) -> None:
+    """``--preserve statistics`` between a biased and an unbiased running variance needs a count for every layer."""
+    if args.preserve != "statistics" or args.count is not None or src.unbiased_running_var == dst.unbiased_running_var:
+        return
+    missing = [display_name(n) for n in layers if "count" not in per_layer.get(n, {})]
+    if missing:
+        raise UsageError(
+            f"--preserve statistics from {src.name!r} ({'unbiased' if src.unbiased_running_var else 'biased'} "
+            f"running variance) to {dst.name!r} ({'unbiased' if dst.unbiased_running_var else 'biased'}) needs "
+            f"--count N (elements per channel in each training batch), or a count for layers {', '.join(missing)}"
+        )
 
 
 def _convert_layer(
@@ -295,7 +383,7 @@ def _setting(layer: str, key: str, value: Any, where: str) -> Any:
             return v
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError(f"expected a number, got {value!r}")
-        v = float(value)
+        v = _finite(float(value), key)
         return check_eps(v) if key.endswith("eps") else check_momentum(v)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{where}: layer {display_name(layer)!r}: {key}: {e}") from None

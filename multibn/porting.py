@@ -1,6 +1,6 @@
 """Converting one BN layer's parameters and running statistics from one convention to another.
 
-The maths of ``shared/bn-semantics.md`` §2.6: a checkpoint stores gamma, beta, the running mean and the running
+The maths of ``docs/semantics.md`` (porting): a checkpoint stores gamma, beta, the running mean and the running
 variance, but not eps, momentum or ``fix_gamma``, nor whether the running variance is the biased or the
 unbiased estimate. Loading one framework's numbers into another framework's layer silently changes the
 layer's output unless those differences are folded into the numbers; :func:`convert_state` does that. The
@@ -58,7 +58,8 @@ def convert_state(
 
     where ``a_i`` is the weight the source convention gave batch ``i`` (``1 - momentum`` for "old"-weighted
     momentum, ``momentum`` for "new", ``1/i`` for the cumulative average) and ``t =
-    state.num_batches_tracked`` (§2.6, from ``U_0 = B_0 = 1``, every framework's initial running variance).
+    state.num_batches_tracked`` (``docs/semantics.md`` §2.6, from ``U_0 = B_0 = 1``, every framework's initial
+    running variance).
     This is **exact only when every training batch had ``count`` elements per channel**, with no other
     change to the running variance; with varying batch sizes there is no exact conversion and ``count`` should
     be the typical one. ``num_batches_tracked=None`` means t is unknown: ``P_t`` is taken as 0, the steady
@@ -133,10 +134,12 @@ def convert_state_verbose(
                 )
             folded = (var_np + eps_s) / gamma_np**2 - eps_d
             _check_nonneg(folded, f"folding gamma into the running variance with eps {eps_s:g} -> {eps_d:g}")
-            new_var = xp.astype((rvar + eps_s) / (gamma * gamma) - eps_d, rvar.dtype)
+            v32, g32 = _wide(be, rvar), _wide(be, gamma)
+            new_var = xp.astype((v32 + eps_s) / (g32 * g32) - eps_d, rvar.dtype)
             new_gamma = xp.ones_like(gamma)
             changes.append(f"gamma {_span(gamma_np)} folded into running_var (destination fix_gamma)"
-                           + (f", eps {eps_s:g} -> {eps_d:g} folded" if eps_s != eps_d else ""))
+                           + (f", eps {eps_s:g} -> {eps_d:g} folded" if eps_s != eps_d else "")
+                           + _lost(be, new_var, var_np, folded))
         elif eps_s != eps_d:
             folded = var_np + (eps_s - eps_d)
             if np.any(folded < 0):
@@ -147,8 +150,14 @@ def convert_state_verbose(
                     f"the source layer's output cannot be reproduced with eps {eps_d:g}; the destination eps "
                     f"must be <= {float(np.min(var_np)) + eps_s:.6g}"
                 )
-            new_var = rvar + (eps_s - eps_d)
-            changes.append(f"eps {eps_s:g} -> {eps_d:g} folded into running_var")
+            new_var = xp.astype(_wide(be, rvar) + (eps_s - eps_d), rvar.dtype)
+            lost = _lost(be, new_var, var_np, folded)
+            if lost and bool(np.all(be.to_numpy(new_var).astype(np.float64) == var_np)):
+                changes.append(f"eps {eps_s:g} -> {eps_d:g} NOT folded: the change is below a "
+                               f"{be.dtype_name(rvar)} ulp of every running_var, which is stored unchanged; "
+                               "the destination's output differs from the source's by that rounding")
+            else:
+                changes.append(f"eps {eps_s:g} -> {eps_d:g} folded into running_var" + lost)
     else:
         if dst_c.fix_gamma and not gamma_is_one:
             raise ValueError(
@@ -182,6 +191,22 @@ def convert_state_verbose(
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
+def _wide(be: Backend, a: Any) -> Any:
+    """``a`` in at least float32, so that a fold is computed once and rounded once to the stored dtype."""
+    return be.xp.astype(a, be.xp.float32) if be.dtype_name(a) in ("float16", "bfloat16") else a
+
+
+def _lost(be: Backend, new_var: Any, var_np: np.ndarray, folded: np.ndarray) -> str:
+    """A warning for the channels where the stored dtype cannot hold the fold (the stored value did not move
+    although the exact fold did), else ""."""
+    stored = be.to_numpy(new_var).astype(np.float64)
+    bad = np.flatnonzero((stored == var_np) & (folded != var_np))
+    if not bad.size:
+        return ""
+    return (f"; WARNING: {be.dtype_name(new_var)} cannot hold the change at channels {_channels(bad)}: "
+            "running_var stored unchanged there")
+
+
 def _common_backend(named: dict[str, Any]) -> Backend:
     found = {k: b for k, v in named.items() if v is not None and (b := backend_name_of(v)) is not None}
     names = set(found.values())

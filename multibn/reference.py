@@ -205,7 +205,7 @@ class Tol(NamedTuple):
 #:   float64 parameters and running statistics);
 #: * running statistics carry their error from step to step, and eval steps inherit it.
 #:
-#: SAFETY absorbs the constants a first-order model drops. The model is what §3 of the semantics notes asks
+#: SAFETY absorbs the constants a first-order model drops. The model is what ``docs/semantics.md`` §3 asks
 #: (float32 ~1e-6 relative plus n ulp |mean|/std absolute) made per element, and it stays tighter than a one-pass
 #: variance would need, so it tells a two-pass implementation from a one-pass one.
 TOLERANCES: dict[str, Tol] = {

@@ -148,7 +148,7 @@ def test_mxnet_gluon_convention_against_nd(eps: float, momentum: float) -> None:
 
 @pytest.mark.slow
 def test_mxnet_large_reduction() -> None:
-    """§6 of the semantics notes: MXNet's kernel is ~1e-4 off float64 on large reductions (float32 accumulation);
+    """``docs/semantics.md`` §6: MXNet's kernel is ~1e-4 off float64 on large reductions (float32 accumulation);
     the n u terms of the bound are what allow it."""
     _need("mxnet")
     case = C.make_case("large", "mxnet", "float32", [(16, 8, 56, 56)] * 2, training=[True, False], seed=14,

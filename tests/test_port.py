@@ -1,8 +1,8 @@
 """Porting BN parameters and running statistics: ``multibn.convert_state``, the checkpoint files, ``multibn port``.
 
 The maths is checked on NumPy against ``multibn.batch_norm`` (inference output of every pair of conventions,
-the §2.6 identity on a constant-count sequence); the files with native layers of PyTorch, MXNet Gluon and Flax
-(skipped, with the reason, where a framework is not installed: MXNet and Flax are only in the full
+the ``docs/semantics.md`` §2.6 identity on a constant-count sequence); the files with native layers of PyTorch,
+MXNet Gluon and Flax (skipped, with the reason, where a framework is not installed: MXNet and Flax are only in the full
 environment).
 """
 
@@ -32,8 +32,8 @@ from multibn.checkpoints import (
 from multibn.cli import main
 
 C = 3
-SRC_KINDS = ("torch", "gluon", "flax", "torch_eps1e-3", "mxnet_op_fix_gamma", "gluon_scale_false")
-FORMATS = ("torch", "gluon", "flax")
+SRC_KINDS = ("torch", "gluon", "flax", "nnx", "torch_eps1e-3", "mxnet_op_fix_gamma", "gluon_scale_false")
+FORMATS = ("torch", "gluon", "flax", "nnx")
 
 
 # ---- convert_state: inference output --------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def _need(fmt):
         import mxnet
 
         return mxnet
-    if fmt == "flax":
+    if fmt in ("flax", "nnx"):
         pytest.importorskip("flax", reason="the flax format needs flax (installed in the full environment only)")
         import flax
 
@@ -361,6 +361,34 @@ def _flax_source(path, eps=1e-5):
     return np.asarray(y).transpose(0, 3, 1, 2)
 
 
+def _nnx_source(path, eps=1e-5):
+    """``flax.nnx.BatchNorm`` after four training calls, with scale and bias set away from 1 and 0."""
+    _need("nnx")
+    from flax import nnx, serialization
+
+    bn = nnx.BatchNorm(C, momentum=1 - MOMENTUM_NEW, epsilon=eps, rngs=nnx.Rngs(0))
+    for x, _ in TRAIN:
+        bn(x.transpose(0, 2, 3, 1))  # nnx updates the batch statistics on every train-mode call
+    bn.scale[...] = np.array([1.5, 0.7, 1.2], np.float32)
+    bn.bias[...] = np.array([0.1, -0.3, 0.2], np.float32)
+    path.write_bytes(serialization.to_bytes(nnx.to_pure_dict(nnx.state(bn))))
+    bn.eval()
+    return np.asarray(bn(FRESH.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+
+
+def _load_nnx(path, eps=1e-5):
+    _need("nnx")
+    from flax import nnx, serialization
+
+    bn = nnx.BatchNorm(C, epsilon=eps, use_running_average=True, rngs=nnx.Rngs(0))
+    state = nnx.state(bn)
+    raw = serialization.msgpack_restore(path.read_bytes())
+    assert set(raw) == set(nnx.to_pure_dict(state))  # exactly nnx.BatchNorm's variables
+    nnx.replace_by_pure_dict(state, raw)
+    nnx.update(bn, state)
+    return np.asarray(bn(FRESH.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+
+
 def _load_torch(path, eps=1e-5):
     torch = _need("torch")
     bn = torch.nn.BatchNorm2d(C, eps=eps)
@@ -398,6 +426,7 @@ SOURCES = {
     "torch": ("torch", _torch_source, [], "unchanged", None),
     "gluon": ("gluon", _gluon_source, [], "unchanged", None),
     "flax": ("flax", _flax_source, [], "unchanged", None),
+    "nnx": ("nnx", _nnx_source, [], "unchanged", None),
     "torch_eps1e-3": ("torch", lambda p: _torch_source(p, eps=1e-3), ["--src-eps", "1e-3"],
                       "eps 0.001 -> 1e-05 folded", []),
     "mxnet_op_fix_gamma": ("gluon", _mxnet_op_source, ["--src-convention", "mxnet", "--layer", "bn0_:to=(root)",
@@ -406,8 +435,8 @@ SOURCES = {
     "gluon_scale_false": ("gluon", lambda p: _gluon_source(p, scale=False), ["--layer", ":fix_gamma=true"],
                           "gamma reset to 1", []),
 }
-LOADERS = {"torch": _load_torch, "gluon": _load_gluon, "flax": _load_flax}
-SUFFIX = {"torch": ".pt", "gluon": ".params", "flax": ".msgpack"}
+LOADERS = {"torch": _load_torch, "gluon": _load_gluon, "flax": _load_flax, "nnx": _load_nnx}
+SUFFIX = {"torch": ".pt", "gluon": ".params", "flax": ".msgpack", "nnx": ".nnx.msgpack"}
 
 
 @pytest.fixture(scope="module")
@@ -540,8 +569,10 @@ def test_map_and_layer_settings_rename_and_configure(tmp_path, capsys):
     assert "backbone/bn" in table and "top/bn" in table and "eps 0.001 -> 1e-05 folded" in table
     tree = serialization.msgpack_restore((tmp_path / "net.msgpack").read_bytes())
     assert set(tree["batch_stats"]) == {"backbone", "top"}
-    assert set(tree["params"]) == {"backbone"}  # head has affine=False: no scale/bias to write
-    assert {"features.0.weight", "features.0.bias", "steps", "table"} <= set(tree)
+    assert set(tree["params"]) == {"backbone", "features_0"}  # head has affine=False: no scale/bias to write
+    assert set(tree) == {"params", "batch_stats"}  # the buffers steps and table have no place in Flax: left out
+    assert tree["params"]["features_0"]["kernel"].shape == (1, 1, 3, 4)  # OIHW -> HWIO
+    assert "left out: 2 entries" in table and "steps:" in table and "table:" in table
 
 
 def test_map_renames_other_entries_unchanged(torch_file, tmp_path, capsys):
@@ -658,7 +689,25 @@ def _gluon_model_file(path):
     net.save_parameters(str(path))
 
 
-MODEL_FILES = {"torch": _torch_model_file, "gluon": _gluon_model_file, "flax": _flax_model_file}
+def _nnx_model_file(path):
+    _need("nnx")
+    from flax import nnx, serialization
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 4, (1, 1), rngs=rngs)
+            self.blocks = nnx.List([nnx.BatchNorm(4, momentum=0.5, rngs=rngs)])
+
+        def __call__(self, x):
+            return self.blocks[0](self.conv(x))
+
+    net = Net(nnx.Rngs(1))
+    net(np.random.default_rng(2).normal(size=(4, 3, 3, 3)).astype(np.float32) * 2 + 1)
+    path.write_bytes(serialization.to_bytes(nnx.to_pure_dict(nnx.state(net))))
+
+
+MODEL_FILES = {"torch": _torch_model_file, "gluon": _gluon_model_file, "flax": _flax_model_file,
+               "nnx": _nnx_model_file}
 
 
 @pytest.mark.parametrize(("start", "via"), list(itertools.permutations(FORMATS, 2)))
@@ -673,7 +722,12 @@ def test_round_trip_keeps_every_non_bn_entry_bit_identical(start, via, tmp_path)
     a, c = _all_entries(first, start), _all_entries(back, start)
     src = read_checkpoint(first, start)
     assert src.layers and src.other
-    for key in src.other:
+    kept = set(src.other)
+    if start == "torch" and via in ("flax", "nnx"):  # torch buffers have no place in a Flax model: left out
+        kept -= {"steps", "table"}
+        assert set(a) - set(c) == {"steps", "table"}
+        a = {k: v for k, v in a.items() if k in c}
+    for key in kept:
         assert c[key].dtype == a[key].dtype and c[key].shape == a[key].shape
         assert c[key].tobytes() == a[key].tobytes(), key
     for key in set(a) - set(src.other):  # BN entries: the same values too (no setting changed)
@@ -689,6 +743,175 @@ def test_round_trip_keeps_every_non_bn_entry_bit_identical(start, via, tmp_path)
     else:
         assert not added
     assert set(a) <= set(c)
+
+
+def _torch_conv_bn_dense(sequential):
+    """A trained torch Conv+BN+ReLU+pool+Dense model in eval mode: named modules, or an ``nn.Sequential``."""
+    torch = _need("torch")
+    torch.manual_seed(3)
+    conv, bn, fc = torch.nn.Conv2d(3, 4, (3, 2), padding=1), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2)
+    if sequential:
+        net = torch.nn.Sequential(conv, bn, torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), fc)
+    else:
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv, self.bn, self.fc = conv, bn, fc
+
+            def forward(self, x):
+                return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+        net = Net()
+    for _ in range(3):
+        net(torch.randn(8, 3, 6, 5) * 2 + 1)  # moves the running statistics
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+    return net.eval()
+
+
+def _flax_conv_bn_dense(names):
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(4, (3, 2), padding=1, name=names[0])(x)
+            x = nn.BatchNorm(use_running_average=True, name=names[1])(x)
+            return nn.Dense(2, name=names[2])(nn.relu(x).mean((1, 2)))
+
+    return Net()
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_torch_conv_bn_dense_model_to_the_same_flax_model(sequential, tmp_path, capsys):
+    """``--to flax`` writes a tree the matching flax.linen model loads (kernels in Flax's layouts) and that gives
+    the torch model's eval output; an ``nn.Sequential`` gets linen's default names through module renames."""
+    torch = _need("torch")
+    _need("flax")
+    import jax
+    from flax import serialization
+
+    net = _torch_conv_bn_dense(sequential)
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    args = []
+    if sequential:
+        (tmp_path / "map.json").write_text(json.dumps({"0": "Conv_0", "1": "BatchNorm_0", "5": "Dense_0"}))
+        args = ["--map", tmp_path / "map.json"]
+    out = tmp_path / "net.msgpack"
+    assert port(tmp_path / "net.pt", "-o", out, "--from", "torch", "--to", "flax", *args) == 0
+    summary = capsys.readouterr().out
+    assert "4 other entries placed by the flax layout under params (2 kernels transposed" in summary
+    model = _flax_conv_bn_dense(("Conv_0", "BatchNorm_0", "Dense_0") if sequential else ("conv", "bn", "fc"))
+    x = np.random.default_rng(4).normal(size=(5, 3, 6, 5)).astype(np.float32) * 2 + 1
+    template = model.init(jax.random.key(0), x.transpose(0, 2, 3, 1))
+    raw = serialization.msgpack_restore(out.read_bytes())
+    assert jax.tree_util.tree_structure(raw) == jax.tree_util.tree_structure(template)  # nothing extra, nothing less
+    assert jax.tree_util.tree_map(np.shape, raw) == jax.tree_util.tree_map(np.shape, template)
+    variables = serialization.from_bytes(template, out.read_bytes())
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    got = np.asarray(model.apply(variables, x.transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # and back: the torch model loads the Flax file's conversion strictly and agrees
+    back = tmp_path / "back.pt"
+    inverse = {"Conv_0": "0", "BatchNorm_0": "1", "Dense_0": "5"} if sequential else {}
+    (tmp_path / "inv.json").write_text(json.dumps(inverse))
+    assert port(out, "-o", back, "--from", "flax", "--to", "torch", "--map", tmp_path / "inv.json") == 0
+    again = _torch_conv_bn_dense(sequential)
+    again.load_state_dict(torch.load(back, weights_only=True))
+    with torch.no_grad():
+        np.testing.assert_allclose(again.eval()(torch.from_numpy(x)).numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_torch_conv_bn_dense_model_to_the_same_nnx_model(tmp_path, capsys):
+    """``--to nnx``: the state of the matching ``flax.nnx`` model (attribute paths, a list index as a path
+    component) loads with ``nnx.replace_by_pure_dict`` and gives the torch model's eval output; and back."""
+    torch = _need("torch")
+    _need("nnx")
+    from flax import nnx, serialization
+
+    net = _torch_conv_bn_dense(sequential=False)
+    sd = {k.replace("fc.", "fc.0."): v for k, v in net.state_dict().items()}  # torch ModuleList([Linear]) names
+    torch.save(sd, tmp_path / "net.pt")
+    out = tmp_path / "net.msgpack"
+    assert port(tmp_path / "net.pt", "-o", out, "--from", "torch", "--to", "nnx") == 0
+    assert "(2 kernels transposed OIHW -> HWIO" in capsys.readouterr().out
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 4, (3, 2), padding=1, rngs=rngs)
+            self.bn = nnx.BatchNorm(4, use_running_average=True, rngs=rngs)
+            self.fc = nnx.List([nnx.Linear(4, 2, rngs=rngs)])
+
+        def __call__(self, x):
+            return self.fc[0](nnx.relu(self.bn(self.conv(x))).mean((1, 2)))
+
+    model = Net(nnx.Rngs(0))
+    state = nnx.state(model)
+    raw = serialization.msgpack_restore(out.read_bytes())
+    pure = nnx.to_pure_dict(state)
+    assert {k: set(map(str, v)) for k, v in raw.items()} == {k: set(map(str, v)) for k, v in pure.items()}
+    nnx.replace_by_pure_dict(state, raw)
+    nnx.update(model, state)
+    x = np.random.default_rng(5).normal(size=(3, 3, 6, 5)).astype(np.float32) * 2 + 1
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(model(x.transpose(0, 2, 3, 1))), want, rtol=1e-5, atol=1e-5)
+    assert port(out, "-o", tmp_path / "back.pt", "--from", "nnx", "--to", "torch") == 0
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert set(back) == set(sd)
+    for k in sd:
+        assert torch.equal(back[k], sd[k]) or k.endswith("num_batches_tracked"), k
+
+
+def test_gluon_model_to_flax_places_kernels(tmp_path, capsys):
+    _need("gluon")
+    _need("flax")
+    from flax import serialization
+
+    _gluon_model_file(tmp_path / "g.params")
+    assert port(tmp_path / "g.params", "-o", tmp_path / "g.msgpack", "--from", "gluon", "--to", "flax") == 0
+    tree = serialization.msgpack_restore((tmp_path / "g.msgpack").read_bytes())
+    assert set(tree) == {"params", "batch_stats"}
+    assert tree["params"]["0"]["kernel"].shape == (1, 1, 3, 4) and tree["params"]["0"]["bias"].shape == (4,)
+
+
+def test_pickled_module_file_is_named_as_such(tmp_path, capsys):
+    torch = _need("torch")
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)), tmp_path / "model.pt")
+    assert port(tmp_path / "model.pt", "-o", tmp_path / "o.pt", "--from", "torch", "--to", "torch") == 1
+    err = capsys.readouterr().err
+    assert "holds a pickled Python object (torch.nn.modules.container.Sequential)" in err
+    assert "torch.save(model.state_dict(), PATH)" in err and "corrupt" not in err
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_bfloat16_fold_reports_only_what_was_stored(tmp_path, capsys):
+    """A change below a bfloat16 ulp is not reported as folded; one that fits is folded once, from float32."""
+    torch = _need("torch")
+    var = torch.tensor([1.0, 1.5, 0.01, 0.02], dtype=torch.bfloat16)  # ulp 2^-7 at 1; 2^-14 near 0.01
+    sd = {"bn.weight": torch.ones(4, dtype=torch.bfloat16), "bn.bias": torch.zeros(4, dtype=torch.bfloat16),
+          "bn.running_mean": torch.zeros(4, dtype=torch.bfloat16), "bn.running_var": var,
+          "bn.num_batches_tracked": torch.tensor(3)}
+    torch.save(sd, tmp_path / "bf16.pt")
+    out = tmp_path / "o.pt"
+    assert port(tmp_path / "bf16.pt", "-o", out, "--from", "torch", "--to", "torch", "--dst-eps", "1e-3") == 0
+    captured = capsys.readouterr()
+    assert "bfloat16 cannot hold the change at channels [0, 1]" in captured.out
+    assert "warning" in captured.err
+    got = torch.load(out, weights_only=True)["bn.running_var"]
+    want = (var.float() + (1e-5 - 1e-3)).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert torch.equal(got[:2], var[:2]) and not torch.equal(got[2:], var[2:])
+    # every channel below an ulp: nothing folded, and the table says so
+    sd["bn.running_var"] = var[:2].clone()
+    for k in ("bn.weight", "bn.bias", "bn.running_mean"):
+        sd[k] = sd[k][:2].clone()
+    torch.save(sd, tmp_path / "bf16b.pt")
+    assert port(tmp_path / "bf16b.pt", "-o", out, "--from", "torch", "--to", "torch", "--dst-eps", "1e-3") == 0
+    table = capsys.readouterr().out
+    assert "NOT folded: the change is below a bfloat16 ulp" in table and "folded into running_var" not in table
 
 
 # ---- refusals: bad files, bad maps, unconvertible layers; nothing partial is ever written -------------------------
@@ -778,7 +1001,11 @@ def test_bad_maps_are_refused(content, match, torch_file, tmp_path, capsys):
         (["--layer", "head:to=x", "--layer", "features.1:to=x"], 1, "is also mapped to this name"),
         (["--layer", "features.1:to=features.0"], 1, "would both be written as 'features.0.weight'"),
         (["--dst-eps", "50"], 1, "would make it negative"),
-        (["--preserve", "statistics", "--dst-convention", "gluon"], 1, "needs count"),
+        (["--preserve", "statistics", "--dst-convention", "gluon"], 2, "needs --count N"),
+        (["--preserve", "statistics", "--count", "0"], 2, "--count must be an integer >= 2"),
+        (["--dst-eps", "inf"], 2, "--dst-eps must be finite"),
+        (["--src-eps", "nan"], 2, "--src-eps must be finite"),
+        (["--layer", "features.1:dst_eps=inf"], 2, "dst_eps must be finite"),
         (["--dst-convention", "mxnet"], 0, "folded into running_var (destination fix_gamma)"),
     ],
 )

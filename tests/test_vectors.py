@@ -1,4 +1,4 @@
-"""The hand-checkable test vectors TV1-TV3 and the measured values of ``shared/bn-semantics.md`` (§4, §6).
+"""The hand-checkable test vectors TV1-TV3 and the measured values of ``docs/semantics.md`` (§4, §6).
 
 Every vector runs on every backend and under every convention it names, in float32 (all backends) and float64
 (all backends; JAX inside its x64 context). Expected numbers are the document's literals; a small float64

@@ -15,6 +15,14 @@ import numpy as np
 from .base import Array, Backend, Rule
 
 
+def _device(device: object) -> object:
+    """A ``jax.Device`` for ``"cpu"``, ``"gpu:1"``, ``"cuda:0"`` (platform, index); anything else as it is."""
+    if not isinstance(device, str):
+        return device
+    kind, _, index = device.partition(":")
+    return jax.devices("gpu" if kind == "cuda" else kind)[int(index or 0)]
+
+
 class JaxBackend(Backend):
     name = "jax"
     extra = "jax"
@@ -29,9 +37,7 @@ class JaxBackend(Backend):
         if dtype is not None:
             self.dtype(dtype)  # refuses float64 without x64
         a = jnp.asarray(obj, dtype=dtype)
-        if device is not None:
-            a = jax.device_put(a, jax.devices(device)[0] if isinstance(device, str) else device)
-        return a
+        return a if device is None else jax.device_put(a, _device(device))
 
     def to_numpy(self, a: Array) -> np.ndarray:
         a = np.asarray(a)
@@ -46,10 +52,15 @@ class JaxBackend(Backend):
         return jnp.dtype(name)
 
     def device_of(self, a: Array) -> object:
-        return None  # jax places new arrays on the default device; under jit placement follows the inputs
+        if isinstance(a, jax.core.Tracer) or len(a.devices()) != 1:
+            return None  # under jit placement follows the inputs; a sharded array has no one device
+        return next(iter(a.devices()))
+
+    def full(self, n: int, value: float, dtype: str, device: object = None) -> Array:
+        return super().full(n, value, dtype, _device(device))
 
     def counter(self, value: int = 0, device: object = None) -> Array:
-        return jnp.asarray(value, dtype=jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+        return self.asarray(value, "int64" if jax.config.jax_enable_x64 else "int32", device)
 
     def sync_group(self, sync: object) -> object:
         if not isinstance(sync, str):

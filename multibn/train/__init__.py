@@ -133,7 +133,17 @@ def _best(group: list[dict[str, Any]], metric: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from ..cli import check_outputs
+
     task = TASKS[args.task]
+    bad_output = check_outputs("train", json=args.json, plot=args.plot)
+    if bad_output is not None:
+        return bad_output
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print("multibn train: error: --plot needs matplotlib: pip install 'multibn[train]'", file=sys.stderr)
+        return 2
     try:
         backends = _backends(args.backend)
     except (ValueError, ImportError) as e:
