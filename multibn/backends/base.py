@@ -59,6 +59,12 @@ class Backend:
     def device_of(self, a: Array) -> Any:
         return array_api_compat.device(a)
 
+    def signature(self, arrays: Sequence[object]) -> tuple | None:
+        """What the checks of a call depend on: a hashable summary of each array (None stays None) that equals
+        another's only for arrays of the same type, shape, dtype and device; None when calls on this backend are
+        not to be cached (the default). It may raise for an object that is not an array of this backend."""
+        return None
+
     def full(self, n: int, value: float, dtype: str, device: object = None) -> Array:
         return self.xp.full((n,), value, dtype=self.dtype(dtype), device=device)
 

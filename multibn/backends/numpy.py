@@ -25,6 +25,9 @@ class NumpyBackend(Backend):
             raise ValueError(f"device for the numpy backend must be None or 'cpu', got {device!r}")
         return np.asarray(obj, dtype=dtype)
 
+    def signature(self, arrays: Sequence[object]) -> tuple | None:
+        return tuple(None if a is None else (type(a), a.shape, a.dtype) for a in arrays)
+
     def to_numpy(self, a: Array) -> np.ndarray:
         return np.asarray(a)
 

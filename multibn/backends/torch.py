@@ -26,6 +26,11 @@ class TorchBackend(Backend):
     def asarray(self, obj: object, dtype: str | None = None, device: object = None) -> Array:
         return torch.as_tensor(obj, dtype=None if dtype is None else self.dtype(dtype), device=device)
 
+    def signature(self, arrays: Sequence[object]) -> tuple | None:
+        if torch.compiler.is_compiling():
+            return None  # the graph is traced once; Dynamo guards on the arguments itself
+        return tuple(None if a is None else (type(a), a.shape, a.dtype, a.device) for a in arrays)
+
     def to_numpy(self, a: Array) -> np.ndarray:
         a = a.detach().cpu()
         if a.dtype == torch.bfloat16:
