@@ -16,14 +16,15 @@ Notation, per channel c, with R the reduced axes (all but the channel axis) and 
   (eval) ``dx = dy * scale``, ``dgamma = sum_R dy * (x - running_mean) * s``.
 
 Statistics are computed in ``promote(x.dtype, float32)``; ``y`` and ``dx`` keep the dtype of ``x``.
-Everything here is pure: inputs are never written to. The full-size passes go through the adapter's five
-kernels (:class:`multibn.backends.base.Backend`); the rest is array-API code on per-channel vectors.
+Everything here is pure: inputs are never written to (so ``astype`` need not copy). The full-size passes go
+through the adapter's five kernels (:class:`multibn.backends.base.Backend`); the rest is array-API code on
+per-channel vectors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from typing import Any, NamedTuple
 
 from .backends.base import Array, Backend
@@ -88,6 +89,12 @@ def _per_count(be: Backend, a: Array, n: Any) -> Array:
     return a / _nonzero(be, n)
 
 
+@cache
+def _first_index(ndim: int, axis: int) -> tuple[Any, ...]:
+    """The index of each channel's first element: ``x[_first_index(x.ndim, axis)]`` has shape ``(channels,)``."""
+    return tuple(slice(None) if i == axis else 0 for i in range(ndim))
+
+
 def _local_stats(be: Backend, x: Array, lay: Layout, mask: Array | None) -> Stats:
     """Two-pass per-channel statistics of this replica's ``x`` (of its elements where ``mask`` is True)."""
     xp = be.xp
@@ -98,14 +105,14 @@ def _local_stats(be: Backend, x: Array, lay: Layout, mask: Array | None) -> Stat
             return Stats(0, zeros, zeros)
         # shifted by each channel's first element k: mean = k + sum(x - k) / n is exactly k for a constant channel
         # (whatever the summation order or the rounding of / n), so that its M2 is exactly 0
-        k = xp.astype(x[tuple(slice(None) if i == lay.axis else 0 for i in range(len(lay.bshape)))], dt)
+        k = xp.astype(x[_first_index(len(lay.bshape), lay.axis)], dt, copy=False)
         k_b = xp.reshape(k, lay.bshape)
         mean = k + _per_count(be, be.channel_sum(x, lay.reduce_axes, dt, k_b), lay.count)
         return Stats(lay.count, mean, be.channel_sq_dev_sum(x, xp.reshape(mean, lay.bshape), lay.reduce_axes))
     n = mask_count(be, lay, mask, dt)
     mean = _per_count(be, be.channel_sum(xp.where(mask, x, xp.zeros_like(x)), lay.reduce_axes, dt), n)
     mean_b = xp.reshape(mean, lay.bshape)
-    xd = xp.astype(x, dt)
+    xd = xp.astype(x, dt, copy=False)
     # masked-out elements are replaced by the mean, so that they add exactly 0 to M2
     return Stats(n, mean, be.channel_sq_dev_sum(xp.where(mask, xd, xp.zeros_like(xd) + mean_b), mean_b,
                                                 lay.reduce_axes))
@@ -113,7 +120,7 @@ def _local_stats(be: Backend, x: Array, lay: Layout, mask: Array | None) -> Stat
 
 def mask_count(be: Backend, lay: Layout, mask: Array, dt: Any) -> Array:
     """The per-channel number of elements where ``mask`` is True, in the stats dtype."""
-    return be.channel_sum(be.xp.astype(mask, dt), lay.reduce_axes, dt)
+    return be.channel_sum(be.xp.astype(mask, dt, copy=False), lay.reduce_axes, dt)
 
 
 def batch_stats(be: Backend, x: Array, lay: Layout, sync: Sync | None = None, mask: Array | None = None) -> Stats:
@@ -157,8 +164,8 @@ def inv_std(be: Backend, var: Array, eps: float, guard: bool) -> Array:
 def effective_gamma(be: Backend, conv: Convention, gamma: Array, dt: Any) -> Array:
     """gamma in the stats dtype, or ones under ``fix_gamma`` (MXNet: gamma is ignored)."""
     if conv.fix_gamma:
-        return be.xp.ones_like(be.xp.astype(gamma, dt))
-    return be.xp.astype(gamma, dt)
+        return be.xp.ones_like(be.xp.astype(gamma, dt, copy=False))
+    return be.xp.astype(gamma, dt, copy=False)
 
 
 def _normalize(
@@ -167,7 +174,7 @@ def _normalize(
     """``y = x * scale + shift`` with ``scale = gamma * s`` and ``shift = beta - mean * scale``."""
     xp = be.xp
     scale = effective_gamma(be, conv, gamma, mean.dtype) * s
-    shift = xp.astype(beta, scale.dtype) - mean * scale
+    shift = xp.astype(beta, scale.dtype, copy=False) - mean * scale
     return be.scale_shift(x, xp.reshape(scale, lay.bshape), xp.reshape(shift, lay.bshape))
 
 
@@ -288,15 +295,16 @@ def train_jvp(
     xp = be.xp
     x, gamma, mean, s, n, mask = res
     tx, tg, tb = (_zeros_if_none(be, t, p) for t, p in zip(tangents, (x, gamma, gamma), strict=True))
-    tx = xp.astype(tx, s.dtype)  # once: every use of tx, and so its transpose (dx), accumulates in the stats dtype
+    # once: every use of tx, and so its transpose (dx), accumulates in the stats dtype
+    tx = xp.astype(tx, s.dtype, copy=False)
     txm = tx if mask is None else xp.where(mask, tx, xp.zeros_like(tx))
     s1, s2 = _all_reduce(be, sync, *be.backward_sums(txm, x, xp.reshape(mean, lay.bshape), lay.reduce_axes))
     g = effective_gamma(be, conv, gamma, mean.dtype)
     a = g * s
-    tg = xp.zeros_like(s) if conv.fix_gamma else xp.astype(tg, s.dtype)
+    tg = xp.zeros_like(s) if conv.fix_gamma else xp.astype(tg, s.dtype, copy=False)
     b = tg * s - (a * s * s) * _per_count(be, s2, n)
-    c = xp.astype(tb, s.dtype) - a * _per_count(be, s1, n)
-    ty = xp.astype(_affine_map(be, lay, tx, x, mean, a, b, c), x.dtype)
+    c = xp.astype(tb, s.dtype, copy=False) - a * _per_count(be, s1, n)
+    ty = xp.astype(_affine_map(be, lay, tx, x, mean, a, b, c), x.dtype, copy=False)
     return ty, _per_count(be, s1, n), 2 * s2
 
 
@@ -331,7 +339,7 @@ def train_backward(
         c = c + dmean
     dx = _affine_map(be, lay, dy, x, mean, a, b, _per_count(be, c, n), mask)
     dgamma = xp.zeros_like(sum_dy) if conv.fix_gamma else sum_dy_xc * s
-    return dx, xp.astype(dgamma, gamma.dtype), xp.astype(sum_dy, gamma.dtype)
+    return dx, xp.astype(dgamma, gamma.dtype, copy=False), xp.astype(sum_dy, gamma.dtype, copy=False)
 
 
 # ---- eval: running statistics ---------------------------------------------------------------------------------
@@ -357,8 +365,8 @@ def eval_residuals(
 ) -> EvalResiduals:
     x, gamma, _, rmean, rvar = inputs
     dt = be.dtype(stats_dtype(be, x))
-    s = inv_std(be, be.xp.astype(rvar, dt), conv.eps, guard=False)
-    return EvalResiduals(x, gamma, be.xp.astype(rmean, dt), s, rmean, rvar)
+    s = inv_std(be, be.xp.astype(rvar, dt, copy=False), conv.eps, guard=False)
+    return EvalResiduals(x, gamma, be.xp.astype(rmean, dt, copy=False), s, rmean, rvar)
 
 
 def eval_jvp(
@@ -371,12 +379,12 @@ def eval_jvp(
     x, gamma, mean, s, rmean, rvar = res
     tx, tg, tb, tm, tv = (_zeros_if_none(be, t, p) for t, p in zip(tangents, (x, gamma, gamma, rmean, rvar),
                                                                     strict=True))
-    tx = xp.astype(tx, s.dtype)
+    tx = xp.astype(tx, s.dtype, copy=False)
     a = effective_gamma(be, conv, gamma, mean.dtype) * s
-    tg = xp.zeros_like(s) if conv.fix_gamma else xp.astype(tg, s.dtype)
-    b = tg * s - (a * s * s) * xp.astype(tv, s.dtype) / 2
-    c = xp.astype(tb, s.dtype) - a * xp.astype(tm, s.dtype)
-    return (xp.astype(_affine_map(be, lay, tx, x, mean, a, b, c), x.dtype),)
+    tg = xp.zeros_like(s) if conv.fix_gamma else xp.astype(tg, s.dtype, copy=False)
+    b = tg * s - (a * s * s) * xp.astype(tv, s.dtype, copy=False) / 2
+    c = xp.astype(tb, s.dtype, copy=False) - a * xp.astype(tm, s.dtype, copy=False)
+    return (xp.astype(_affine_map(be, lay, tx, x, mean, a, b, c), x.dtype, copy=False),)
 
 
 def eval_backward(
@@ -399,8 +407,8 @@ def eval_backward(
         dgamma = xp.zeros_like(sum_dy) if conv.fix_gamma else sum_dy_xc * s
         dmean = -a * sum_dy
         dvar = -(a * s * s) * sum_dy_xc / 2
-    return (dx, xp.astype(dgamma, gamma.dtype), xp.astype(sum_dy, gamma.dtype), xp.astype(dmean, rmean.dtype),
-            xp.astype(dvar, rvar.dtype))
+    return (dx, xp.astype(dgamma, gamma.dtype, copy=False), xp.astype(sum_dy, gamma.dtype, copy=False),
+            xp.astype(dmean, rmean.dtype, copy=False), xp.astype(dvar, rvar.dtype, copy=False))
 
 
 # ---- running statistics ---------------------------------------------------------------------------------------
@@ -426,15 +434,15 @@ def update_state(be: Backend, conv: Convention, state: BNState, st: Stats) -> BN
         var = st.m2 / _nonzero(be, n - 1 if conv.unbiased_running_var else n)
     weights = conv.update_weights()
     if weights is None:
-        take = 1 / xp.astype(t, dt)
+        take = 1 / xp.astype(t, dt, copy=False)
         keep = 1 - take
     else:
         keep, take = weights
-    new_mean = take * st.mean + keep * xp.astype(rmean, dt)
-    new_var = take * var + keep * xp.astype(rvar, dt)
+    new_mean = take * st.mean + keep * xp.astype(rmean, dt, copy=False)
+    new_var = take * var + keep * xp.astype(rvar, dt, copy=False)
     if not isinstance(n, int):
-        new_mean = xp.where(n > 0, new_mean, xp.astype(rmean, dt))
-        new_var = xp.where(n > (1 if conv.unbiased_running_var else 0), new_var, xp.astype(rvar, dt))
+        new_mean = xp.where(n > 0, new_mean, xp.astype(rmean, dt, copy=False))
+        new_var = xp.where(n > (1 if conv.unbiased_running_var else 0), new_var, xp.astype(rvar, dt, copy=False))
         if not conv.count_empty_batches:
             t = xp.where(xp.any(n > 0), t, tracked)
-    return BNState(xp.astype(new_mean, rmean.dtype), xp.astype(new_var, rvar.dtype), t)
+    return BNState(xp.astype(new_mean, rmean.dtype, copy=False), xp.astype(new_var, rvar.dtype, copy=False), t)

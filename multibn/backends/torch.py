@@ -145,10 +145,10 @@ class TorchBackend(Backend):
         return acc
 
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
+        if x.dtype == scale.dtype == shift.dtype and x.ndim == scale.ndim and _plain(x, scale, shift):
+            return torch.addcmul(shift, x, scale)  # one pass, no temporary besides the output; any size or device
         if not _eligible(x) or not _plain(scale, shift) or x.ndim != scale.ndim:
             return super().scale_shift(x, scale, shift)
-        if x.dtype == scale.dtype:
-            return torch.addcmul(shift, x, scale)  # one pass, no temporary besides the output
         axes = tuple(i for i in range(x.ndim) if scale.shape[i] == 1)
         v = _pcq(x, axes)
         if v is None or len(axes) != x.ndim - 1:
@@ -204,11 +204,9 @@ _SMALL = 1 << 16
 def _eligible(*ts: torch.Tensor) -> bool:
     """Whether the chunked kernels may run: plain CPU tensors, not under compile, not recorded by autograd, not
     wrapped by a torch.func transform or carrying forward-mode tangents (the generic ops handle those)."""
-    if not _plain(*ts):
-        return False
     # CPU only: on a GPU the generic kernels are already single fused passes and chunk loops only add launches;
-    # tensors of under _SMALL elements: one generic op costs less Python than a chunk loop
-    return all(t.device.type == "cpu" and t.is_contiguous() and t.numel() >= _SMALL for t in ts)
+    # tensors of under _SMALL elements: one generic op costs less Python than a chunk loop (checked first: cheapest)
+    return all(t.numel() >= _SMALL and t.device.type == "cpu" and t.is_contiguous() for t in ts) and _plain(*ts)
 
 
 def _plain(*ts: torch.Tensor) -> bool:
@@ -217,12 +215,14 @@ def _plain(*ts: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
         return False
-    return not any(_functorch.is_functorch_wrapped_tensor(t) or _fwd_dual(t) for t in ts)
+    if any(map(_functorch.is_functorch_wrapped_tensor, ts)):
+        return False
+    return _fwd_level() < 0 or not any(map(_fwd_dual, ts))
 
 
 def _fwd_dual(t: torch.Tensor) -> bool:
     """Whether ``t`` carries a forward-mode AD tangent."""
-    return _fwd_level() >= 0 and fwAD.unpack_dual(t).tangent is not None
+    return fwAD.unpack_dual(t).tangent is not None
 
 
 def _fwd_level() -> int:
@@ -231,6 +231,8 @@ def _fwd_level() -> int:
 
 def _pcq(x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor | None:
     """x as a (P, C, Q) view, C the one axis not reduced; None when the fast path does not apply."""
+    if x.numel() < _SMALL:
+        return None
     shape = channel_view_shape(x.shape, axes)
     if shape is None or not _eligible(x):
         return None
