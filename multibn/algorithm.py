@@ -438,8 +438,8 @@ def update_state(be: Backend, conv: Convention, state: BNState, st: Stats) -> BN
         keep = 1 - take
     else:
         keep, take = weights
-    new_mean = take * st.mean + keep * xp.astype(rmean, dt, copy=False)
-    new_var = take * var + keep * xp.astype(rvar, dt, copy=False)
+    new_mean = be.blend(keep, xp.astype(rmean, dt, copy=False), take, st.mean)
+    new_var = be.blend(keep, xp.astype(rvar, dt, copy=False), take, var)
     if not isinstance(n, int):
         new_mean = xp.where(n > 0, new_mean, xp.astype(rmean, dt, copy=False))
         new_var = xp.where(n > (1 if conv.unbiased_running_var else 0), new_var, xp.astype(rvar, dt, copy=False))

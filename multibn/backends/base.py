@@ -91,6 +91,12 @@ class Backend:
         """A context whose operations autodiff does not record (the running-statistics update)."""
         return contextlib.nullcontext()
 
+    # ---- per-channel vectors ----------------------------------------------------------------------------
+    def blend(self, keep: Any, a: Array, take: Any, b: Array) -> Array:
+        """``keep * a + take * b`` for per-channel vectors (weights: Python floats or arrays); an adapter may
+        evaluate it in fewer ops."""
+        return take * b + keep * a
+
     # ---- autodiff hook --------------------------------------------------------------------------------
     def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
         """``op(*inputs) -> outputs`` whose derivatives are ``rule``'s (a :class:`multibn.algorithm.Rule`):
