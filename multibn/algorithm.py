@@ -157,8 +157,8 @@ def inv_std(be: Backend, var: Array, eps: float, guard: bool) -> Array:
     xp = be.xp
     if guard and eps == 0.0:
         zero = var == 0
-        return xp.where(zero, xp.zeros_like(var), 1 / xp.sqrt(xp.where(zero, xp.ones_like(var), var)))
-    return 1 / xp.sqrt(var + eps)
+        return xp.where(zero, xp.zeros_like(var), be.reciprocal(xp.sqrt(xp.where(zero, xp.ones_like(var), var))))
+    return be.reciprocal(xp.sqrt(var + eps))
 
 
 def effective_gamma(be: Backend, conv: Convention, gamma: Array, dt: Any) -> Array:

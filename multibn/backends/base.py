@@ -97,6 +97,10 @@ class Backend:
         evaluate it in fewer ops."""
         return take * b + keep * a
 
+    def reciprocal(self, a: Array) -> Array:
+        """``1 / a``, elementwise; an adapter may evaluate it in fewer ops."""
+        return 1 / a
+
     # ---- autodiff hook --------------------------------------------------------------------------------
     def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
         """``op(*inputs) -> outputs`` whose derivatives are ``rule``'s (a :class:`multibn.algorithm.Rule`):

@@ -75,6 +75,9 @@ class TorchBackend(Backend):
             return torch.add(a * keep, b, alpha=take)  # two ops instead of three
         return super().blend(keep, a, take, b)
 
+    def reciprocal(self, a: Array) -> Array:
+        return torch.reciprocal(a)  # what 1 / a runs, without its Python wrapper and its extra `* 1`
+
     def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
         class BatchNormFunction(torch.autograd.Function):
             """Reverse mode by ``rule.backward``, forward mode by ``rule.jvp``, vmap by running both batched.
