@@ -4,16 +4,34 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import array_api_compat.torch as xp
+import array_api_compat.torch as compat
 import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch._C import _functorch
 
 from .base import Array, Backend, Rule, channel_view_shape, chunk_slices
+
+
+def _astype(x: Array, dtype: Any, /, *, copy: bool = True, device: object = None) -> Array:
+    """``array_api_compat.torch.astype``, returning ``x`` itself at once when no copy or conversion is asked."""
+    if not copy and device is None and x.dtype == dtype:
+        return x
+    return compat.astype(x, dtype, copy=copy, device=device)
+
+
+def _reshape(x: Array, /, shape: tuple[int, ...], *, copy: bool | None = None) -> Array:
+    """``array_api_compat.torch.reshape`` without its wrapper when no copy is asked."""
+    return torch.reshape(x, shape) if copy is None else compat.reshape(x, shape, copy=copy)
+
+
+#: ``array_api_compat.torch`` with astype and reshape made cheap (the algorithm calls them often on small vectors)
+xp = types.SimpleNamespace(**{**{k: getattr(compat, k) for k in dir(compat) if not k.startswith("__")},
+                              "astype": _astype, "reshape": _reshape})
 
 
 class TorchBackend(Backend):
