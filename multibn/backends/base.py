@@ -6,6 +6,8 @@ The batch-norm maths lives in :mod:`multibn.algorithm`; it calls only
   hand-written one for MXNet), used on per-channel vectors;
 * the five kernels below, the only code that touches the full-size tensors. Their generic versions here are
   plain array-API code; an adapter may override one with something faster that computes the same quantity;
+* :meth:`Backend.blend` and :meth:`Backend.reciprocal`, two per-channel expressions an adapter may evaluate in
+  fewer ops (the generic versions are the plain array-API expressions);
 * :meth:`Backend.custom_op`, which wires a forward and its analytic derivatives (backward and tangent rule) into
   the framework's autodiff;
 * for synchronised BN, the framework's collectives (torch.distributed, JAX's named-axis collectives).
