@@ -16,14 +16,15 @@ Notation, per channel c, with R the reduced axes (all but the channel axis) and 
   (eval) ``dx = dy * scale``, ``dgamma = sum_R dy * (x - running_mean) * s``.
 
 Statistics are computed in ``promote(x.dtype, float32)``; ``y`` and ``dx`` keep the dtype of ``x``.
-Everything here is pure: inputs are never written to. The full-size passes go through the adapter's five
-kernels (:class:`multibn.backends.base.Backend`); the rest is array-API code on per-channel vectors.
+Everything here is pure: inputs are never written to (so ``astype`` need not copy). The full-size passes go
+through the adapter's five kernels (:class:`multibn.backends.base.Backend`); the rest is array-API code on
+per-channel vectors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from typing import Any, NamedTuple
 
 from .backends.base import Array, Backend
@@ -88,6 +89,12 @@ def _per_count(be: Backend, a: Array, n: Any) -> Array:
     return a / _nonzero(be, n)
 
 
+@cache
+def _first_index(ndim: int, axis: int) -> tuple[Any, ...]:
+    """The index of each channel's first element: ``x[_first_index(x.ndim, axis)]`` has shape ``(channels,)``."""
+    return tuple(slice(None) if i == axis else 0 for i in range(ndim))
+
+
 def _local_stats(be: Backend, x: Array, lay: Layout, mask: Array | None) -> Stats:
     """Per-channel statistics of this replica's ``x`` (of its elements where ``mask`` is True), in two passes.
 
@@ -105,14 +112,14 @@ def _local_stats(be: Backend, x: Array, lay: Layout, mask: Array | None) -> Stat
             zeros = xp.zeros((lay.channels,), dtype=dt, device=be.device_of(x))
             return Stats(0, zeros, zeros)
         mean0 = be.channel_sum(x, lay.reduce_axes, dt) / n
-        k = xp.astype(x[tuple(slice(None) if i == lay.axis else 0 for i in range(len(lay.bshape)))], dt)
+        k = xp.astype(x[_first_index(len(lay.bshape), lay.axis)], dt, copy=False)
         c = xp.where(xp.abs(k - mean0) <= xp.abs(mean0) * 2.0**-16, k, mean0)
         xm = x
     else:
         n = mask_count(be, lay, mask, dt)
         mean0 = _per_count(be, be.channel_sum(xp.where(mask, x, xp.zeros_like(x)), lay.reduce_axes, dt), n)
         c = mean0
-        xd = xp.astype(x, dt)
+        xd = xp.astype(x, dt, copy=False)
         xm = xp.where(mask, xd, xp.zeros_like(xd) + xp.reshape(c, lay.bshape))  # masked-out elements add 0 to S, Q
     s, q = be.channel_dev_sums(xm, xp.reshape(c, lay.bshape), lay.reduce_axes)
     s_n = _per_count(be, s, n)
@@ -122,7 +129,7 @@ def _local_stats(be: Backend, x: Array, lay: Layout, mask: Array | None) -> Stat
 
 def mask_count(be: Backend, lay: Layout, mask: Array, dt: Any) -> Array:
     """The per-channel number of elements where ``mask`` is True, in the stats dtype."""
-    return be.channel_sum(be.xp.astype(mask, dt), lay.reduce_axes, dt)
+    return be.channel_sum(be.xp.astype(mask, dt, copy=False), lay.reduce_axes, dt)
 
 
 def batch_stats(be: Backend, x: Array, lay: Layout, sync: Sync | None = None, mask: Array | None = None) -> Stats:
@@ -159,15 +166,15 @@ def inv_std(be: Backend, var: Array, eps: float, guard: bool) -> Array:
     xp = be.xp
     if guard and eps == 0.0:
         zero = var == 0
-        return xp.where(zero, xp.zeros_like(var), 1 / xp.sqrt(xp.where(zero, xp.ones_like(var), var)))
-    return 1 / xp.sqrt(var + eps)
+        return xp.where(zero, xp.zeros_like(var), be.reciprocal(xp.sqrt(xp.where(zero, xp.ones_like(var), var))))
+    return be.reciprocal(xp.sqrt(var + eps))
 
 
 def effective_gamma(be: Backend, conv: Convention, gamma: Array, dt: Any) -> Array:
     """gamma in the stats dtype, or ones under ``fix_gamma`` (MXNet: gamma is ignored)."""
     if conv.fix_gamma:
-        return be.xp.ones_like(be.xp.astype(gamma, dt))
-    return be.xp.astype(gamma, dt)
+        return be.xp.ones_like(be.xp.astype(gamma, dt, copy=False))
+    return be.xp.astype(gamma, dt, copy=False)
 
 
 def _normalize(
@@ -176,7 +183,7 @@ def _normalize(
     """``y = x * scale + shift`` with ``scale = gamma * s`` and ``shift = beta - mean * scale``."""
     xp = be.xp
     scale = effective_gamma(be, conv, gamma, mean.dtype) * s
-    shift = xp.astype(beta, scale.dtype) - mean * scale
+    shift = xp.astype(beta, scale.dtype, copy=False) - mean * scale
     return be.scale_shift(x, xp.reshape(scale, lay.bshape), xp.reshape(shift, lay.bshape))
 
 
@@ -297,15 +304,16 @@ def train_jvp(
     xp = be.xp
     x, gamma, mean, s, n, mask = res
     tx, tg, tb = (_zeros_if_none(be, t, p) for t, p in zip(tangents, (x, gamma, gamma), strict=True))
-    tx = xp.astype(tx, s.dtype)  # once: every use of tx, and so its transpose (dx), accumulates in the stats dtype
+    # once: every use of tx, and so its transpose (dx), accumulates in the stats dtype
+    tx = xp.astype(tx, s.dtype, copy=False)
     txm = tx if mask is None else xp.where(mask, tx, xp.zeros_like(tx))
     s1, s2 = _all_reduce(be, sync, *be.backward_sums(txm, x, xp.reshape(mean, lay.bshape), lay.reduce_axes))
     g = effective_gamma(be, conv, gamma, mean.dtype)
     a = g * s
-    tg = xp.zeros_like(s) if conv.fix_gamma else xp.astype(tg, s.dtype)
+    tg = xp.zeros_like(s) if conv.fix_gamma else xp.astype(tg, s.dtype, copy=False)
     b = tg * s - (a * s * s) * _per_count(be, s2, n)
-    c = xp.astype(tb, s.dtype) - a * _per_count(be, s1, n)
-    ty = xp.astype(_affine_map(be, lay, tx, x, mean, a, b, c), x.dtype)
+    c = xp.astype(tb, s.dtype, copy=False) - a * _per_count(be, s1, n)
+    ty = xp.astype(_affine_map(be, lay, tx, x, mean, a, b, c), x.dtype, copy=False)
     return ty, _per_count(be, s1, n), 2 * s2
 
 
@@ -340,7 +348,7 @@ def train_backward(
         c = c + dmean
     dx = _affine_map(be, lay, dy, x, mean, a, b, _per_count(be, c, n), mask)
     dgamma = xp.zeros_like(sum_dy) if conv.fix_gamma else sum_dy_xc * s
-    return dx, xp.astype(dgamma, gamma.dtype), xp.astype(sum_dy, gamma.dtype)
+    return dx, xp.astype(dgamma, gamma.dtype, copy=False), xp.astype(sum_dy, gamma.dtype, copy=False)
 
 
 # ---- eval: running statistics ---------------------------------------------------------------------------------
@@ -366,8 +374,8 @@ def eval_residuals(
 ) -> EvalResiduals:
     x, gamma, _, rmean, rvar = inputs
     dt = be.dtype(stats_dtype(be, x))
-    s = inv_std(be, be.xp.astype(rvar, dt), conv.eps, guard=False)
-    return EvalResiduals(x, gamma, be.xp.astype(rmean, dt), s, rmean, rvar)
+    s = inv_std(be, be.xp.astype(rvar, dt, copy=False), conv.eps, guard=False)
+    return EvalResiduals(x, gamma, be.xp.astype(rmean, dt, copy=False), s, rmean, rvar)
 
 
 def eval_jvp(
@@ -380,12 +388,12 @@ def eval_jvp(
     x, gamma, mean, s, rmean, rvar = res
     tx, tg, tb, tm, tv = (_zeros_if_none(be, t, p) for t, p in zip(tangents, (x, gamma, gamma, rmean, rvar),
                                                                     strict=True))
-    tx = xp.astype(tx, s.dtype)
+    tx = xp.astype(tx, s.dtype, copy=False)
     a = effective_gamma(be, conv, gamma, mean.dtype) * s
-    tg = xp.zeros_like(s) if conv.fix_gamma else xp.astype(tg, s.dtype)
-    b = tg * s - (a * s * s) * xp.astype(tv, s.dtype) / 2
-    c = xp.astype(tb, s.dtype) - a * xp.astype(tm, s.dtype)
-    return (xp.astype(_affine_map(be, lay, tx, x, mean, a, b, c), x.dtype),)
+    tg = xp.zeros_like(s) if conv.fix_gamma else xp.astype(tg, s.dtype, copy=False)
+    b = tg * s - (a * s * s) * xp.astype(tv, s.dtype, copy=False) / 2
+    c = xp.astype(tb, s.dtype, copy=False) - a * xp.astype(tm, s.dtype, copy=False)
+    return (xp.astype(_affine_map(be, lay, tx, x, mean, a, b, c), x.dtype, copy=False),)
 
 
 def eval_backward(
@@ -408,8 +416,8 @@ def eval_backward(
         dgamma = xp.zeros_like(sum_dy) if conv.fix_gamma else sum_dy_xc * s
         dmean = -a * sum_dy
         dvar = -(a * s * s) * sum_dy_xc / 2
-    return (dx, xp.astype(dgamma, gamma.dtype), xp.astype(sum_dy, gamma.dtype), xp.astype(dmean, rmean.dtype),
-            xp.astype(dvar, rvar.dtype))
+    return (dx, xp.astype(dgamma, gamma.dtype, copy=False), xp.astype(sum_dy, gamma.dtype, copy=False),
+            xp.astype(dmean, rmean.dtype, copy=False), xp.astype(dvar, rvar.dtype, copy=False))
 
 
 # ---- running statistics ---------------------------------------------------------------------------------------
@@ -435,15 +443,15 @@ def update_state(be: Backend, conv: Convention, state: BNState, st: Stats) -> BN
         var = st.m2 / _nonzero(be, n - 1 if conv.unbiased_running_var else n)
     weights = conv.update_weights()
     if weights is None:
-        take = 1 / xp.astype(t, dt)
+        take = 1 / xp.astype(t, dt, copy=False)
         keep = 1 - take
     else:
         keep, take = weights
-    new_mean = take * st.mean + keep * xp.astype(rmean, dt)
-    new_var = take * var + keep * xp.astype(rvar, dt)
+    new_mean = be.blend(keep, xp.astype(rmean, dt, copy=False), take, st.mean)
+    new_var = be.blend(keep, xp.astype(rvar, dt, copy=False), take, var)
     if not isinstance(n, int):
-        new_mean = xp.where(n > 0, new_mean, xp.astype(rmean, dt))
-        new_var = xp.where(n > (1 if conv.unbiased_running_var else 0), new_var, xp.astype(rvar, dt))
+        new_mean = xp.where(n > 0, new_mean, xp.astype(rmean, dt, copy=False))
+        new_var = xp.where(n > (1 if conv.unbiased_running_var else 0), new_var, xp.astype(rvar, dt, copy=False))
         if not conv.count_empty_batches:
             t = xp.where(xp.any(n > 0), t, tracked)
-    return BNState(xp.astype(new_mean, rmean.dtype), xp.astype(new_var, rvar.dtype), t)
+    return BNState(xp.astype(new_mean, rmean.dtype, copy=False), xp.astype(new_var, rvar.dtype, copy=False), t)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -178,14 +178,8 @@ def _prepare(
         be.sync_group(sync)  # refuses backends without collectives and malformed groups
     elif training:
         _check_count(conv, lay.count, x.shape)
-        if mask is not None and conv.single_value_raises and be.concrete(mask):
-            counts = be.to_numpy(alg.mask_count(be, lay, mask, be.dtype("float32")))
-            if (counts == 1).any():
-                raise ValueError(
-                    f"Expected more than 1 value per channel when training, got 1 in channel(s) "
-                    f"{np.flatnonzero(counts == 1).tolist()} of the mask (convention {conv.name!r} stores the "
-                    "unbiased running variance M2/(n-1))"
-                )
+        if mask is not None:
+            _check_mask_count(be, conv, lay, mask)
     if dy is not None:
         dy = _to_backend(be, "dy", dy, device, xdt)
         _check_float(be, "dy", dy)
@@ -210,12 +204,113 @@ def _mask(be: Backend, mask: object, x: Array, device: object) -> Array:
     return be.as_mask(mask, tuple(x.shape), device)
 
 
+def _check_mask_count(be: Backend, conv: Convention, lay: alg.Layout, mask: Array) -> None:
+    """A mask leaving one value in a channel, under a convention that refuses it (read only when concrete)."""
+    if conv.single_value_raises and be.concrete(mask):
+        counts = be.to_numpy(alg.mask_count(be, lay, mask, be.dtype("float32")))
+        if (counts == 1).any():
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got 1 in channel(s) "
+                f"{np.flatnonzero(counts == 1).tolist()} of the mask (convention {conv.name!r} stores the "
+                "unbiased running variance M2/(n-1))"
+            )
+
+
 def _check_count(conv: Convention, count: int, shape: tuple[int, ...]) -> None:
     if conv.single_value_raises and count == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(shape)} "
             f"(convention {conv.name!r} stores the unbiased running variance M2/(n-1))"
         )
+
+
+# ---- the cheap path for repeated calls -----------------------------------------------------------------------------
+# Every check of _prepare depends only on the arguments' types, shapes, dtypes and devices and on the settings, never
+# on array values (but for a mask's counts, which are re-read). A call whose arguments are all arrays of one backend
+# (nothing to convert) is looked up by that signature: a hit reuses what _prepare found; a miss (a new signature or
+# any bad input) runs _prepare, which raises exactly as it always does, and remembers the plan if the call was valid.
+class _Plan(NamedTuple):
+    be: Backend
+    conv: Convention
+    lay: alg.Layout
+    device: Any  # of x: where gamma and beta default to ones and zeros
+    pdt: str  # the dtype of those defaults
+    convention: object  # the argument, held so that its id in the key stays this object's
+    op: Callable[..., tuple[Array, ...]]  # _op(be, conv, lay, training): the differentiable op without sync
+
+
+#: type of x -> its backend, for types seen in a valid call of a backend that gives signatures
+_PLAN_BACKENDS: dict[type, Backend] = {}
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 1024
+
+
+def _plan_key(
+    be: Backend, arrays: tuple[object, ...], state: object, training: object, convention: object, momentum: object,
+    eps: object, axis: object, backend: object, sync: object,
+) -> tuple | None:
+    """The key of a call's plan, or None for a call that takes the full path (sync, a non-bool ``training``, an
+    argument the backend cannot sign)."""
+    if (sync is not None and sync is not False) or (training is not True and training is not False):
+        return None
+    try:
+        sig = be.signature(arrays)
+        if sig is None:
+            return None
+        conv = convention if type(convention) is str else id(convention)
+        key = (sig, training, state is None, conv, type(momentum), momentum, type(eps), eps, type(axis), axis,
+               backend)
+        hash(key)
+    except Exception:  # anything unusual: the full path checks it and raises what it must
+        return None
+    return key
+
+
+def _prepare_cached(
+    x: object, gamma: object, beta: object, state: object, dy: object, *, training: bool,
+    convention: str | Convention, momentum: float | None, eps: float | None, axis: int | None,
+    backend: str | None, device: object, sync: object = None, mask: object = None,
+) -> tuple[Backend, Convention, alg.Layout, Array, Array, Array, BNState | None, Array | None, Array | None,
+           Callable[..., tuple[Array, ...]] | None]:
+    """:func:`_prepare`'s results and the op for ``training`` without sync (None under sync), cheaply for a call
+    with the signature of an earlier valid one."""
+    be = _PLAN_BACKENDS.get(type(x))
+    key = None
+    if be is not None and (state is None or (isinstance(state, tuple) and len(state) == 3)):
+        arrays = (x, gamma, beta, *(state if state is not None else (None, None, None)), dy, mask)
+        key = _plan_key(be, arrays, state, training, convention, momentum, eps, axis, backend, sync)
+        plan = None if key is None else _PLANS.get(key)
+        if plan is not None and (type(convention) is str or plan.convention is convention):
+            be, lay = plan.be, plan.lay
+            if gamma is None:
+                gamma = be.full(lay.channels, 1.0, plan.pdt, plan.device)
+            if beta is None:
+                beta = be.full(lay.channels, 0.0, plan.pdt, plan.device)
+            if not training:
+                mask = None
+            elif mask is not None:
+                mask = be.as_mask(mask, tuple(x.shape), device)
+                _check_mask_count(be, plan.conv, lay, mask)
+            return (be, plan.conv, lay, x, gamma, beta, None if state is None else BNState(*state), dy, mask,
+                    plan.op)
+    prepared = _prepare(
+        x, gamma, beta, state, dy, training=training, convention=convention, momentum=momentum, eps=eps, axis=axis,
+        backend=backend, device=device, sync=sync, mask=mask,
+    )
+    be, conv, lay = prepared[:3]
+    synced = sync is not None and sync is not False and training
+    op = None if synced else getattr(_Ops, _op_name(be, conv, tuple(lay), training))
+    originals = (x, gamma, beta, *(state if state is not None else ()), dy, mask)
+    if not synced and be.signature(()) is not None and all(a is None or be.is_array(a) for a in originals):
+        arrays = (x, gamma, beta, *(state if state is not None else (None, None, None)), dy, mask)
+        key = key or _plan_key(be, arrays, state, training, convention, momentum, eps, axis, backend, sync)
+        if key is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = _Plan(be, conv, lay, be.device_of(prepared[3]), "float64" if be.dtype_name(prepared[3])
+                                == "float64" else "float32", convention, op)
+            _PLAN_BACKENDS[type(x)] = be
+    return (*prepared, op)
 
 
 # ---- the differentiable ops, one per (backend, convention, layout, mode, sync, mask) -----------------------------
@@ -276,13 +371,12 @@ def batch_norm(
     ``torch.distributed.ProcessGroup``; on jax the name of a mapped axis (``shard_map``, ``pmap``). The
     running statistics then use the global count.
     """
-    be, conv, lay, x, gamma, beta, state, _, mask = _prepare(
+    be, conv, lay, x, gamma, beta, state, _, mask, op = _prepare_cached(
         x, gamma, beta, state, None, training=training, convention=convention, momentum=momentum, eps=eps,
         axis=axis, backend=backend, device=device, sync=sync, mask=mask,
     )
     if not training:
         with be.quiet():
-            op = getattr(_Ops, _op_name(be, conv, tuple(lay), False))
             (y,) = op(x, gamma, beta, state.running_mean, state.running_var)
         return y, state
     spec = None
@@ -291,9 +385,10 @@ def batch_norm(
         spec = alg.Sync(group, () if mask is not None else be.replica_counts(lay.count, group))
         if mask is None:
             _check_count(conv, spec.count, x.shape)
+        op = getattr(_Ops, _op_name(be, conv, tuple(lay), True, spec))
     inputs = (x, gamma, beta) if mask is None else (x, gamma, beta, mask)
     with be.quiet():
-        y, mean, m2 = getattr(_Ops, _op_name(be, conv, tuple(lay), True, spec))(*inputs)
+        y, mean, m2 = op(*inputs)
         if state is None:
             return y, None
         with be.untracked():
@@ -317,7 +412,7 @@ def batch_norm_vjp(
     correction terms); eval: ``dx = dy * gamma * s``; ``dgamma = 0`` under ``fix_gamma``. The same
     function every backend's autodiff calls; on NumPy it is how to train.
     """
-    be, conv, lay, x, gamma, beta, state, dy, mask = _prepare(
+    be, conv, lay, x, gamma, beta, state, dy, mask, _ = _prepare_cached(
         x, gamma, beta, state, dy, training=training, convention=convention, momentum=momentum, eps=eps,
         axis=axis, backend=backend, device=device, mask=mask,
     )

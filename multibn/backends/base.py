@@ -6,6 +6,8 @@ The batch-norm maths lives in :mod:`multibn.algorithm`; it calls only
   hand-written one for MXNet), used on per-channel vectors;
 * the five kernels below, the only code that touches the full-size tensors. Their generic versions here are
   plain array-API code; an adapter may override one with something faster that computes the same quantity;
+* :meth:`Backend.blend` and :meth:`Backend.reciprocal`, two per-channel expressions an adapter may evaluate in
+  fewer ops (the generic versions are the plain array-API expressions);
 * :meth:`Backend.custom_op`, which wires a forward and its analytic derivatives (backward and tangent rule) into
   the framework's autodiff;
 * for synchronised BN, the framework's collectives (torch.distributed, JAX's named-axis collectives).
@@ -59,6 +61,12 @@ class Backend:
     def device_of(self, a: Array) -> Any:
         return array_api_compat.device(a)
 
+    def signature(self, arrays: Sequence[object]) -> tuple | None:
+        """What the checks of a call depend on: a hashable summary of each array (None stays None) that equals
+        another's only for arrays of the same type, shape, dtype and device; None when calls on this backend are
+        not to be cached (the default). It may raise for an object that is not an array of this backend."""
+        return None
+
     def full(self, n: int, value: float, dtype: str, device: object = None) -> Array:
         return self.xp.full((n,), value, dtype=self.dtype(dtype), device=device)
 
@@ -84,6 +92,16 @@ class Backend:
     def untracked(self) -> contextlib.AbstractContextManager:
         """A context whose operations autodiff does not record (the running-statistics update)."""
         return contextlib.nullcontext()
+
+    # ---- per-channel vectors ----------------------------------------------------------------------------
+    def blend(self, keep: Any, a: Array, take: Any, b: Array) -> Array:
+        """``keep * a + take * b`` for per-channel vectors (weights: Python floats or arrays); an adapter may
+        evaluate it in fewer ops."""
+        return take * b + keep * a
+
+    def reciprocal(self, a: Array) -> Array:
+        """``1 / a``, elementwise; an adapter may evaluate it in fewer ops."""
+        return 1 / a
 
     # ---- autodiff hook --------------------------------------------------------------------------------
     def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:

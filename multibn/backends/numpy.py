@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import array_api_compat.numpy as xp
+import array_api_compat.numpy as compat
 import numpy as np
 
 from .base import Array, Backend, channel_view_shape, chunk_slices
+
+
+def _reshape(x: Array, /, shape: tuple[int, ...], *, copy: bool | None = None) -> Array:
+    """``array_api_compat.numpy.reshape``, without its layers of Python wrappers when no copy is asked."""
+    return x.reshape(shape) if copy is None and isinstance(x, np.ndarray) else compat.reshape(x, shape, copy=copy)
+
+
+def _astype(x: Array, dtype: Any, /, *, copy: bool = True, device: object = None) -> Array:
+    """``array_api_compat.numpy.astype``, without its device check when no device is named."""
+    return x.astype(dtype, copy=copy) if device is None else compat.astype(x, dtype, copy=copy, device=device)
+
+
+#: ``array_api_compat.numpy`` with reshape and astype made cheap (the algorithm calls them several times a call)
+xp = types.SimpleNamespace(**{**{k: getattr(compat, k) for k in dir(compat) if not k.startswith("__")},
+                              "reshape": _reshape, "astype": _astype})
 
 
 class NumpyBackend(Backend):
@@ -24,6 +40,9 @@ class NumpyBackend(Backend):
         if device not in (None, "cpu"):
             raise ValueError(f"device for the numpy backend must be None or 'cpu', got {device!r}")
         return np.asarray(obj, dtype=dtype)
+
+    def signature(self, arrays: Sequence[object]) -> tuple | None:
+        return tuple(None if a is None else (type(a), a.shape, a.dtype) for a in arrays)
 
     def to_numpy(self, a: Array) -> np.ndarray:
         return np.asarray(a)

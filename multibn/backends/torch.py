@@ -3,16 +3,35 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import array_api_compat.torch as xp
+import array_api_compat.torch as compat
 import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch._C import _functorch
 
 from .base import Array, Backend, Rule, channel_view_shape, chunk_slices
+
+
+def _astype(x: Array, dtype: Any, /, *, copy: bool = True, device: object = None) -> Array:
+    """``array_api_compat.torch.astype``, returning ``x`` itself at once when no copy or conversion is asked."""
+    if not copy and device is None and x.dtype == dtype:
+        return x
+    return compat.astype(x, dtype, copy=copy, device=device)
+
+
+def _reshape(x: Array, /, shape: tuple[int, ...], *, copy: bool | None = None) -> Array:
+    """``array_api_compat.torch.reshape`` without its wrapper when no copy is asked."""
+    return torch.reshape(x, shape) if copy is None else compat.reshape(x, shape, copy=copy)
+
+
+#: ``array_api_compat.torch`` with astype and reshape made cheap (the algorithm calls them often on small vectors)
+xp = types.SimpleNamespace(**{**{k: getattr(compat, k) for k in dir(compat) if not k.startswith("__")},
+                              "astype": _astype, "reshape": _reshape})
 
 
 class TorchBackend(Backend):
@@ -25,6 +44,11 @@ class TorchBackend(Backend):
 
     def asarray(self, obj: object, dtype: str | None = None, device: object = None) -> Array:
         return torch.as_tensor(obj, dtype=None if dtype is None else self.dtype(dtype), device=device)
+
+    def signature(self, arrays: Sequence[object]) -> tuple | None:
+        if torch.compiler.is_compiling():
+            return None  # the graph is traced once; Dynamo guards on the arguments itself
+        return tuple(None if a is None else (type(a), a.shape, a.dtype, a.device) for a in arrays)
 
     def to_numpy(self, a: Array) -> np.ndarray:
         a = a.detach().cpu()
@@ -69,6 +93,14 @@ class TorchBackend(Backend):
         dist.all_reduce(a, op=dist.ReduceOp.SUM, group=group)
         return a
 
+    def blend(self, keep: Any, a: Array, take: Any, b: Array) -> Array:
+        if isinstance(keep, float) and isinstance(take, float):
+            return torch.add(a * keep, b, alpha=take)  # two ops instead of three
+        return super().blend(keep, a, take, b)
+
+    def reciprocal(self, a: Array) -> Array:
+        return torch.reciprocal(a)  # what 1 / a runs, without its Python wrapper and its extra `* 1`
+
     def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
         class BatchNormFunction(torch.autograd.Function):
             """Reverse mode by ``rule.backward``, forward mode by ``rule.jvp``, vmap by running both batched.
@@ -105,6 +137,9 @@ class TorchBackend(Backend):
                 saved = ctx.saved_tensors
                 res = rule.residuals(saved[: ctx.n_inputs], saved[ctx.n_inputs :])
                 return tuple(rule.jvp(res, tangents[: rule.n_diff]))
+
+        # Function.apply binds the arguments to forward's signature on every call: give it the signature once
+        BatchNormFunction.forward.__signature__ = inspect.signature(BatchNormFunction.forward)
 
         class CompiledBatchNormFunction(BatchNormFunction):
             jvp = staticmethod(torch.autograd.Function.jvp)  # torch.compile refuses a custom jvp: none when compiling
@@ -149,10 +184,10 @@ class TorchBackend(Backend):
         return s1, s2
 
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
+        if x.dtype == scale.dtype == shift.dtype and x.ndim == scale.ndim and _plain(x, scale, shift):
+            return torch.addcmul(shift, x, scale)  # one pass, no temporary besides the output; any size or device
         if not _eligible(x) or not _plain(scale, shift) or x.ndim != scale.ndim:
             return super().scale_shift(x, scale, shift)
-        if x.dtype == scale.dtype:
-            return torch.addcmul(shift, x, scale)  # one pass, no temporary besides the output
         axes = tuple(i for i in range(x.ndim) if scale.shape[i] == 1)
         v = _pcq(x, axes)
         if v is None or len(axes) != x.ndim - 1:
@@ -178,6 +213,9 @@ class TorchBackend(Backend):
         return s1, s2
 
     def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
+        if x.numel() < _SMALL and dy.dtype == x.dtype == a.dtype and _plain(dy, x, mean, a, b, c):
+            t = torch.sub(x, mean)  # the chunk loop below without the loop: three ops instead of five
+            return torch.addcmul(c, t, b, out=t).addcmul_(dy, a)
         axes = tuple(i for i in range(x.ndim) if mean.shape[i] == 1)
         v, g = _pcq(x, axes), _pcq(dy, axes)
         if v is None or g is None or dy.shape != x.shape or len(axes) != x.ndim - 1 or not _plain(mean, a, b, c):
@@ -208,11 +246,9 @@ _SMALL = 1 << 16
 def _eligible(*ts: torch.Tensor) -> bool:
     """Whether the chunked kernels may run: plain CPU tensors, not under compile, not recorded by autograd, not
     wrapped by a torch.func transform or carrying forward-mode tangents (the generic ops handle those)."""
-    if not _plain(*ts):
-        return False
     # CPU only: on a GPU the generic kernels are already single fused passes and chunk loops only add launches;
-    # tensors of under _SMALL elements: one generic op costs less Python than a chunk loop
-    return all(t.device.type == "cpu" and t.is_contiguous() and t.numel() >= _SMALL for t in ts)
+    # tensors of under _SMALL elements: one generic op costs less Python than a chunk loop (checked first: cheapest)
+    return all(t.numel() >= _SMALL and t.device.type == "cpu" and t.is_contiguous() for t in ts) and _plain(*ts)
 
 
 def _plain(*ts: torch.Tensor) -> bool:
@@ -221,12 +257,14 @@ def _plain(*ts: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
         return False
-    return not any(_functorch.is_functorch_wrapped_tensor(t) or _fwd_dual(t) for t in ts)
+    if any(map(_functorch.is_functorch_wrapped_tensor, ts)):
+        return False
+    return _fwd_level() < 0 or not any(map(_fwd_dual, ts))
 
 
 def _fwd_dual(t: torch.Tensor) -> bool:
     """Whether ``t`` carries a forward-mode AD tangent."""
-    return _fwd_level() >= 0 and fwAD.unpack_dual(t).tangent is not None
+    return fwAD.unpack_dual(t).tangent is not None
 
 
 def _fwd_level() -> int:
@@ -235,6 +273,8 @@ def _fwd_level() -> int:
 
 def _pcq(x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor | None:
     """x as a (P, C, Q) view, C the one axis not reduced; None when the fast path does not apply."""
+    if x.numel() < _SMALL:
+        return None
     shape = channel_view_shape(x.shape, axes)
     if shape is None or not _eligible(x):
         return None
