@@ -53,14 +53,7 @@ def test_layers_section_has_one_example_per_framework():
     assert "convert_sync_batchnorm" in LAYER_BLOCKS[0]
 
 
-GLUON_EXIT_HANG = pytest.mark.xfail(
-    raises=subprocess.TimeoutExpired, strict=True,
-    reason="multibn.layers.gluon: after a backward through the block the process does not exit (it finishes the "
-    "example, then hangs at interpreter shutdown); reported to the layer's owner")
-
-
-@pytest.mark.parametrize("block", [pytest.param(b, marks=GLUON_EXIT_HANG) if "layers.gluon" in b else b
-                                   for b in LAYER_BLOCKS], ids=["torch", "gluon", "jax"])
+@pytest.mark.parametrize("block", LAYER_BLOCKS, ids=["torch", "gluon", "jax"])
 def test_layers_examples_run(block, tmp_path):
     require(re.search(r"multibn\.layers\.(\w+)", block).group(1).replace("gluon", "mxnet"))
     proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=_env(), capture_output=True, text=True,

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -100,6 +102,49 @@ class _BatchNormFunction(mx.autograd.Function):
         return outputs
 
 
+class _HostFunction(_BatchNormFunction):
+    """The same op with the algorithm on the NumPy adapter: inputs copied to the host at the forward (the copies
+    are also what the backward keeps), results copied back."""
+
+    def forward(self, *inputs: Array) -> tuple[Array, ...]:
+        self.ctx = inputs[0].context
+        host = tuple(a.asnumpy() for a in inputs)
+        with _backend("numpy").quiet():  # inf and NaN arise silently, as on MXNet
+            outputs = tuple(self._rule.forward(*host))
+            self.residuals = self._rule.residuals(host, outputs)
+        self.consts = inputs[self._rule.n_diff:]
+        return tuple(_from_host(o, self.ctx) for o in outputs)
+
+    def backward(self, *cotangents: Array) -> tuple[Array, ...]:
+        with _backend("numpy").quiet():
+            grads = self._rule.backward(self.residuals, tuple(c.asnumpy() for c in cotangents))
+        return (*(_from_host(g, self.ctx) for g in grads), *(mx.nd.zeros_like(c) for c in self.consts))
+
+
+#: the functional API runs arrays of at most this many elements on the NumPy adapter (single-threaded; above it,
+#: MXNet's multi-threaded BLAS and oneDNN kernels win)
+HOST_MAX_ELEMENTS = 1 << 17
+
+
+def _on_host(rule: Rule) -> Rule | None:
+    """``rule``, whose functions are partials of the algorithm over this adapter, re-bound to the NumPy adapter;
+    None if they are not (or are synchronised: NumPy has no collectives)."""
+    names = ("forward", "residuals", "backward", "jvp")
+    fns = [getattr(rule, n) for n in names]
+    if not all(isinstance(f, functools.partial) and f.args and isinstance(f.args[0], MXNetBackend)
+               and f.keywords.get("sync") is None for f in fns):
+        return None
+    numpy_be = _backend("numpy")
+    return rule._replace(**{n: functools.partial(f.func, numpy_be, *f.args[1:], **f.keywords)
+                            for n, f in zip(names, fns, strict=True)})
+
+
+def _from_host(a: np.ndarray, ctx: mx.Context) -> Array:
+    out = mx.nd.empty(a.shape, ctx=ctx, dtype=a.dtype)
+    out._sync_copyfrom(a)
+    return out
+
+
 def _ctx(device: object) -> mx.Context | None:
     if device is None or isinstance(device, mx.Context):
         return device
@@ -107,58 +152,99 @@ def _ctx(device: object) -> mx.Context | None:
     return mx.Context("cpu" if kind == "cpu" else "gpu", int(index or 0))
 
 
+def _np_mode() -> bool:
+    return bool(mx.util.is_np_array())
+
+
+def _as_np(a: Array) -> Array:
+    return a.as_np_ndarray() if isinstance(a, mx.nd.NDArray) and not isinstance(a, mx.np.ndarray) else a
+
+
+def _keeps_np(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` over legacy NDArrays, taking and giving ``mx.np`` arrays where it is given one (MXNet's NumPy
+    interface shares memory with the legacy arrays that ``mx.nd`` operators need)."""
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not any(isinstance(a, mx.np.ndarray) for a in args):
+            return fn(*args, **kwargs)
+        out = fn(*(_legacy(a) for a in args), **kwargs)
+        return tuple(map(_as_np, out)) if isinstance(out, tuple) else _as_np(out)
+
+    return wrapped
+
+
+def _made(a: Array) -> Array:
+    """A new array in the kind the caller works with: ``mx.np`` under ``npx.set_np()``."""
+    return _as_np(a) if _np_mode() else a
+
+
+@_keeps_np
+def _where(cond: Array, a: Array, b: Array) -> Array:
+    return mx.nd.where(cond, a, b)
+
+
 class MXNetNamespace:
-    """The handful of array-API functions the algorithm uses, over ``mx.nd``."""
+    """The handful of array-API functions the algorithm uses, over ``mx.nd`` (``mx.np`` arrays in, ``mx.np`` out)."""
 
     float16, float32, float64, int64 = (np.dtype(n) for n in ("float16", "float32", "float64", "int64"))
 
     @staticmethod
+    @_keeps_np
     def sum(x: Array, axis: Sequence[int] | None = None) -> Array:
         return mx.nd.sum(x, axis=tuple(axis) if axis is not None else ())
 
     @staticmethod
     def astype(x: Array, dtype: object, copy: bool = True) -> Array:
-        return x.astype(dtype, copy=copy)
+        # never a copy of an array already in ``dtype``: the algorithm writes to no array, and each copy is one
+        # more engine push (15-60 us)
+        return x.astype(dtype, copy=False)
 
     @staticmethod
     def reshape(x: Array, shape: Sequence[int]) -> Array:
         return x.reshape(tuple(shape))
 
     @staticmethod
+    @_keeps_np
     def sqrt(x: Array) -> Array:
         return mx.nd.sqrt(x)
 
     @staticmethod
     def where(cond: Array, a: Array, b: Array) -> Array:
-        return mx.nd.where(cond, a, b)
+        if isinstance(cond, mx.np.ndarray) and cond.dtype == np.bool_:  # mx.np comparisons give bool, which
+            cond = cond.astype(np.float32)  # mx.nd.where does not take (legacy comparisons give 0/1 floats)
+        return _where(cond, a, b)
 
     @staticmethod
+    @_keeps_np
     def abs(x: Array) -> Array:
         return mx.nd.abs(x)
 
     @staticmethod
+    @_keeps_np
     def any(x: Array) -> Array:
         return mx.nd.max(x != 0).reshape((1,))
 
     @staticmethod
+    @_keeps_np
     def zeros_like(x: Array) -> Array:
         return mx.nd.zeros_like(x)
 
     @staticmethod
+    @_keeps_np
     def ones_like(x: Array) -> Array:
         return mx.nd.ones_like(x)
 
     @staticmethod
     def zeros(shape: Sequence[int], dtype: object = None, device: object = None) -> Array:
-        return mx.nd.zeros(tuple(shape), ctx=_ctx(device), dtype=dtype or "float32")
+        return _made(mx.nd.zeros(tuple(shape), ctx=_ctx(device), dtype=dtype or "float32"))
 
     @staticmethod
     def full(shape: Sequence[int], value: float, dtype: object = None, device: object = None) -> Array:
-        return mx.nd.full(tuple(shape), value, ctx=_ctx(device), dtype=dtype or "float32")
+        return _made(mx.nd.full(tuple(shape), value, ctx=_ctx(device), dtype=dtype or "float32"))
 
     @staticmethod
     def asarray(obj: object, dtype: object = None, device: object = None) -> Array:
-        return mx.nd.array(np.asarray(obj), ctx=_ctx(device), dtype=dtype)
+        return _made(mx.nd.array(np.asarray(obj), ctx=_ctx(device), dtype=dtype))
 
 
 class MXNetBackend(Backend):
@@ -175,7 +261,7 @@ class MXNetBackend(Backend):
         a = np.asarray(obj)
         if a.size == 0:
             raise ValueError(f"the mxnet backend cannot hold zero-size arrays (MXNet 1.x), got shape {a.shape}")
-        return mx.nd.array(a, ctx=_ctx(device), dtype=self.dtype(dtype) if dtype else a.dtype)
+        return _made(mx.nd.array(a, ctx=_ctx(device), dtype=self.dtype(dtype) if dtype else a.dtype))
 
     def to_numpy(self, a: Array) -> np.ndarray:
         return a.asnumpy()
@@ -192,7 +278,7 @@ class MXNetBackend(Backend):
         return a.context
 
     def counter(self, value: int = 0, device: object = None) -> Array:
-        return mx.nd.array([value], ctx=_ctx(device), dtype="int64")
+        return _made(mx.nd.array([value], ctx=_ctx(device), dtype="int64"))
 
     def as_mask(self, mask: object, shape: tuple[int, ...], device: object = None) -> Array:
         # MXNet's where and casts do not take its bool arrays: the mask travels as float32 0/1
@@ -204,8 +290,22 @@ class MXNetBackend(Backend):
         return mx.autograd.pause()
 
     def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
+        """The op through ``mxnet.autograd.Function``; on small CPU arrays the same algorithm runs on the NumPy
+        adapter (the rule re-bound to it) on host copies: MXNet pushes each operator to its engine at 15-60 us
+        apiece, NumPy runs the whole small batch norm in less."""
+        host_rule = _on_host(rule)
+
         def op(*inputs: Array) -> tuple[Array, ...]:
-            return _BatchNormFunction(rule)(*inputs)
+            np_arrays = isinstance(inputs[0], mx.np.ndarray)
+            if np_arrays:
+                inputs = tuple(map(_legacy, inputs))
+            x = inputs[0]
+            if (host_rule is not None and len(inputs) == rule.n_diff and x.size <= HOST_MAX_ELEMENTS
+                    and x.context.device_type == "cpu"):
+                outputs = _HostFunction(host_rule)(*inputs)
+            else:
+                outputs = _BatchNormFunction(rule)(*inputs)
+            return tuple(map(_as_np, outputs)) if np_arrays else outputs
 
         return op
 
@@ -216,10 +316,12 @@ class MXNetBackend(Backend):
     # x * scale + shift and (x - mean) * b + c of float32 4-D data are oneDNN's inference-mode BatchNorm with
     # moving_var + eps == 1 exactly, i.e. gamma * (x - moving_mean) + beta; everything else streams in chunks
     # along P through reused buffers (``out=``). Under autograd.record the generic kernels run.
+    @_keeps_np
     def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
         v = _pcq(x, axes, dtype)
         return super().channel_sum(x, axes, dtype) if v is None else _rsum(v)
 
+    @_keeps_np
     def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
         v = _pcq(x, axes, center.dtype)
         if v is None:
@@ -233,6 +335,7 @@ class MXNetBackend(Backend):
             s2 = _accumulate(s2, _rsum(buf))
         return s1, s2
 
+    @_keeps_np
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if scale.shape[i] == 1) if x.ndim == scale.ndim else ()
         v = _pcq(x, axes, scale.dtype)
@@ -247,6 +350,7 @@ class MXNetBackend(Backend):
             mx.nd.broadcast_add(oc, t, out=oc)
         return out.reshape(x.shape)
 
+    @_keeps_np
     def backward_sums(self, dy: Array, x: Array, mean: Array, axes: Sequence[int]) -> tuple[Array, Array]:
         v, g = _pcq(x, axes, mean.dtype), _pcq(dy, axes, mean.dtype)
         if v is None or g is None or dy.shape != x.shape:
@@ -259,6 +363,7 @@ class MXNetBackend(Backend):
             s2 = _accumulate(s2, _rsum(buf))
         return _rsum(g), s2
 
+    @_keeps_np
     def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if mean.shape[i] == 1)
         v, g = _pcq(x, axes, a.dtype), _pcq(dy, axes, a.dtype)
@@ -334,3 +439,223 @@ def _chunks(*vs: Array, need_buf: bool = True) -> Iterator[tuple[tuple[Array, ..
         chunk = tuple(t[sl] for t in vs)
         n = chunk[0].shape[0]
         yield chunk, (buf if buf is None or n == buf.shape[0] else buf[:n])
+
+
+# ---- the graph operator: one batch-norm node for hybridized Gluon blocks and exported symbols -------------------
+#: the registered name of the operator (``F.Custom(..., op_type=OP_TYPE)``); an exported symbol names it, so a
+#: process loading that symbol must import multibn first (which registers it)
+OP_TYPE = "multibn_batch_norm (registered by: import multibn)"
+#: contexts on which the operator runs the algorithm on the NumPy adapter over zero-copy views of its buffers: no
+#: MXNet engine push per array operation (each costs 15-60 us here). Elsewhere (GPU) it runs on MXNet's operators,
+#: waiting for them before its callback returns. On the CPU that second road is slower (LeNet step 1.85x native
+#: at batch 256, 3.2x at 32, against 1.6x and 1.8x) and unsafe for inputs in oneDNN's blocked layouts, which MXNet
+#: hands the callback as temporary copies (the layer's reshape avoids them; a hand-built symbol may not).
+HOST_DEVICES = ("cpu",)
+_UPDATES = ("forward", "backward")
+_counters: dict[str, Array] = {}
+_UPDATE_LOCK = threading.Lock()
+
+
+def counter_of(key: str) -> Array:
+    """The ``num_batches_tracked`` of the operator nodes that carry ``key``: an int64 NDArray of shape (1,) on the
+    CPU, shared by them (and advanced in their callbacks, which MXNet runs asynchronously)."""
+    if key not in _counters:
+        counter = mx.nd.zeros((1,), ctx=mx.cpu(), dtype="int64")
+        counter.wait_to_read()  # allocated and zeroed before a callback writes to it
+        _counters[key] = counter
+    return _counters[key]
+
+
+def convention_attr(conv: Any) -> str:
+    """A convention as the string attribute a graph node stores (JSON of its fields)."""
+    import dataclasses
+    import json
+
+    return json.dumps({k: v for k, v in dataclasses.asdict(conv).items() if k != "reproduces"}, sort_keys=True)
+
+
+def _convention_from_attr(text: str) -> Any:
+    import json
+
+    from ..conventions import Convention
+
+    return Convention(**json.loads(text))
+
+
+def _legacy(a: Array) -> Array:
+    """An ``mx.np.ndarray`` as the legacy NDArray on the same memory (MXNet's ``mx.nd`` operators need those)."""
+    return a.as_nd_ndarray() if isinstance(a, mx.np.ndarray) else a
+
+
+_GetData = mx.base._LIB.MXNDArrayGetData
+
+
+def _host_view(a: Array, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A NumPy array on the memory of the CPU NDArray ``a``, without a copy and without a round trip through MXNet's
+    engine (each costs about as much as the whole batch norm of a small tensor). Only for the operator's own
+    buffers, which are ready when its callback runs and in MXNet's default layout (the layer reshapes x so that
+    MXNet converts oneDNN's blocked layouts before the operator)."""
+    ptr = ctypes.c_void_p()
+    mx.base.check_call(_GetData(a.handle, ctypes.byref(ptr)))
+    n = int(np.prod(shape)) * dtype.itemsize
+    return np.frombuffer((ctypes.c_char * n).from_address(ptr.value), dtype=dtype).reshape(shape)
+
+
+class _GraphBatchNorm(mx.operator.CustomOp):
+    """The batch-norm node: ``forward`` and ``backward`` run :mod:`multibn.algorithm` (train or eval, by MXNet's
+    ``is_train``), the running statistics are the node's auxiliary states, written in place at the forward or, under
+    ``update="backward"``, at the backward (MXNet's CPU timing: each backward applies the update of its forward to
+    the statistics of that moment, so several forwards before one backward chain their updates as in MXNet)."""
+
+    def __init__(self, conv: Any, axis: int, update: str, key: str, shapes: list, dtypes: list, host: bool) -> None:
+        super().__init__()
+        from .. import algorithm as alg
+
+        self._alg = alg
+        self.conv, self.update, self.key = conv, update, key
+        self.lay = alg.Layout.of(tuple(shapes[0]), axis)
+        self.shapes = [tuple(s) for s in shapes]
+        self.dtypes = [np.dtype(mx.ndarray.ndarray._DTYPE_MX_TO_NP[d]) for d in dtypes]
+        self.host = host
+        self.be = _backend("numpy" if host else "mxnet")
+
+    def _arrays(self, arrays: Sequence[Array], index: Sequence[int]) -> list[Array]:
+        if self.host:
+            return [_host_view(a, self.shapes[i], self.dtypes[i]) for a, i in zip(arrays, index, strict=True)]
+        return [_legacy(a) for a in arrays]
+
+    def _store(self, dst: Array, req: str, value: Array, i: int) -> None:
+        if req == "null":
+            return
+        if self.host:
+            view = _host_view(dst, self.shapes[i], self.dtypes[i])
+            if req == "add":
+                view += value
+            else:
+                np.copyto(view, value, casting="unsafe")
+            return
+        dst = _legacy(dst)
+        if req == "add":
+            mx.nd.elemwise_add(dst, value.astype(dst.dtype, copy=False), out=dst)
+        else:
+            value.astype(dst.dtype, copy=False).copyto(dst)
+
+    def _state(self, aux: Sequence[Array]) -> Any:
+        from ..state import BNState
+
+        rmean, rvar = self._arrays(aux, (3, 4))
+        t = counter_of(self.key)
+        return BNState(rmean, rvar, _host_view(t, (1,), np.dtype(np.int64)) if self.host else t.as_in_context(
+            rmean.context))
+
+    def _update(self, aux: Sequence[Array], stats: Any) -> None:
+        # MXNet may run the backward nodes of two calls of one layer at once, on two threads, and does not order
+        # their writes to the statistics: the read-update-write is made atomic here (and finished before the lock
+        # is released on the MXNet path), so every update lands, applied to the statistics of its moment.
+        alg = self._alg
+        with _UPDATE_LOCK:
+            new = alg.update_state(self.be, self.conv, self._state(aux), stats)
+            for dst, value, i in ((aux[0], new.running_mean, 3), (aux[1], new.running_var, 4)):
+                self._store(dst, "write", value, i)
+            if not self.host:
+                for dst in aux:
+                    dst.wait_to_read()
+            t = counter_of(self.key)  # an MXNet batch is never empty: update_state counted it
+            if self.host:
+                _host_view(t, (1,), np.dtype(np.int64))[0] += 1
+            else:
+                t[:] += 1
+
+    def forward(self, is_train: bool, req: list, in_data: list, out_data: list, aux: list) -> None:
+        alg = self._alg
+        inputs = tuple(self._arrays(in_data, (0, 1, 2)))
+        self.train = bool(is_train)
+        with self.be.quiet():
+            if self.train:
+                rule = alg.train_rule(self.be, self.conv, self.lay)
+                y, mean, m2 = outputs = tuple(rule.forward(*inputs))
+                self.residuals = rule.residuals(inputs, outputs)
+                stats = alg.Stats(self.lay.count, mean, m2)
+                if self.update == "forward":
+                    self._update(aux, stats)
+                else:
+                    self.stats = stats
+            else:
+                state = self._state(aux)
+                rule = alg.eval_rule(self.be, self.conv, self.lay)
+                inputs += (state.running_mean, state.running_var)
+                (y,) = outputs = tuple(rule.forward(*inputs))
+                self.residuals = rule.residuals(inputs, outputs)
+        self._store(out_data[0], req[0], y, 0)
+        self._settle(out_data[:1], [r for r in self.residuals if hasattr(r, "wait_to_read")])
+
+    def backward(self, req: list, out_grad: list, in_data: list, out_data: list, in_grad: list, aux: list) -> None:
+        alg = self._alg
+        x, gamma = self._arrays(in_data[:2], (0, 1))
+        (dy,) = self._arrays(out_grad[:1], (0,))
+        residuals = self.residuals._replace(x=x, gamma=gamma)  # the backward's own views of the inputs
+        with self.be.quiet():
+            if self.train:
+                grads = alg.train_rule(self.be, self.conv, self.lay).backward(residuals, (dy, None, None))
+                if self.update == "backward":
+                    self._update(aux, self.stats)
+            else:
+                grads = alg.eval_rule(self.be, self.conv, self.lay).backward(residuals, (dy,))[:3]
+        for i, (dst, r, g) in enumerate(zip(in_grad, req, grads, strict=True)):
+            self._store(dst, r, g, i)
+        self._settle(in_grad)
+
+    def _settle(self, *groups: Sequence[Array]) -> None:
+        """On the MXNet path, wait for the operators pushed here: MXNet may hand the callback temporary copies of
+        the inputs (oneDNN layouts reordered to the default one) that it frees when the callback returns, and it
+        waits only for writes to the outputs, not for reads of the inputs."""
+        if not self.host:
+            for group in groups:
+                for a in group:
+                    a.wait_to_read()
+
+
+@mx.operator.register(OP_TYPE)
+class _GraphBatchNormProp(mx.operator.CustomOpProp):
+    """Inputs ``data, gamma, beta``; auxiliary states ``moving_mean, moving_var``; output ``output``.
+
+    Attributes (strings in the graph): ``convention`` (JSON, :func:`convention_attr`), ``axis``, ``update``
+    (``"forward"`` or ``"backward"``) and ``key`` (which ``num_batches_tracked`` counter the node advances)."""
+
+    def __init__(self, convention: str, axis: str = "1", update: str = "forward", key: str = "") -> None:
+        super().__init__(need_top_grad=True)
+        if update not in _UPDATES:
+            raise ValueError(f"update must be 'forward' or 'backward', got {update!r}")
+        self.conv = _convention_from_attr(convention)
+        self.axis, self.update, self.key = int(axis), update, key
+
+    def list_arguments(self) -> list[str]:
+        return ["data", "gamma", "beta"]
+
+    def list_outputs(self) -> list[str]:
+        return ["output"]
+
+    def list_auxiliary_states(self) -> list[str]:
+        return ["moving_mean", "moving_var"]
+
+    def infer_shape(self, in_shape: list) -> tuple[list, list, list]:
+        x = in_shape[0]
+        c = (x[self.axis],)
+        return [x, c, c], [x], [c, c]
+
+    def infer_type(self, in_type: list) -> tuple[list, list, list]:
+        p = in_type[1] if in_type[1] is not None else np.float32
+        return [in_type[0], p, p], [in_type[0]], [p, p]
+
+    def declare_backward_dependency(self, out_grad: list, in_data: list, out_data: list) -> list:
+        return [out_grad[0], in_data[0], in_data[1]]
+
+    def create_operator(self, ctx: Any, shapes: list, dtypes: list) -> _GraphBatchNorm:
+        host = ctx.device_type in HOST_DEVICES
+        return _GraphBatchNorm(self.conv, self.axis, self.update, self.key, shapes, dtypes, host)
+
+
+def _backend(name: str) -> Backend:
+    from . import get_backend
+
+    return get_backend(name)
