@@ -3,6 +3,8 @@
 ``import multibn`` imports no framework; a backend's framework is imported the first time it is used.
 """
 
+import sys
+
 from .api import batch_norm, batch_norm_vjp, init_state
 from .backends import available_backends
 from .conventions import CONVENTIONS, Convention
@@ -20,3 +22,6 @@ __all__ = [
     "init_state",
 ]
 __version__ = "0.1.0"
+
+if "mxnet" in sys.modules:  # register the Gluon layer's graph operator, which exported MXNet symbols name
+    from .backends import mxnet as _mxnet_adapter  # noqa: F401

@@ -236,24 +236,6 @@ def test_gluon_update_timing() -> None:
     assert int(eager.num_batches_tracked().asscalar()) == 2
 
 
-def test_gluon_update_backward_with_two_forwards_per_backward() -> None:
-    """The documented difference: two forwards before one backward write one forward's update (MXNet chains)."""
-    mx = mxnet_module()
-    _, ours = gluon_pair(mx, 3)
-    (x1, _), (x2, _) = batches((6, 3), 2, seed=4)
-    x1, x2 = mx.nd.array(x1), mx.nd.array(x2)
-    for a in (x1, x2):
-        a.attach_grad()
-    with mx.autograd.record():
-        loss = (ours(x1) ** 3).sum() + (ours(x2) ** 3).sum()
-    loss.backward(retain_graph=True)
-    loss.backward()
-    mean = ours.running_mean.data().asnumpy()
-    singles = [0.1 * x.asnumpy().mean(axis=0) for x in (x1, x2)]
-    assert any(np.allclose(mean, m, rtol=1e-5, atol=1e-6) for m in singles)
-    assert int(ours.num_batches_tracked().asscalar()) == 1
-
-
 def test_gluon_gradients_when_input_needs_no_gradient() -> None:
     mx = mxnet_module()
     native, ours = gluon_pair(mx, 3)

@@ -318,3 +318,187 @@ def _chunks(*vs: Array, need_buf: bool = True) -> Iterator[tuple[tuple[Array, ..
         chunk = tuple(t[sl] for t in vs)
         n = chunk[0].shape[0]
         yield chunk, (buf if buf is None or n == buf.shape[0] else buf[:n])
+
+
+# ---- the graph operator: one batch-norm node for hybridized Gluon blocks and exported symbols -------------------
+#: the registered name of the operator (``F.Custom(..., op_type=OP_TYPE)``); an exported symbol names it, so a
+#: process loading that symbol must import multibn first (which registers it)
+OP_TYPE = "multibn_batch_norm (registered by: import multibn)"
+#: inputs of at most this many elements run the algorithm on the NumPy adapter over zero-copy views of the
+#: operator's CPU buffers: no MXNet engine push per array operation (each costs 15-60 us here)
+HOST_MAX_ELEMENTS = 1 << 17
+_UPDATES = ("forward", "backward")
+_counters: dict[str, np.ndarray] = {}
+
+
+def counter_of(key: str) -> np.ndarray:
+    """The ``num_batches_tracked`` of the operator nodes that carry ``key`` (a host int64 scalar, shared)."""
+    return _counters.setdefault(key, np.zeros((), dtype=np.int64))
+
+
+def convention_attr(conv: Any) -> str:
+    """A convention as the string attribute a graph node stores (JSON of its fields)."""
+    import dataclasses
+    import json
+
+    return json.dumps({k: v for k, v in dataclasses.asdict(conv).items() if k != "reproduces"}, sort_keys=True)
+
+
+def _convention_from_attr(text: str) -> Any:
+    import json
+
+    from ..conventions import Convention
+
+    return Convention(**json.loads(text))
+
+
+def _legacy(a: Array) -> Array:
+    """An ``mx.np.ndarray`` as the legacy NDArray on the same memory (MXNet's ``mx.nd`` operators need those)."""
+    return a.as_nd_ndarray() if isinstance(a, mx.np.ndarray) else a
+
+
+_GetData = mx.base._LIB.MXNDArrayGetData
+
+
+def _host_view(a: Array, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A NumPy array on the memory of the CPU NDArray ``a`` (no copy): only inside the operator, whose buffers are
+    ready and owned by the running node."""
+    ptr = ctypes.c_void_p()
+    _GetData(a.handle, ctypes.byref(ptr))
+    n = int(np.prod(shape)) * dtype.itemsize
+    return np.frombuffer((ctypes.c_char * n).from_address(ptr.value), dtype=dtype).reshape(shape)
+
+
+class _GraphBatchNorm(mx.operator.CustomOp):
+    """The batch-norm node: ``forward`` and ``backward`` run :mod:`multibn.algorithm` (train or eval, by MXNet's
+    ``is_train``), the running statistics are the node's auxiliary states, written in place at the forward or, under
+    ``update="backward"``, at the backward (MXNet's CPU timing: each backward applies the update of its forward to
+    the statistics of that moment, so several forwards before one backward chain their updates as in MXNet)."""
+
+    def __init__(self, conv: Any, axis: int, update: str, key: str, shapes: list, dtypes: list, host: bool) -> None:
+        super().__init__()
+        from .. import algorithm as alg
+
+        self._alg = alg
+        self.conv, self.update, self.key = conv, update, key
+        self.lay = alg.Layout.of(tuple(shapes[0]), axis)
+        self.shapes = [tuple(s) for s in shapes]
+        self.dtypes = [np.dtype(mx.ndarray.ndarray._DTYPE_MX_TO_NP[d]) for d in dtypes]
+        self.host = host
+        self.be = _backend("numpy" if host else "mxnet")
+
+    def _arrays(self, arrays: Sequence[Array], index: Sequence[int]) -> list[Array]:
+        if self.host:
+            return [_host_view(a, self.shapes[i], self.dtypes[i]) for a, i in zip(arrays, index, strict=True)]
+        return [_legacy(a) for a in arrays]
+
+    def _store(self, dst: Array, req: str, value: Array, i: int) -> None:
+        if req == "null":
+            return
+        if self.host:
+            view = _host_view(dst, self.shapes[i], self.dtypes[i])
+            if req == "add":
+                view += value
+            else:
+                np.copyto(view, value, casting="unsafe")
+            return
+        dst = _legacy(dst)
+        if req == "add":
+            mx.nd.elemwise_add(dst, value.astype(dst.dtype, copy=False), out=dst)
+        else:
+            value.astype(dst.dtype, copy=False).copyto(dst)
+
+    def _state(self, aux: Sequence[Array]) -> Any:
+        from ..state import BNState
+
+        rmean, rvar = self._arrays(aux, (3, 4))
+        t = counter_of(self.key)
+        return BNState(rmean, rvar, t if self.host else mx.nd.full((1,), int(t), dtype="int64"))
+
+    def _update(self, aux: Sequence[Array], stats: Any) -> None:
+        alg = self._alg
+        new = alg.update_state(self.be, self.conv, self._state(aux), stats)
+        for dst, value, i in ((aux[0], new.running_mean, 3), (aux[1], new.running_var, 4)):
+            self._store(dst, "write", value, i)
+        counter_of(self.key)[()] += 1  # an mxnet batch is never empty: update_state counted it
+
+    def forward(self, is_train: bool, req: list, in_data: list, out_data: list, aux: list) -> None:
+        alg = self._alg
+        x, gamma, beta = self._arrays(in_data, (0, 1, 2))
+        self.train = bool(is_train)
+        with self.be.quiet():
+            if self.train:
+                (y, mean, m2), residuals = alg.train_forward(self.be, self.conv, self.lay, x, gamma, beta)
+                self.saved = residuals[2:]
+                stats = alg.Stats(self.lay.count, mean, m2)
+                if self.update == "forward":
+                    self._update(aux, stats)
+                else:
+                    self.stats = stats
+            else:
+                state = self._state(aux)
+                (y,), residuals = alg.eval_forward(self.be, self.conv, self.lay, x, gamma, beta,
+                                                   state.running_mean, state.running_var)
+                self.saved = residuals[2:]
+        self._store(out_data[0], req[0], y, 0)
+
+    def backward(self, req: list, out_grad: list, in_data: list, out_data: list, in_grad: list, aux: list) -> None:
+        alg = self._alg
+        x, gamma = self._arrays(in_data[:2], (0, 1))
+        (dy,) = self._arrays(out_grad[:1], (0,))
+        residuals = (x, gamma, *self.saved)
+        with self.be.quiet():
+            if self.train:
+                grads = alg.train_backward(self.be, self.conv, self.lay, residuals, dy)
+                if self.update == "backward":
+                    self._update(aux, self.stats)
+            else:
+                grads = alg.eval_backward(self.be, self.conv, self.lay, residuals, dy)
+        for i, (dst, r, g) in enumerate(zip(in_grad, req, grads, strict=True)):
+            self._store(dst, r, g, i)
+
+
+@mx.operator.register(OP_TYPE)
+class _GraphBatchNormProp(mx.operator.CustomOpProp):
+    """Inputs ``data, gamma, beta``; auxiliary states ``moving_mean, moving_var``; output ``output``.
+
+    Attributes (strings in the graph): ``convention`` (JSON, :func:`convention_attr`), ``axis``, ``update``
+    (``"forward"`` or ``"backward"``) and ``key`` (which ``num_batches_tracked`` counter the node advances)."""
+
+    def __init__(self, convention: str, axis: str = "1", update: str = "forward", key: str = "") -> None:
+        super().__init__(need_top_grad=True)
+        if update not in _UPDATES:
+            raise ValueError(f"update must be 'forward' or 'backward', got {update!r}")
+        self.conv = _convention_from_attr(convention)
+        self.axis, self.update, self.key = int(axis), update, key
+
+    def list_arguments(self) -> list[str]:
+        return ["data", "gamma", "beta"]
+
+    def list_outputs(self) -> list[str]:
+        return ["output"]
+
+    def list_auxiliary_states(self) -> list[str]:
+        return ["moving_mean", "moving_var"]
+
+    def infer_shape(self, in_shape: list) -> tuple[list, list, list]:
+        x = in_shape[0]
+        c = (x[self.axis],)
+        return [x, c, c], [x], [c, c]
+
+    def infer_type(self, in_type: list) -> tuple[list, list, list]:
+        p = in_type[1] if in_type[1] is not None else np.float32
+        return [in_type[0], p, p], [in_type[0]], [p, p]
+
+    def declare_backward_dependency(self, out_grad: list, in_data: list, out_data: list) -> list:
+        return [out_grad[0], in_data[0], in_data[1]]
+
+    def create_operator(self, ctx: Any, shapes: list, dtypes: list) -> _GraphBatchNorm:
+        host = ctx.device_type == "cpu" and int(np.prod(shapes[0])) <= HOST_MAX_ELEMENTS
+        return _GraphBatchNorm(self.conv, self.axis, self.update, self.key, shapes, dtypes, host)
+
+
+def _backend(name: str) -> Backend:
+    from . import get_backend
+
+    return get_backend(name)

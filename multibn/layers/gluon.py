@@ -14,29 +14,30 @@ The mode comes from ``mx.autograd.is_training()`` (True inside ``autograd.record
 When the running statistics change (``update``):
 
 * ``"forward"`` (default): in the training forward, as every other framework does;
-* ``"backward"``: MXNet's own CPU timing (``shared/bn-semantics.md`` §1.1): the statistics change only when a
-  backward pass runs through the layer. A training forward with no backward (outside ``autograd.record()``,
-  or never followed by ``backward()``) leaves them unchanged. The values written are those the forward
-  computed from the statistics it saw, so a training loop (one forward, one backward per step) reproduces
-  ``gluon.nn.BatchNorm`` step for step. Where MXNet chains updates and this layer does not: several forwards
-  through the layer before one backward, or a second backward of a retained graph, write the value of one
-  forward (MXNet applies one update per forward, per backward, each from the statistics of the moment).
+* ``"backward"``: MXNet's own CPU timing: the statistics change only when a backward pass runs through the
+  layer, each backward applying the update of its forward to the statistics of that moment. A training forward
+  with no backward (outside ``autograd.record()``, or never followed by ``backward()``) leaves them unchanged;
+  several forwards before one backward, or a second backward of a retained graph, chain their updates exactly as
+  ``gluon.nn.BatchNorm`` does.
 
-The block computes nothing itself: the forward calls :func:`multibn.batch_norm` (differentiable through its
-``mx.autograd.Function``) and writes the returned running statistics into the parameters. It is a
-``gluon.Block`` (imperative NDArray code), so it cannot sit inside a hybridized ``HybridBlock``.
+The block is a ``HybridBlock`` whose graph is one node, the operator ``multibn_batch_norm`` (registered by
+``import multibn`` when MXNet is imported, and by importing this module): its forward and backward run
+:mod:`multibn.algorithm` through the adapters (the NumPy adapter on zero-copy views of small CPU tensors, the
+MXNet adapter otherwise); the running statistics are the node's auxiliary states, updated in place like
+``gluon.nn.BatchNorm``'s. Hybridized or not, in ``HybridSequential`` or any ``HybridBlock``; ``net.export()``
+writes that node, so a process that loads the exported symbol must ``import multibn`` first. Arrays of MXNet's
+NumPy interface (``npx.set_np()``) work too and give ``mx.np`` arrays.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import numpy as np
 
-from ..api import batch_norm
-from ..backends.mxnet import mx  # imports MXNet 1.9 after restoring the NumPy alias it needs
+from ..backends.mxnet import OP_TYPE, convention_attr, counter_of, mx  # MXNet after the NumPy alias it needs
 from ..conventions import Convention, resolve_convention
-from ..state import BNState
 from . import check_layer_args
 
 autograd = mx.autograd
@@ -47,37 +48,14 @@ __all__ = ["BatchNorm"]
 _UPDATES = ("forward", "backward")
 
 
-class _UpdateOnBackward(autograd.Function):
-    """Identity on ``y`` whose backward writes the pending running statistics: MXNet's backward-time update.
-
-    The statistics cannot be written by a side effect of ``backward``: MXNet runs it later, on an engine
-    thread, so a read of the statistics right after ``loss.backward()`` would race with the write. Instead the
-    pending values are autograd variables whose gradient buffers are the running-statistics arrays themselves
-    (``autograd.mark_variables``), and ``backward`` returns the pending values as their "gradients": MXNet's
-    engine then orders the write like any gradient write, before every later read.
-    """
-
-    def __init__(self, pending: BNState) -> None:
-        super().__init__()
-        self._pending = pending
-
-    def forward(self, *inputs: Any) -> Any:
-        y = inputs[-1]
-        return y.reshape(y.shape)  # a new handle on the same memory (MXNet refuses to return an input)
-
-    def backward(self, dy: Any) -> tuple[Any, ...]:
-        # The pending values come first: MXNet 1.9's Function stops writing gradients at the first input
-        # whose gradient is not requested, and y's may not be.
-        return (*self._pending, dy)
-
-
-class BatchNorm(gluon.Block):
+class BatchNorm(gluon.HybridBlock):
     """Batch normalisation over every axis of the input but ``axis``, with a multibn convention.
 
     Args:
         num_features: channels C, the size of the input along ``axis`` (``in_channels`` of ``gluon.nn.BatchNorm``).
         num_dims: the input rank the layer accepts, as in the textbook ``BatchNorm(num_features, num_dims)``:
             2 for (N, C) input, 4 for (N, C, H, W) input (any rank >= 2 may be named); None accepts any rank >= 2.
+            Checked on imperative calls (a hybridized graph knows no ranks).
         convention: a name in :data:`multibn.CONVENTIONS` (default ``"gluon"``: momentum 0.9 on the old value,
             eps 1e-5, biased running variance) or a :class:`multibn.Convention`.
         momentum, eps: override the convention's (None keeps them).
@@ -87,7 +65,7 @@ class BatchNorm(gluon.Block):
         update: ``"forward"`` or ``"backward"``, when the running statistics change (module docstring).
         prefix, params: as for every Gluon block.
 
-    ``num_batches_tracked(ctx)`` counts the updates of the running statistics (it is not saved in parameter
+    ``num_batches_tracked()`` counts the updates of the running statistics (it is not saved in parameter
     files; ``gluon.nn.BatchNorm`` has no such counter). It matters only for the cumulative-average
     convention ``torch_cma``.
     """
@@ -111,6 +89,8 @@ class BatchNorm(gluon.Block):
         if update not in _UPDATES:
             raise ValueError(f"update must be 'forward' or 'backward', got {update!r}")
         self.convention = resolve_convention(convention, momentum, eps)
+        if num_dims is not None and not -num_dims <= axis < num_dims:
+            raise ValueError(f"axis must be in [{-num_dims}, {num_dims}) for num_dims={num_dims}, got {axis}")
         self.num_features = num_features
         self.num_dims = num_dims
         self.momentum = self.convention.momentum
@@ -118,7 +98,9 @@ class BatchNorm(gluon.Block):
         self.affine = affine
         self.axis = axis
         self.update = update
-        self._tracked: dict[Any, Any] = {}
+        self._key = uuid.uuid4().hex
+        self._attrs = {"convention": convention_attr(self.convention), "axis": str(axis), "update": update,
+                       "key": self._key}
         learn = "write" if affine else "null"
         with self.name_scope():
             self.gamma = self.params.get("gamma", grad_req=learn, shape=(num_features,), init="ones",
@@ -143,42 +125,27 @@ class BatchNorm(gluon.Block):
             f"affine={self.affine}, axis={self.axis}, update={self.update!r})"
         )
 
-    # ---- state ------------------------------------------------------------------------------------------------
     def num_batches_tracked(self, ctx: Any = None) -> Any:
-        """The update counter on ``ctx`` (default: the parameters' first context), an int64 NDArray of shape (1,)."""
+        """The number of updates of the running statistics, as an int64 NDArray of shape (1,) on ``ctx``."""
         if ctx is None:
             ctx = self.running_mean.list_ctx()[0]
-        if ctx not in self._tracked:
-            self._tracked[ctx] = mx.nd.zeros((1,), ctx=ctx, dtype="int64")
-        return self._tracked[ctx]
+        return mx.nd.array([int(counter_of(self._key))], ctx=ctx, dtype="int64")
 
-    def _state(self, ctx: Any) -> BNState:
-        return BNState(self.running_mean.data(ctx), self.running_var.data(ctx), self.num_batches_tracked(ctx))
-
-    def _write(self, ctx: Any, new: BNState) -> None:
-        with autograd.pause():
-            for dst, src in zip(self._state(ctx), new, strict=True):
-                dst[:] = src
-
-    # ---- forward ----------------------------------------------------------------------------------------------
-    def forward(self, x: Any) -> Any:
-        if self.num_dims is not None and x.ndim != self.num_dims:
+    def forward(self, x: Any, *args: Any) -> Any:
+        if isinstance(x, mx.nd.NDArray) and self.num_dims is not None and x.ndim != self.num_dims:
             raise ValueError(f"expected {self.num_dims}D input (got {x.ndim}D input)")
-        ctx = x.context
-        training = autograd.is_training()
-        state = self._state(ctx)
-        gamma = self.gamma.data(ctx) if self.affine else None
-        beta = self.beta.data(ctx) if self.affine else None
-        y, new = batch_norm(x, gamma, beta, state, training=training, convention=self.convention, axis=self.axis,
-                            backend="mxnet")
-        if not training:
-            return y
-        if self.update == "forward":
-            self._write(ctx, new)
-            return y
-        if not autograd.is_recording():  # no backward can follow: MXNet never updates
-            return y
-        with autograd.pause():
-            pending = BNState(*(a.detach() for a in new))
-        autograd.mark_variables(list(pending), list(state), grad_reqs="write")
-        return _UpdateOnBackward(pending)(*pending, y)
+        return super().forward(x, *args)
+
+    def hybrid_forward(self, F: Any, x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: Any) -> Any:
+        """One graph node (the registered operator ``multibn_batch_norm``) that runs :mod:`multibn.algorithm`:
+        training or eval by ``autograd.is_training()`` at run time, as ``gluon.nn.BatchNorm``."""
+        np_arrays = _is_np(x)
+        if np_arrays:  # MXNet's NumPy interface: the operator takes and gives legacy arrays on the same memory
+            x, gamma, beta, running_mean, running_var = (
+                a.as_nd_ndarray() for a in (x, gamma, beta, running_mean, running_var))
+        y = F.Custom(x, gamma, beta, running_mean, running_var, op_type=OP_TYPE, name="fwd", **self._attrs)
+        return y.as_np_ndarray() if np_arrays else y
+
+
+def _is_np(a: Any) -> bool:
+    return isinstance(a, (mx.np.ndarray, mx.symbol.numpy._Symbol))
