@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -106,12 +108,39 @@ def _ctx(device: object) -> mx.Context | None:
     return mx.Context("cpu" if kind == "cpu" else "gpu", int(index or 0))
 
 
+def _np_mode() -> bool:
+    return bool(mx.util.is_np_array())
+
+
+def _as_np(a: Array) -> Array:
+    return a.as_np_ndarray() if isinstance(a, mx.nd.NDArray) and not isinstance(a, mx.np.ndarray) else a
+
+
+def _keeps_np(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` over legacy NDArrays, taking and giving ``mx.np`` arrays where it is given one (MXNet's NumPy
+    interface shares memory with the legacy arrays that ``mx.nd`` operators need)."""
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not any(isinstance(a, mx.np.ndarray) for a in args):
+            return fn(*args, **kwargs)
+        out = fn(*(_legacy(a) for a in args), **kwargs)
+        return tuple(map(_as_np, out)) if isinstance(out, tuple) else _as_np(out)
+
+    return wrapped
+
+
+def _made(a: Array) -> Array:
+    """A new array in the kind the caller works with: ``mx.np`` under ``npx.set_np()``."""
+    return _as_np(a) if _np_mode() else a
+
+
 class MXNetNamespace:
-    """The handful of array-API functions the algorithm uses, over ``mx.nd``."""
+    """The handful of array-API functions the algorithm uses, over ``mx.nd`` (``mx.np`` arrays in, ``mx.np`` out)."""
 
     float16, float32, float64, int64 = (np.dtype(n) for n in ("float16", "float32", "float64", "int64"))
 
     @staticmethod
+    @_keeps_np
     def sum(x: Array, axis: Sequence[int] | None = None) -> Array:
         return mx.nd.sum(x, axis=tuple(axis) if axis is not None else ())
 
@@ -124,32 +153,36 @@ class MXNetNamespace:
         return x.reshape(tuple(shape))
 
     @staticmethod
+    @_keeps_np
     def sqrt(x: Array) -> Array:
         return mx.nd.sqrt(x)
 
     @staticmethod
+    @_keeps_np
     def where(cond: Array, a: Array, b: Array) -> Array:
         return mx.nd.where(cond, a, b)
 
     @staticmethod
+    @_keeps_np
     def zeros_like(x: Array) -> Array:
         return mx.nd.zeros_like(x)
 
     @staticmethod
+    @_keeps_np
     def ones_like(x: Array) -> Array:
         return mx.nd.ones_like(x)
 
     @staticmethod
     def zeros(shape: Sequence[int], dtype: object = None, device: object = None) -> Array:
-        return mx.nd.zeros(tuple(shape), ctx=_ctx(device), dtype=dtype or "float32")
+        return _made(mx.nd.zeros(tuple(shape), ctx=_ctx(device), dtype=dtype or "float32"))
 
     @staticmethod
     def full(shape: Sequence[int], value: float, dtype: object = None, device: object = None) -> Array:
-        return mx.nd.full(tuple(shape), value, ctx=_ctx(device), dtype=dtype or "float32")
+        return _made(mx.nd.full(tuple(shape), value, ctx=_ctx(device), dtype=dtype or "float32"))
 
     @staticmethod
     def asarray(obj: object, dtype: object = None, device: object = None) -> Array:
-        return mx.nd.array(np.asarray(obj), ctx=_ctx(device), dtype=dtype)
+        return _made(mx.nd.array(np.asarray(obj), ctx=_ctx(device), dtype=dtype))
 
 
 class MXNetBackend(Backend):
@@ -166,7 +199,7 @@ class MXNetBackend(Backend):
         a = np.asarray(obj)
         if a.size == 0:
             raise ValueError(f"the mxnet backend cannot hold zero-size arrays (MXNet 1.x), got shape {a.shape}")
-        return mx.nd.array(a, ctx=_ctx(device), dtype=self.dtype(dtype) if dtype else a.dtype)
+        return _made(mx.nd.array(a, ctx=_ctx(device), dtype=self.dtype(dtype) if dtype else a.dtype))
 
     def to_numpy(self, a: Array) -> np.ndarray:
         return a.asnumpy()
@@ -183,14 +216,16 @@ class MXNetBackend(Backend):
         return a.context
 
     def counter(self, value: int = 0, device: object = None) -> Array:
-        return mx.nd.array([value], ctx=_ctx(device), dtype="int64")
+        return _made(mx.nd.array([value], ctx=_ctx(device), dtype="int64"))
 
     def untracked(self) -> contextlib.AbstractContextManager:
         return mx.autograd.pause()
 
     def custom_op(self, forward: Forward, backward: Backward) -> Callable[..., tuple[Array, ...]]:
         def op(*inputs: Array) -> tuple[Array, ...]:
-            return _BatchNormFunction(forward, backward)(*inputs)
+            if not isinstance(inputs[0], mx.np.ndarray):
+                return _BatchNormFunction(forward, backward)(*inputs)
+            return tuple(map(_as_np, _BatchNormFunction(forward, backward)(*map(_legacy, inputs))))
 
         return op
 
@@ -201,10 +236,12 @@ class MXNetBackend(Backend):
     # x * scale + shift and (x - mean) * b + c of float32 4-D data are oneDNN's inference-mode BatchNorm with
     # moving_var + eps == 1 exactly, i.e. gamma * (x - moving_mean) + beta; everything else streams in chunks
     # along P through reused buffers (``out=``). Under autograd.record the generic kernels run.
+    @_keeps_np
     def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
         v = _pcq(x, axes, dtype)
         return super().channel_sum(x, axes, dtype) if v is None else _rsum(v)
 
+    @_keeps_np
     def channel_sq_dev_sum(self, x: Array, mean: Array, axes: Sequence[int]) -> Array:
         v = _pcq(x, axes, mean.dtype)
         if v is None:
@@ -217,6 +254,7 @@ class MXNetBackend(Backend):
             acc = _accumulate(acc, _rsum(buf))
         return acc
 
+    @_keeps_np
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if scale.shape[i] == 1) if x.ndim == scale.ndim else ()
         v = _pcq(x, axes, scale.dtype)
@@ -231,6 +269,7 @@ class MXNetBackend(Backend):
             mx.nd.broadcast_add(oc, t, out=oc)
         return out.reshape(x.shape)
 
+    @_keeps_np
     def backward_sums(self, dy: Array, x: Array, mean: Array, axes: Sequence[int]) -> tuple[Array, Array]:
         v, g = _pcq(x, axes, mean.dtype), _pcq(dy, axes, mean.dtype)
         if v is None or g is None or dy.shape != x.shape:
@@ -243,6 +282,7 @@ class MXNetBackend(Backend):
             s2 = _accumulate(s2, _rsum(buf))
         return _rsum(g), s2
 
+    @_keeps_np
     def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if mean.shape[i] == 1)
         v, g = _pcq(x, axes, a.dtype), _pcq(dy, axes, a.dtype)
@@ -329,6 +369,7 @@ OP_TYPE = "multibn_batch_norm (registered by: import multibn)"
 HOST_MAX_ELEMENTS = 1 << 17
 _UPDATES = ("forward", "backward")
 _counters: dict[str, np.ndarray] = {}
+_UPDATE_LOCK = threading.Lock()
 
 
 def counter_of(key: str) -> np.ndarray:
@@ -416,11 +457,18 @@ class _GraphBatchNorm(mx.operator.CustomOp):
         return BNState(rmean, rvar, t if self.host else mx.nd.full((1,), int(t), dtype="int64"))
 
     def _update(self, aux: Sequence[Array], stats: Any) -> None:
+        # MXNet may run the backward nodes of two calls of one layer at once, on two threads, and does not order
+        # their writes to the statistics: the read-update-write is made atomic here (and finished before the lock
+        # is released on the MXNet path), so every update lands, applied to the statistics of its moment.
         alg = self._alg
-        new = alg.update_state(self.be, self.conv, self._state(aux), stats)
-        for dst, value, i in ((aux[0], new.running_mean, 3), (aux[1], new.running_var, 4)):
-            self._store(dst, "write", value, i)
-        counter_of(self.key)[()] += 1  # an mxnet batch is never empty: update_state counted it
+        with _UPDATE_LOCK:
+            new = alg.update_state(self.be, self.conv, self._state(aux), stats)
+            for dst, value, i in ((aux[0], new.running_mean, 3), (aux[1], new.running_var, 4)):
+                self._store(dst, "write", value, i)
+            if not self.host:
+                for dst in aux:
+                    dst.wait_to_read()
+            counter_of(self.key)[()] += 1  # an mxnet batch is never empty: update_state counted it
 
     def forward(self, is_train: bool, req: list, in_data: list, out_data: list, aux: list) -> None:
         alg = self._alg

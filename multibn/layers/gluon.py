@@ -107,10 +107,16 @@ class BatchNorm(gluon.HybridBlock):
                                          allow_deferred_init=True, differentiable=affine)
             self.beta = self.params.get("beta", grad_req=learn, shape=(num_features,), init="zeros",
                                         allow_deferred_init=True, differentiable=affine)
-            self.running_mean = self.params.get("running_mean", grad_req="null", shape=(num_features,),
-                                                init="zeros", allow_deferred_init=True, differentiable=False)
-            self.running_var = self.params.get("running_var", grad_req="null", shape=(num_features,),
-                                               init="ones", allow_deferred_init=True, differentiable=False)
+            self.running_mean = self._statistic("running_mean", "zeros")
+            self.running_var = self._statistic("running_var", "ones")
+
+    def _statistic(self, name: str, init: str) -> Any:
+        kw = {"grad_req": "null", "shape": (self.num_features,), "init": init, "allow_deferred_init": True,
+              "differentiable": False}
+        full = self.params.prefix + name
+        if self.update == "backward" and self.params._get_impl(full) is None:
+            self.params._params[full] = _Statistic(self.gamma, full, **kw)
+        return self.params.get(name, **kw)
 
     def cast(self, dtype: Any) -> None:
         # As gluon.nn.BatchNorm: float16 models keep float32 statistics and parameters.
@@ -145,6 +151,38 @@ class BatchNorm(gluon.HybridBlock):
                 a.as_nd_ndarray() for a in (x, gamma, beta, running_mean, running_var))
         y = F.Custom(x, gamma, beta, running_mean, running_var, op_type=OP_TYPE, name="fwd", **self._attrs)
         return y.as_np_ndarray() if np_arrays else y
+
+
+class _Statistic(gluon.Parameter):
+    """A running statistic of a layer with ``update="backward"``: its arrays are handed out only once the backward
+    passes in flight through the layer have written it.
+
+    MXNet's engine does not know that a custom operator's backward writes its auxiliary states (``_backward_Custom``
+    declares them as read), so a read pushed right after ``loss.backward()`` could overtake that write. The same
+    backward writes the layer's ``gamma`` gradient, which the engine does track: waiting for that gradient (or for
+    the whole engine, when gamma has none) orders the read. Later operators that take the statistics (the next
+    forward, eval included) are ordered by MXNet itself.
+    """
+
+    def __init__(self, gamma: Any, name: str, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self._gamma = gamma
+
+    def _settle(self) -> None:
+        g = self._gamma
+        if g.grad_req != "null" and g._grad is not None:
+            for a in g.list_grad():
+                a.wait_to_read()
+        else:
+            mx.nd.waitall()
+
+    def data(self, ctx: Any = None) -> Any:
+        self._settle()
+        return super().data(ctx)
+
+    def list_data(self) -> list:
+        self._settle()
+        return super().list_data()
 
 
 def _is_np(a: Any) -> bool:

@@ -1,0 +1,327 @@
+"""multibn's Gluon BatchNorm as a HybridBlock: hybridized nets against the same nets with ``gluon.nn.BatchNorm``
+(training steps, eval, chained backward-time updates), export/import, and MXNet's NumPy interface (``mx.np``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+LR = 0.5
+
+
+@pytest.fixture(scope="module")
+def mx() -> Any:
+    return pytest.importorskip("multibn.backends.mxnet", reason="mxnet 1.9 is not installed in this environment").mx
+
+
+@pytest.fixture
+def np_mode(mx: Any) -> Iterator[None]:
+    """MXNet's NumPy interface on for one test (it is process-global)."""
+    mx.npx.set_np()
+    try:
+        yield
+    finally:
+        mx.npx.reset_np()
+
+
+def lenet_like(mx: Any, bn: Any) -> Any:
+    """conv -> BN -> sigmoid -> pool -> dense -> BN(2-D) -> sigmoid -> dense, as a HybridSequential."""
+    nn = mx.gluon.nn
+    net = nn.HybridSequential()
+    net.add(nn.Conv2D(4, 3, in_channels=2, use_bias=False), bn(4), nn.Activation("sigmoid"), nn.AvgPool2D(2),
+            nn.Flatten(), nn.Dense(6, in_units=4 * 3 * 3, use_bias=False), bn(6), nn.Activation("sigmoid"),
+            nn.Dense(3, in_units=6))
+    return net
+
+
+class Wrapped:
+    """A custom HybridBlock holding the BN layer in its own hybrid_forward (not a Sequential)."""
+
+    @staticmethod
+    def make(mx: Any, bn: Any) -> Any:
+        nn = mx.gluon.nn
+
+        class Net(mx.gluon.HybridBlock):
+            def __init__(self) -> None:
+                super().__init__()
+                with self.name_scope():
+                    self.dense = nn.Dense(5, in_units=4, use_bias=False)
+                    self.bn = bn(5)
+                    self.act = nn.Activation("tanh")
+                    self.out = nn.Dense(2, in_units=5)
+
+            def hybrid_forward(self, F: Any, x: Any) -> Any:
+                return self.out(self.act(self.bn(self.dense(x))))
+
+        return Net()
+
+
+def twin_nets(mx: Any, make: Any, update: str, hybridize: bool, seed: int = 0, **kw: Any) -> tuple[Any, Any]:
+    """The same architecture with gluon.nn.BatchNorm and with multibn's, holding the same random weights."""
+    from multibn.layers.gluon import BatchNorm
+
+    native = make(mx, lambda c: mx.gluon.nn.BatchNorm(in_channels=c, momentum=0.9, epsilon=1e-5))
+    ours = make(mx, lambda c: BatchNorm(c, update=update, **kw))
+    rng = np.random.default_rng(seed)
+    native.initialize()
+    ours.initialize()
+    pn, po = native.collect_params(), ours.collect_params()
+    assert len(pn.keys()) == len(po.keys())
+    for a, b in zip(pn.values(), po.values(), strict=True):
+        assert a.name.rsplit("_", 1)[-1] == b.name.rsplit("_", 1)[-1]  # same layout: gamma, beta, running_*
+        v = rng.normal(size=a.shape).astype("float32")
+        if a.name.endswith(("running_var", "gamma")):
+            v = np.abs(v) + 0.5
+        make_array = mx.np.array if mx.util.is_np_array() else mx.nd.array
+        a.set_data(make_array(v))
+        b.set_data(make_array(v))
+    if hybridize:
+        native.hybridize()
+        ours.hybridize()
+    return native, ours
+
+
+def params_close(a: Any, b: Any, rtol: float = 2e-4, atol: float = 2e-5) -> None:
+    for (name, pa), pb in zip(a.collect_params().items(), b.collect_params().values(), strict=True):
+        np.testing.assert_allclose(pb.data().asnumpy(), pa.data().asnumpy(), rtol=rtol, atol=atol, err_msg=name)
+
+
+def train_side_by_side(mx: Any, native: Any, ours: Any, shape: tuple, steps: int = 4) -> None:
+    trainers = [mx.gluon.Trainer(n.collect_params(), "sgd", {"learning_rate": LR}) for n in (native, ours)]
+    rng = np.random.default_rng(1)
+    for _ in range(steps):
+        x = mx.nd.array(rng.normal(1.0, 2.0, size=shape).astype("float32"))
+        losses = []
+        for net, tr in zip((native, ours), trainers, strict=True):
+            with mx.autograd.record():
+                loss = (net(x) ** 2).mean()
+            loss.backward()
+            tr.step(1)
+            losses.append(float(loss.asscalar()))
+        np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+        params_close(native, ours)
+    x = mx.nd.array(rng.normal(size=shape).astype("float32"))
+    np.testing.assert_allclose(ours(x).asnumpy(), native(x).asnumpy(), rtol=1e-4, atol=1e-5)  # eval
+
+
+@pytest.mark.parametrize("hybridize", [True, False], ids=["hybridized", "imperative"])
+@pytest.mark.parametrize("update", ["backward", "forward"])
+def test_lenet_like_trains_like_native(mx: Any, update: str, hybridize: bool) -> None:
+    native, ours = twin_nets(mx, lenet_like, update, hybridize)
+    train_side_by_side(mx, native, ours, (8, 2, 8, 8))
+
+
+@pytest.mark.parametrize("update", ["backward", "forward"])
+def test_inside_a_custom_hybridblock(mx: Any, update: str) -> None:
+    native, ours = twin_nets(mx, Wrapped.make, update, hybridize=True)
+    train_side_by_side(mx, native, ours, (7, 4))
+
+
+def test_large_tensors_take_the_mxnet_path(mx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the host threshold the operator runs the algorithm on MXNet's own operators: same results."""
+    from multibn.backends import mxnet as adapter
+
+    monkeypatch.setattr(adapter, "HOST_MAX_ELEMENTS", 0)
+    native, ours = twin_nets(mx, lenet_like, "backward", hybridize=True)
+    train_side_by_side(mx, native, ours, (8, 2, 8, 8), steps=3)
+
+
+def test_static_alloc_hybridize(mx: Any) -> None:
+    native, ours = twin_nets(mx, lenet_like, "backward", hybridize=False)
+    for net in (native, ours):
+        net.hybridize(static_alloc=True, static_shape=True)
+    train_side_by_side(mx, native, ours, (8, 2, 8, 8), steps=3)
+
+
+@pytest.mark.parametrize("hybridize", [True, False], ids=["hybridized", "imperative"])
+def test_update_backward_chains_like_native(mx: Any, hybridize: bool) -> None:
+    """Two forwards before one backward, then a second backward of the retained graph: each backward applies the
+    update of its forward to the statistics of that moment (four updates), as gluon.nn.BatchNorm does on the CPU.
+    The two nodes of one backward pass may run in either order here (the README lists it), so the running mean
+    must be the chain of the four updates in one of the orders MXNet may run them."""
+    import itertools
+
+    native, ours = twin_nets(mx, Wrapped.make, "backward", hybridize)
+    rng = np.random.default_rng(3)
+    x1, x2 = (mx.nd.array(rng.normal(m, 1.0, size=(6, 4)).astype("float32")) for m in (0.0, 2.0))
+    m0 = native.bn.running_mean.data().asnumpy().astype(np.float64)
+    b1, b2 = (native.dense(x).asnumpy().astype(np.float64).mean(axis=0) for x in (x1, x2))
+    grads = []
+    for net in (native, ours):
+        for x in (x1, x2):
+            x.attach_grad()
+        with mx.autograd.record():
+            loss = (net(x1) ** 3).sum() + (net(x2) ** 3).sum()
+        loss.backward(retain_graph=True)
+        loss.backward()
+        grads.append([x.grad.asnumpy() for x in (x1, x2)])
+    for g_native, g_ours in zip(*grads, strict=True):
+        np.testing.assert_allclose(g_ours, g_native, rtol=1e-4, atol=1e-5)
+    chains = []
+    for first, second in itertools.product([(b1, b2), (b2, b1)], repeat=2):
+        m = m0
+        for b in (*first, *second):
+            m = 0.9 * m + 0.1 * b
+        chains.append(m)
+    for net in (native, ours):
+        got = net.bn.running_mean.data().asnumpy()
+        assert any(np.allclose(got, c, rtol=1e-5, atol=1e-5) for c in chains), (got, chains)
+    assert int(ours.bn.num_batches_tracked().asscalar()) == 4
+
+
+@pytest.mark.parametrize("hybridize", [True, False], ids=["hybridized", "imperative"])
+def test_statistics_read_right_after_backward(mx: Any, hybridize: bool) -> None:
+    """A read of the running statistics pushed right after ``loss.backward()`` sees that backward's update (MXNet
+    does not order a custom operator's backward writes to its auxiliary states; the layer does)."""
+    native, ours = twin_nets(mx, Wrapped.make, "backward", hybridize)
+    rng = np.random.default_rng(10)
+    for step in range(25):
+        x = mx.nd.array(rng.normal(step % 5, 1.0, size=(6, 4)).astype("float32"))
+        reads = []
+        for net in (native, ours):
+            with mx.autograd.record():
+                loss = (net(x) ** 2).sum()
+            loss.backward()
+            reads.append(net.bn.running_mean.data().asnumpy())
+        np.testing.assert_allclose(reads[1], reads[0], rtol=1e-4, atol=1e-5, err_msg=f"step {step}")
+
+
+def test_update_backward_without_backward_leaves_statistics(mx: Any) -> None:
+    native, ours = twin_nets(mx, Wrapped.make, "backward", hybridize=True)
+    x = mx.nd.array(np.random.default_rng(4).normal(size=(6, 4)).astype("float32"))
+    before = ours.bn.running_mean.data().asnumpy()
+    for net in (native, ours):
+        with mx.autograd.train_mode():
+            net(x)
+        with mx.autograd.record():
+            net(x)  # recorded, never differentiated
+    mx.nd.waitall()
+    np.testing.assert_array_equal(ours.bn.running_mean.data().asnumpy(), before)
+    params_close(native, ours, rtol=0, atol=0)
+
+
+def test_parameter_files_interchange_hybridized(mx: Any, tmp_path: Path) -> None:
+    native, ours = twin_nets(mx, lenet_like, "forward", hybridize=True)
+    train_side_by_side(mx, native, ours, (8, 2, 8, 8), steps=2)
+    native.save_parameters(str(tmp_path / "native.params"))
+    _, fresh = twin_nets(mx, lenet_like, "forward", hybridize=True, seed=9)
+    fresh.load_parameters(str(tmp_path / "native.params"))
+    params_close(native, fresh, rtol=0, atol=0)
+    x = mx.nd.array(np.random.default_rng(5).normal(size=(3, 2, 8, 8)).astype("float32"))
+    np.testing.assert_allclose(fresh(x).asnumpy(), native(x).asnumpy(), rtol=1e-5, atol=1e-6)
+
+
+EXPORT_SCRIPT = """
+import sys
+import numpy as np
+if "bool" not in np.__dict__:
+    np.bool = np.bool_
+import mxnet as mx
+if sys.argv[2] == "1":
+    import multibn
+net = mx.gluon.SymbolBlock.imports(sys.argv[1] + "-symbol.json", ["data"], sys.argv[1] + "-0000.params")
+x = mx.nd.array(np.load(sys.argv[1] + "-x.npy"))
+np.save(sys.argv[1] + "-y.npy", net(x).asnumpy())
+"""
+
+
+def test_export_and_import(mx: Any, tmp_path: Path) -> None:
+    native, ours = twin_nets(mx, lenet_like, "forward", hybridize=True)
+    train_side_by_side(mx, native, ours, (8, 2, 8, 8), steps=2)
+    x = np.random.default_rng(6).normal(size=(3, 2, 8, 8)).astype("float32")
+    expected = native(mx.nd.array(x)).asnumpy()
+    prefix = str(tmp_path / "net")
+    ours.export(prefix)
+    np.save(prefix + "-x.npy", x)
+    loaded = mx.gluon.SymbolBlock.imports(prefix + "-symbol.json", ["data"], prefix + "-0000.params")
+    np.testing.assert_allclose(loaded(mx.nd.array(x)).asnumpy(), expected, rtol=1e-5, atol=1e-6)
+
+    script = tmp_path / "load.py"
+    script.write_text(EXPORT_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    fail = subprocess.run([sys.executable, str(script), prefix, "0"], capture_output=True, text=True, env=env)
+    assert fail.returncode != 0 and "import multibn" in fail.stderr  # the error says what registers the operator
+    subprocess.run([sys.executable, str(script), prefix, "1"], capture_output=True, text=True, env=env, check=True)
+    np.testing.assert_allclose(np.load(prefix + "-y.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_num_dims_checked_imperatively(mx: Any) -> None:
+    from multibn.layers.gluon import BatchNorm
+
+    layer = BatchNorm(3, 4)
+    layer.initialize()
+    with pytest.raises(ValueError, match="expected 4D input"):
+        layer(mx.nd.ones((2, 3)))
+
+
+# ---- MXNet's NumPy interface -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hybridize", [True, False], ids=["hybridized", "imperative"])
+def test_np_layer_trains_like_native(mx: Any, np_mode: None, hybridize: bool) -> None:
+    native, ours = twin_nets(mx, Wrapped.make, "backward", hybridize)
+    trainers = [mx.gluon.Trainer(n.collect_params(), "sgd", {"learning_rate": LR}) for n in (native, ours)]
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        x = mx.np.array(rng.normal(size=(6, 4)).astype("float32"))
+        outs = []
+        for net, tr in zip((native, ours), trainers, strict=True):
+            with mx.autograd.record():
+                y = net(x)
+                loss = (y ** 2).mean()
+            loss.backward()
+            tr.step(1)
+            outs.append(y)
+        assert isinstance(outs[1], mx.np.ndarray)
+        np.testing.assert_allclose(outs[1].asnumpy(), outs[0].asnumpy(), rtol=1e-5, atol=1e-6)
+        params_close(native, ours)
+    x = mx.np.array(rng.normal(size=(6, 4)).astype("float32"))
+    np.testing.assert_allclose(ours(x).asnumpy(), native(x).asnumpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_np_functional_matches_legacy_and_native(mx: Any, np_mode: None) -> None:
+    import multibn
+
+    rng = np.random.default_rng(8)
+    xn = rng.normal(size=(5, 3, 2, 2)).astype("float32")
+    dyn = rng.normal(size=xn.shape).astype("float32")
+    gn = (1 + rng.normal(size=3)).astype("float32")
+    x, dy, g, b = (mx.np.array(a) for a in (xn, dyn, gn, np.zeros(3, "float32")))
+    state = multibn.init_state(3, backend="mxnet")
+    assert isinstance(state.running_mean, mx.np.ndarray)
+    x.attach_grad()
+    g.attach_grad()
+    with mx.autograd.record():
+        y, new = multibn.batch_norm(x, g, b, state, convention="gluon")
+    y.backward(dy)
+    assert isinstance(y, mx.np.ndarray) and all(isinstance(a, mx.np.ndarray) for a in new)
+
+    # the native op on the same arrays (legacy views): output, running statistics (forward, as PyTorch-style
+    # multibn: MXNet's own would move them only in its backward) and gradients
+    xl, gl, bl, dyl = (a.as_nd_ndarray() for a in (x, g, b, dy))
+    xl.attach_grad()
+    gl.attach_grad()
+    rm, rv = mx.nd.zeros(3), mx.nd.ones(3)
+    with mx.autograd.record():
+        ref = mx.nd.BatchNorm(xl, gl, bl, rm, rv, eps=1e-5, momentum=0.9, fix_gamma=False)
+    ref.backward(dyl)
+    np.testing.assert_allclose(y.asnumpy(), ref.asnumpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x.grad.asnumpy(), xl.grad.asnumpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(g.grad.asnumpy(), gl.grad.asnumpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(new.running_mean.asnumpy(), rm.asnumpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new.running_var.asnumpy(), rv.asnumpy(), rtol=1e-5, atol=1e-6)
+
+    ye, _ = multibn.batch_norm(x, g, b, new, training=False, convention="gluon")
+    assert isinstance(ye, mx.np.ndarray)
+    ref_e = (xn - rm.asnumpy()[None, :, None, None]) / np.sqrt(rv.asnumpy()[None, :, None, None] + 1e-5)
+    np.testing.assert_allclose(ye.asnumpy(), gn[None, :, None, None] * ref_e, rtol=1e-5, atol=1e-5)
+
+    dx, dg, db = multibn.batch_norm_vjp(x, g, b, None, dy, convention="gluon")
+    assert all(isinstance(a, mx.np.ndarray) for a in (dx, dg, db))
+    np.testing.assert_allclose(dx.asnumpy(), xl.grad.asnumpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(db.asnumpy(), dyn.sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-5)
