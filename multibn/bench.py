@@ -40,8 +40,16 @@ import numpy as np
 
 BACKENDS = ("numpy", "torch", "jax", "mxnet")
 KERAS_BACKENDS = ("torch", "jax")
-PASSES = ("fwd", "fwd+bwd")
+#: "layer": the framework layer's training forward and backward (multibn's layer against the native layer)
+PASSES = ("fwd", "fwd+bwd", "layer")
+DEFAULT_PASSES = ("fwd", "fwd+bwd")
 DEFAULT_CASES = ("nchw_64x64x56x56", "nchw_256x256x14x14", "nc_4096x1024", "nchw_256x256x14x14:float16")
+#: ``--small``: where real models spend their BN calls, and where the fixed cost of a call dominates
+SMALL_CASES = ("nc_32x64", "nc_256x128", "nchw_32x16x8x8")
+SMALL_PASSES = ("fwd", "layer")
+#: ``--model lenet``: one training step per batch size; rows have pass "train-step" and case "lenet_b<batch>"
+MODELS = {"lenet": (256, 32)}
+MODEL_BACKENDS = ("torch", "mxnet", "jax")
 #: the convention each backend's multibn run uses: that framework's own, so both sides do the same work
 CONVENTION = {"numpy": "torch", "torch": "torch", "jax": "flax", "mxnet": "gluon"}
 QUICK_CASES = ("nchw_256x256x14x14", "nc_4096x1024")
@@ -105,6 +113,8 @@ def torch_impls(case: Case, pass_: str, impls: Sequence[str], device: str) -> di
 
     dev = "cuda" if device == "gpu" else "cpu"
     dt = getattr(torch, case.dtype)
+    if pass_ == "layer":
+        return torch_layer_impls(case, impls, dev)
     xn, dyn, gn, bn = make_data(case)
     x = torch.from_numpy(xn).to(dev, dt)
     dy = torch.from_numpy(dyn).to(dev, dt)
@@ -169,6 +179,35 @@ def torch_impls(case: Case, pass_: str, impls: Sequence[str], device: str) -> di
     return out
 
 
+def torch_layer_impls(case: Case, impls: Sequence[str], dev: str) -> dict[str, Runner]:
+    """``multibn.layers.torch.BatchNorm`` against ``nn.BatchNorm1d/2d/3d``: training forward, then the gradients of
+    the input and both parameters."""
+    import torch
+
+    from multibn.layers.torch import BatchNorm
+
+    xn, dyn, _, _ = make_data(case)
+    dt = getattr(torch, case.dtype)
+    x = torch.from_numpy(xn).to(dev, dt).requires_grad_(True)
+    dy = torch.from_numpy(dyn).to(dev, dt)
+    c, nd = case.shape[case.axis], len(case.shape)
+    native_cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+    layers = {"native": native_cls[nd](c), "multibn": BatchNorm(c, nd)}
+    out: dict[str, Runner] = {}
+    for impl, layer in layers.items():
+        if impl not in impls:
+            continue
+        layer = layer.to(dev, dt if case.dtype == "float64" else torch.float32).train()
+
+        def run(layer: Any = layer) -> None:
+            y = layer(x)
+            torch.autograd.grad(y, (x, *layer.parameters()), dy)
+            _torch_sync(torch, x)
+
+        out[impl] = run
+    return out
+
+
 def jax_impls(case: Case, pass_: str, impls: Sequence[str], device: str) -> dict[str, Runner]:
     import jax
     import jax.numpy as jnp
@@ -180,7 +219,7 @@ def jax_impls(case: Case, pass_: str, impls: Sequence[str], device: str) -> dict
     x, dy = (jax.device_put(jnp.asarray(a, dtype=case.dtype), dev) for a in (xn, dyn))
     g, b = (jax.device_put(jnp.asarray(a), dev) for a in (gn, bn))
     c = case.shape[case.axis]
-    bwd = pass_ == "fwd+bwd"
+    bwd = pass_ in ("fwd+bwd", "layer")
     out: dict[str, Runner] = {}
 
     def stateful(apply: Callable[[Any, Any, Any, Any], tuple[Any, Any]], state: Any) -> Runner:
@@ -201,7 +240,16 @@ def jax_impls(case: Case, pass_: str, impls: Sequence[str], device: str) -> dict
 
         return run
 
-    if "multibn" in impls:
+    if "multibn" in impls and pass_ == "layer":
+        from multibn.layers.jax import BatchNorm
+
+        layer = BatchNorm(c, axis=case.axis)
+
+        def layer_apply(x_: Any, g_: Any, b_: Any, st: Any) -> tuple[Any, Any]:
+            return layer.apply({"scale": g_, "bias": b_}, st, x_, training=True)
+
+        out["multibn"] = stateful(layer_apply, layer.init()[1])
+    elif "multibn" in impls:
         def mbn(x_: Any, g_: Any, b_: Any, st: Any) -> tuple[Any, Any]:
             return multibn.batch_norm(x_, g_, b_, st, convention="flax", axis=case.axis)
 
@@ -262,6 +310,8 @@ def mxnet_impls(case: Case, pass_: str, impls: Sequence[str], device: str) -> di
     import multibn
 
     ctx = mx.gpu(0) if device == "gpu" else mx.cpu()
+    if pass_ == "layer":
+        return gluon_layer_impls(case, impls, ctx)
     xn, dyn, gn, bn = make_data(case)
     x, dy = (mx.nd.array(a, ctx=ctx, dtype=case.dtype) for a in (xn, dyn))
     g, b = (mx.nd.array(a, ctx=ctx) for a in (gn, bn))
@@ -318,9 +368,41 @@ def mxnet_impls(case: Case, pass_: str, impls: Sequence[str], device: str) -> di
     return out
 
 
+def gluon_layer_impls(case: Case, impls: Sequence[str], ctx: Any) -> dict[str, Runner]:
+    """multibn's Gluon ``BatchNorm`` against ``gluon.nn.BatchNorm``, both hybridized: a recorded training forward and
+    its backward (gradients of the input and of gamma and beta)."""
+    mx = _mx()
+    from multibn.layers.gluon import BatchNorm
+
+    xn, dyn, _, _ = make_data(case)
+    x, dy = (mx.nd.array(a, ctx=ctx, dtype=case.dtype) for a in (xn, dyn))
+    x.attach_grad()
+    c = case.shape[case.axis]
+    layers = {"native": lambda: mx.gluon.nn.BatchNorm(axis=case.axis, in_channels=c),
+              "multibn": lambda: BatchNorm(c, axis=case.axis)}
+    out: dict[str, Runner] = {}
+    for impl, make in layers.items():
+        if impl not in impls:
+            continue
+        layer = make()
+        layer.initialize(ctx=ctx)
+        layer.hybridize()
+
+        def run(layer: Any = layer) -> None:
+            with mx.autograd.record():
+                y = layer(x)
+            y.backward(dy)
+            mx.nd.waitall()
+
+        out[impl] = run
+    return out
+
+
 def numpy_impls(case: Case, pass_: str, impls: Sequence[str], device: str) -> dict[str, Runner]:
     if case.dtype == "bfloat16":
         raise Skip("NumPy has no bfloat16")
+    if pass_ == "layer":
+        raise Skip("NumPy has no layer (multibn.batch_norm_vjp is its backward)")
     if device == "gpu":
         raise Skip("NumPy runs on the CPU only")
     import multibn
@@ -349,6 +431,164 @@ def numpy_impls(case: Case, pass_: str, impls: Sequence[str], device: str) -> di
 
         out["roofline:sum"], out["roofline:copy"] = nsum, ncopy
     return out
+
+
+# ---- whole models: one training step ---------------------------------------------------------------------------------
+# LeNet as in the textbook's BN chapter: conv(6, 5x5) BN sigmoid avgpool(2), conv(16, 5x5) BN sigmoid avgpool(2),
+# dense(120) BN sigmoid, dense(84) BN sigmoid, dense(10); 28x28 single-channel input, softmax cross-entropy, SGD.
+LENET_LR = 0.1
+
+
+def lenet_data(batch: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((batch, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, batch)
+
+
+def torch_lenet(batch: int, impls: Sequence[str], device: str) -> dict[str, Runner]:
+    import torch
+    from torch import nn
+
+    from multibn.layers.torch import BatchNorm
+
+    dev = "cuda" if device == "gpu" else "cpu"
+    xn, yn = lenet_data(batch)
+    x, y = torch.from_numpy(xn).to(dev), torch.from_numpy(yn).to(dev)
+    bns = {"native": (nn.BatchNorm2d, nn.BatchNorm1d),
+           "multibn": (lambda c: BatchNorm(c, 4), lambda c: BatchNorm(c, 2))}
+    out: dict[str, Runner] = {}
+    for impl, (bn2, bn1) in bns.items():
+        if impl not in impls:
+            continue
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Conv2d(1, 6, 5), bn2(6), nn.Sigmoid(), nn.AvgPool2d(2), nn.Conv2d(6, 16, 5), bn2(16), nn.Sigmoid(),
+            nn.AvgPool2d(2), nn.Flatten(), nn.Linear(256, 120), bn1(120), nn.Sigmoid(), nn.Linear(120, 84),
+            bn1(84), nn.Sigmoid(), nn.Linear(84, 10)).to(dev).train()
+        opt = torch.optim.SGD(net.parameters(), lr=LENET_LR)
+
+        def step(net: Any = net, opt: Any = opt) -> None:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            _torch_sync(torch, x)
+
+        out[impl] = step
+    return out
+
+
+def gluon_lenet(batch: int, impls: Sequence[str], device: str) -> dict[str, Runner]:
+    mx = _mx()
+    from mxnet.gluon import nn
+
+    from multibn.layers.gluon import BatchNorm
+
+    ctx = mx.gpu(0) if device == "gpu" else mx.cpu()
+    xn, yn = lenet_data(batch)
+    x, y = mx.nd.array(xn, ctx=ctx), mx.nd.array(yn, ctx=ctx)
+    bns = {"native": lambda c: nn.BatchNorm(in_channels=c), "multibn": lambda c: BatchNorm(c)}
+    loss_fn = mx.gluon.loss.SoftmaxCrossEntropyLoss()
+    out: dict[str, Runner] = {}
+    for impl, bn in bns.items():
+        if impl not in impls:
+            continue
+        net = nn.HybridSequential()
+        net.add(nn.Conv2D(6, 5, in_channels=1), bn(6), nn.Activation("sigmoid"), nn.AvgPool2D(2),
+                nn.Conv2D(16, 5, in_channels=6), bn(16), nn.Activation("sigmoid"), nn.AvgPool2D(2),
+                nn.Dense(120, in_units=256), bn(120), nn.Activation("sigmoid"), nn.Dense(84, in_units=120), bn(84),
+                nn.Activation("sigmoid"), nn.Dense(10, in_units=84))
+        mx.random.seed(0)
+        net.initialize(mx.init.Xavier(), ctx=ctx)
+        net.hybridize()
+        trainer = mx.gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": LENET_LR})
+
+        def step(net: Any = net, trainer: Any = trainer) -> None:
+            with mx.autograd.record():
+                loss = loss_fn(net(x), y)
+            loss.backward()
+            trainer.step(batch)
+            mx.nd.waitall()
+
+        out[impl] = step
+    return out
+
+
+def flax_lenet(batch: int, impls: Sequence[str], device: str) -> dict[str, Runner]:
+    if not _installed(["flax"]):
+        raise Skip("flax is not installed")
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    try:
+        from multibn.layers.flax import BatchNorm as MultibnBatchNorm
+    except ImportError as e:
+        raise Skip(f"multibn.layers.flax is not available here ({e})") from e
+
+    class LeNet(nn.Module):
+        bn: Any
+
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            def norm(h: Any) -> Any:
+                return self.bn(use_running_average=False, momentum=0.9, epsilon=1e-5)(h)
+
+            def pool(h: Any) -> Any:
+                return nn.avg_pool(h, (2, 2), strides=(2, 2))
+
+            x = pool(nn.sigmoid(norm(nn.Conv(6, (5, 5), padding="VALID")(x))))
+            x = pool(nn.sigmoid(norm(nn.Conv(16, (5, 5), padding="VALID")(x))))
+            x = x.reshape((x.shape[0], -1))
+            x = nn.sigmoid(norm(nn.Dense(120)(x)))
+            x = nn.sigmoid(norm(nn.Dense(84)(x)))
+            return nn.Dense(10)(x)
+
+    dev = jax.devices("gpu" if device == "gpu" else "cpu")[0]
+    xn, yn = lenet_data(batch)
+    x = jax.device_put(jnp.asarray(xn.transpose(0, 2, 3, 1)), dev)  # NHWC
+    y = jax.device_put(jnp.asarray(yn), dev)
+    out: dict[str, Runner] = {}
+    for impl, bn in (("native", nn.BatchNorm), ("multibn", MultibnBatchNorm)):
+        if impl not in impls:
+            continue
+        model = LeNet(bn)
+        variables = model.init(jax.random.PRNGKey(0), x)
+
+        def loss_fn(params: Any, stats: Any, model: Any = model) -> tuple[Any, Any]:
+            logits, upd = model.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+            logp = jax.nn.log_softmax(logits)
+            return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1)), upd["batch_stats"]
+
+        @jax.jit
+        def train_step(params: Any, stats: Any, loss_fn: Any = loss_fn) -> tuple[Any, Any]:
+            grads, stats = jax.grad(loss_fn, has_aux=True)(params, stats)
+            return jax.tree.map(lambda p, g: p - LENET_LR * g, params, grads), stats
+
+        box = [variables["params"], variables["batch_stats"]]
+
+        def step(box: list = box, train_step: Any = train_step) -> None:
+            box[:] = train_step(*box)
+            jax.block_until_ready(box)
+
+        out[impl] = step
+    return out
+
+
+MODEL_IMPLS: dict[str, Callable[[int, Sequence[str], str], dict[str, Runner]]] = {
+    "torch": torch_lenet, "mxnet": gluon_lenet, "jax": flax_lenet,
+}
+
+
+def measure_model(backend: str, model: str, batch: int, reps: int, warmup: int,
+                  device: str = "cpu") -> list[dict[str, Any]]:
+    """Rows for one training step of ``model`` at ``batch``: multibn's layers and the native BN side by side."""
+    runners = MODEL_IMPLS[backend](batch, ("multibn", "native"), device)
+    med = {k: summarize(v) for k, v in time_interleaved(runners, reps, warmup).items()}
+    native = med.get("native", (None,))[0]
+    return [{
+        "backend": backend, "impl": impl, "case": f"{model}_b{batch}", "dtype": "float32", "pass": "train-step",
+        "median_ms": round(m, 4), "iqr_ms": round(iqr, 4), "runs": reps,
+        "ratio_to_native": round(m / native, 3) if native else None, "ratio_to_roofline": None,
+    } for impl, (m, iqr) in sorted(med.items(), key=lambda kv: IMPL_ORDER.index(kv[0]))]
 
 
 IMPLS: dict[str, Callable[[Case, str, Sequence[str], str], dict[str, Runner]]] = {
@@ -385,7 +625,7 @@ def measure(backend: str, case: Case, pass_: str, impls: Sequence[str], reps: in
     med = {k: summarize(v) for k, v in times.items()}
     if "roofline:sum" in med:
         (s, s_iqr), (c, c_iqr) = med.pop("roofline:sum"), med.pop("roofline:copy")
-        ns, nc = (1, 1) if pass_ == "fwd" else (4, 2)  # 2 reads + 1 write; 6 reads + 2 writes
+        ns, nc = (1, 1) if pass_ == "fwd" else (4, 2)  # 2 reads + 1 write; 6 reads + 2 writes (also "layer")
         med["roofline"] = (ns * s + nc * c, ns * s_iqr + nc * c_iqr)
     native = med.get("native", (None,))[0]
     roof = med.get("roofline", (None,))[0]
@@ -480,6 +720,10 @@ class Progress:
             sys.stderr.flush()
 
 
+def _pass_order(p: str) -> int:
+    return PASSES.index(p) if p in PASSES else len(PASSES)
+
+
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -509,7 +753,7 @@ def plot(records: Sequence[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     groups = sorted({(r["case"], r["dtype"], r["pass"]) for r in records},
-                    key=lambda k: (k[0], k[1], PASSES.index(k[2])))
+                    key=lambda k: (k[0], k[1], _pass_order(k[2])))
     series = [(b, i) for b in BACKENDS for i in IMPL_ORDER
               if any(r["backend"] == b and r["impl"] == i and i != "roofline" for r in records)]
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(groups)), 8), sharex=True)
@@ -542,7 +786,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated, from {','.join(BACKENDS)} (default: every installed backend)")
     parser.add_argument("--cases", default=None,
                         help=f"comma-separated NAME[:DTYPE] (default: {','.join(DEFAULT_CASES)})")
-    parser.add_argument("--passes", default=",".join(PASSES), help="comma-separated, from fwd,fwd+bwd")
+    parser.add_argument("--passes", default=None,
+                        help=f"comma-separated, from {','.join(PASSES)} (layer: the layers' training forward and "
+                        f"backward, multibn's against the native layer; default: {','.join(DEFAULT_PASSES)})")
+    parser.add_argument("--small", action="store_true",
+                        help=f"the small cases {','.join(SMALL_CASES)}, passes {','.join(SMALL_PASSES)}")
+    parser.add_argument("--model", choices=tuple(MODELS), default=None,
+                        help="one training step of the model with multibn's layers against the native BN, at "
+                        "batch 256 and 32, on torch, Gluon (hybridized) and Flax (jit), instead of the cases")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per implementation (>= 7)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first")
     parser.add_argument("--compiled", action="store_true", help="also time multibn under torch.compile")
@@ -594,9 +845,12 @@ def run(args: argparse.Namespace) -> int:
 
     backends = [b for b in backends if _importable(get_backend, b)]
     quick = args.quick
-    cases = args.cases.split(",") if args.cases else list(QUICK_CASES if quick else DEFAULT_CASES)
+    if args.model:
+        return _run_model(args, backends)
+    default_cases = SMALL_CASES if args.small else QUICK_CASES if quick else DEFAULT_CASES
+    cases = args.cases.split(",") if args.cases else list(default_cases)
     parsed = [Case.parse(c) for c in cases]
-    passes = args.passes.split(",")
+    passes = args.passes.split(",") if args.passes else list(SMALL_PASSES if args.small else DEFAULT_PASSES)
     for p in passes:
         if p not in PASSES:
             raise SystemExit(f"unknown pass {p!r}; choose from {', '.join(PASSES)}")
@@ -629,8 +883,13 @@ def run(args: argparse.Namespace) -> int:
         records += _keras_subprocess(kb, args, cases, passes, reps, warmup)
     progress.close()
     records.sort(key=lambda r: (
-        [c.name + c.dtype for c in parsed].index(r["case"] + r["dtype"]), PASSES.index(r["pass"]),
+        [c.name + c.dtype for c in parsed].index(r["case"] + r["dtype"]), _pass_order(r["pass"]),
         BACKENDS.index(r["backend"]), IMPL_ORDER.index(r["impl"])))
+    _report(args, env, records)
+    return 0
+
+
+def _report(args: argparse.Namespace, env: dict[str, Any], records: list[dict[str, Any]]) -> None:
     print(table(records))
     if args.json:
         with open(args.json, "w") as f:
@@ -639,6 +898,27 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         plot(records, args.plot)
         print(f"wrote {args.plot}")
+
+
+def _run_model(args: argparse.Namespace, backends: Sequence[str]) -> int:
+    """``--model``: one training step at each batch size, multibn's layers against the native BN, per backend."""
+    reps = args.reps or (7 if args.quick else 15)
+    warmup = args.warmup if args.warmup is not None else 3
+    backends = [b for b in MODEL_BACKENDS if b in backends]
+    env = environment(backends)
+    print(f"multibn bench --model {args.model}: {len(backends)} backend(s), batches {MODELS[args.model]}, "
+          f"{reps} reps after {warmup} warm-up, interleaved; medians in ms")
+    records: list[dict[str, Any]] = []
+    progress = Progress(len(backends) * len(MODELS[args.model]), args.quiet)
+    for batch in MODELS[args.model]:
+        for b in backends:
+            progress.step(f"{b} {args.model} batch {batch}")
+            try:
+                records += measure_model(b, args.model, batch, reps, warmup, args.device)
+            except Skip as e:
+                print(f"\nskipped {b} {args.model}: {e}", file=sys.stderr)
+    progress.close()
+    _report(args, env, records)
     return 0
 
 
@@ -660,7 +940,7 @@ def _worker(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     records = []
     cases = [Case.parse(c) for c in args.cases.split(",")]
-    passes = args.passes.split(",")
+    passes = args.passes.split(",") if args.passes else list(DEFAULT_PASSES)
     progress = Progress(len(cases) * len(passes), quiet=True)
     for case in cases:
         for pass_ in passes:

@@ -364,9 +364,11 @@ def _chunks(*vs: Array, need_buf: bool = True) -> Iterator[tuple[tuple[Array, ..
 #: the registered name of the operator (``F.Custom(..., op_type=OP_TYPE)``); an exported symbol names it, so a
 #: process loading that symbol must import multibn first (which registers it)
 OP_TYPE = "multibn_batch_norm (registered by: import multibn)"
-#: inputs of at most this many elements run the algorithm on the NumPy adapter over zero-copy views of the
-#: operator's CPU buffers: no MXNet engine push per array operation (each costs 15-60 us here)
-HOST_MAX_ELEMENTS = 1 << 17
+#: contexts on which the operator runs the algorithm on the NumPy adapter over zero-copy views of its buffers: no
+#: MXNet engine push per array operation (each costs 15-60 us here). Elsewhere (GPU) it runs on MXNet's operators.
+#: On the CPU that second road is not safe: with oneDNN, MXNet hands the callback temporary default-layout copies
+#: of blocked-layout inputs, and views of them taken by ``NDArray.reshape`` read the wrong memory.
+HOST_DEVICES = ("cpu",)
 _UPDATES = ("forward", "backward")
 _counters: dict[str, np.ndarray] = {}
 _UPDATE_LOCK = threading.Lock()
@@ -489,6 +491,7 @@ class _GraphBatchNorm(mx.operator.CustomOp):
                                                    state.running_mean, state.running_var)
                 self.saved = residuals[2:]
         self._store(out_data[0], req[0], y, 0)
+        self._settle(out_data[:1], self.saved)
 
     def backward(self, req: list, out_grad: list, in_data: list, out_data: list, in_grad: list, aux: list) -> None:
         alg = self._alg
@@ -504,6 +507,16 @@ class _GraphBatchNorm(mx.operator.CustomOp):
                 grads = alg.eval_backward(self.be, self.conv, self.lay, residuals, dy)
         for i, (dst, r, g) in enumerate(zip(in_grad, req, grads, strict=True)):
             self._store(dst, r, g, i)
+        self._settle(in_grad)
+
+    def _settle(self, *groups: Sequence[Array]) -> None:
+        """On the MXNet path, wait for the operators pushed here: MXNet may hand the callback temporary copies of
+        the inputs (oneDNN layouts reordered to the default one) that it frees when the callback returns, and it
+        waits only for writes to the outputs, not for reads of the inputs."""
+        if not self.host:
+            for group in groups:
+                for a in group:
+                    a.wait_to_read()
 
 
 @mx.operator.register(OP_TYPE)
@@ -542,7 +555,7 @@ class _GraphBatchNormProp(mx.operator.CustomOpProp):
         return [out_grad[0], in_data[0], in_data[1]]
 
     def create_operator(self, ctx: Any, shapes: list, dtypes: list) -> _GraphBatchNorm:
-        host = ctx.device_type == "cpu" and int(np.prod(shapes[0])) <= HOST_MAX_ELEMENTS
+        host = ctx.device_type in HOST_DEVICES
         return _GraphBatchNorm(self.conv, self.axis, self.update, self.key, shapes, dtypes, host)
 
 
