@@ -35,8 +35,9 @@ def lenet_like(mx: Any, bn: Any) -> Any:
     """conv -> BN -> sigmoid -> pool -> dense -> BN(2-D) -> sigmoid -> dense, as a HybridSequential."""
     nn = mx.gluon.nn
     net = nn.HybridSequential()
-    net.add(nn.Conv2D(4, 3, in_channels=2, use_bias=False), bn(4), nn.Activation("sigmoid"), nn.AvgPool2D(2),
-            nn.Flatten(), nn.Dense(6, in_units=4 * 3 * 3, use_bias=False), bn(6), nn.Activation("sigmoid"),
+    # 16 channels: oneDNN keeps the convolution's output in a blocked layout, which the layer must read correctly
+    net.add(nn.Conv2D(16, 3, in_channels=2, use_bias=False), bn(16), nn.Activation("sigmoid"), nn.AvgPool2D(2),
+            nn.Flatten(), nn.Dense(6, in_units=16 * 3 * 3, use_bias=False), bn(6), nn.Activation("sigmoid"),
             nn.Dense(3, in_units=6))
     return net
 
@@ -234,6 +235,7 @@ np.save(sys.argv[1] + "-y.npy", net(x).asnumpy())
 """
 
 
+@pytest.mark.filterwarnings("ignore:Cannot decide type for the following arguments")  # SymbolBlock.imports' own
 def test_export_and_import(mx: Any, tmp_path: Path) -> None:
     native, ours = twin_nets(mx, lenet_like, "forward", hybridize=True)
     train_side_by_side(mx, native, ours, (8, 2, 8, 8), steps=2)
@@ -252,6 +254,39 @@ def test_export_and_import(mx: Any, tmp_path: Path) -> None:
     assert fail.returncode != 0 and "import multibn" in fail.stderr  # the error says what registers the operator
     subprocess.run([sys.executable, str(script), prefix, "1"], capture_output=True, text=True, env=env, check=True)
     np.testing.assert_allclose(np.load(prefix + "-y.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_functional_between_convolutions(mx: Any) -> None:
+    """multibn.batch_norm on a convolution's output (oneDNN blocked layout) with its gradient coming from another
+    convolution, against mx.nd.BatchNorm in the same place; repeated, since a layout race would show now and then."""
+    import multibn
+
+    rng = np.random.default_rng(11)
+    x0 = mx.nd.array(rng.normal(size=(4, 3, 10, 10)).astype("float32"))
+    w1 = mx.nd.array(rng.normal(size=(16, 3, 3, 3)).astype("float32"))
+    w2 = mx.nd.array(rng.normal(size=(16, 16, 3, 3)).astype("float32"))
+    gamma, beta = mx.nd.array(rng.uniform(0.5, 1.5, 16).astype("float32")), mx.nd.zeros(16)
+
+    def run(bn: Any) -> tuple[np.ndarray, np.ndarray]:
+        x = x0.copy()
+        x.attach_grad()
+        with mx.autograd.record():
+            h = mx.nd.Convolution(x, w1, kernel=(3, 3), num_filter=16, no_bias=True)
+            z = mx.nd.Convolution(bn(h), w2, kernel=(3, 3), num_filter=16, no_bias=True)
+            loss = (z * z).sum()
+        loss.backward()
+        return z.asnumpy(), x.grad.asnumpy()
+
+    def ours(h: Any) -> Any:
+        return multibn.batch_norm(h, gamma, beta, convention="gluon")[0]
+
+    def native(h: Any) -> Any:
+        return mx.nd.BatchNorm(h, gamma, beta, mx.nd.zeros(16), mx.nd.ones(16), eps=1e-5, fix_gamma=False)
+
+    expected = run(native)
+    for _ in range(5):
+        for got, want in zip(run(ours), expected, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
 
 
 def test_num_dims_checked_imperatively(mx: Any) -> None:

@@ -149,7 +149,16 @@ class BatchNorm(gluon.HybridBlock):
         if np_arrays:  # MXNet's NumPy interface: the operator takes and gives legacy arrays on the same memory
             x, gamma, beta, running_mean, running_var = (
                 a.as_nd_ndarray() for a in (x, gamma, beta, running_mean, running_var))
+        # The operator's Python code must get x in MXNet's default layout. A convolution's output may be in one of
+        # oneDNN's blocked layouts, which the operator's callback reads wrongly now and then; reshaping to
+        # (N, C, rest) makes MXNet reorder it first (and the statistics over (N, rest) are those over every axis
+        # but 1).
+        shape = x
+        if self.axis == 1:
+            x = F.reshape(x, shape=(0, 0, -1))
         y = F.Custom(x, gamma, beta, running_mean, running_var, op_type=OP_TYPE, name="fwd", **self._attrs)
+        if self.axis == 1:
+            y = F.reshape_like(y, shape)
         return y.as_np_ndarray() if np_arrays else y
 
 
