@@ -135,6 +135,7 @@ class BatchNorm(gluon.HybridBlock):
         """The number of updates of the running statistics, as an int64 NDArray of shape (1,) on ``ctx``."""
         if ctx is None:
             ctx = self.running_mean.list_ctx()[0]
+        mx.nd.waitall()  # the operator counts in its callbacks, which MXNet runs asynchronously
         return mx.nd.array([int(counter_of(self._key))], ctx=ctx, dtype="int64")
 
     def forward(self, x: Any, *args: Any) -> Any:

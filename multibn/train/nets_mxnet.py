@@ -1,5 +1,5 @@
 """The networks in MXNet 1.9 Gluon: ``nn.Conv2D``/``nn.Dense`` and :class:`multibn.layers.gluon.BatchNorm`
-(an imperative block, so the network is a plain ``nn.Sequential``, not hybridized)."""
+(the network is a plain ``nn.Sequential`` run imperatively, as the nets of the other backends run)."""
 
 from __future__ import annotations
 
