@@ -76,3 +76,28 @@ def test_case_names() -> None:
     assert bench.Case.parse("nc_4096x1024:bfloat16").dtype == "bfloat16"
     with pytest.raises(ValueError):
         bench.Case.parse("nchw_2x3")
+
+
+def test_bench_layer_pass_and_small_cases(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert _run(["--small", "--cases", "nc_8x4,nchw_2x3x4x5", "--reps", "2", "--warmup", "1", "--keras", "no",
+                 "--quiet", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert {r["pass"] for r in records} == {"fwd", "layer"}
+    layer = [r for r in records if r["pass"] == "layer"]
+    assert "numpy" not in {r["backend"] for r in layer}  # NumPy has no layer: skipped
+    for r in layer:
+        assert set(r) == FIELDS and r["impl"] in ("multibn", "native", "roofline")
+        if r["impl"] == "native":
+            assert r["ratio_to_native"] == 1.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+def test_bench_model_lenet(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert _run(["--model", "lenet", "--backends", "torch", "--reps", "2", "--warmup", "1", "--quiet",
+                 "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert {(r["case"], r["impl"]) for r in records} == {
+        (f"lenet_b{b}", i) for b in bench.MODELS["lenet"] for i in ("multibn", "native")}
+    assert all(set(r) == FIELDS and r["pass"] == "train-step" and r["backend"] == "torch" for r in records)
