@@ -421,13 +421,18 @@ OP_TYPE = "multibn_batch_norm (registered by: import multibn)"
 #: hands the callback as temporary copies (the layer's reshape avoids them; a hand-built symbol may not).
 HOST_DEVICES = ("cpu",)
 _UPDATES = ("forward", "backward")
-_counters: dict[str, np.ndarray] = {}
+_counters: dict[str, Array] = {}
 _UPDATE_LOCK = threading.Lock()
 
 
-def counter_of(key: str) -> np.ndarray:
-    """The ``num_batches_tracked`` of the operator nodes that carry ``key`` (a host int64 scalar, shared)."""
-    return _counters.setdefault(key, np.zeros((), dtype=np.int64))
+def counter_of(key: str) -> Array:
+    """The ``num_batches_tracked`` of the operator nodes that carry ``key``: an int64 NDArray of shape (1,) on the
+    CPU, shared by them (and advanced in their callbacks, which MXNet runs asynchronously)."""
+    if key not in _counters:
+        counter = mx.nd.zeros((1,), ctx=mx.cpu(), dtype="int64")
+        counter.wait_to_read()  # allocated and zeroed before a callback writes to it
+        _counters[key] = counter
+    return _counters[key]
 
 
 def convention_attr(conv: Any) -> str:
@@ -509,7 +514,8 @@ class _GraphBatchNorm(mx.operator.CustomOp):
 
         rmean, rvar = self._arrays(aux, (3, 4))
         t = counter_of(self.key)
-        return BNState(rmean, rvar, t if self.host else mx.nd.full((1,), int(t), dtype="int64"))
+        return BNState(rmean, rvar, _host_view(t, (1,), np.dtype(np.int64)) if self.host else t.as_in_context(
+            rmean.context))
 
     def _update(self, aux: Sequence[Array], stats: Any) -> None:
         # MXNet may run the backward nodes of two calls of one layer at once, on two threads, and does not order
@@ -523,7 +529,11 @@ class _GraphBatchNorm(mx.operator.CustomOp):
             if not self.host:
                 for dst in aux:
                     dst.wait_to_read()
-            counter_of(self.key)[()] += 1  # an mxnet batch is never empty: update_state counted it
+            t = counter_of(self.key)  # an MXNet batch is never empty: update_state counted it
+            if self.host:
+                _host_view(t, (1,), np.dtype(np.int64))[0] += 1
+            else:
+                t[:] += 1
 
     def forward(self, is_train: bool, req: list, in_data: list, out_data: list, aux: list) -> None:
         alg = self._alg

@@ -132,11 +132,13 @@ class BatchNorm(gluon.HybridBlock):
         )
 
     def num_batches_tracked(self, ctx: Any = None) -> Any:
-        """The number of updates of the running statistics, as an int64 NDArray of shape (1,) on ``ctx``."""
+        """The number of updates of the running statistics: an int64 NDArray of shape (1,), the layer's own on the
+        CPU (writing to it sets the count), a copy on ``ctx`` otherwise."""
         if ctx is None:
             ctx = self.running_mean.list_ctx()[0]
         mx.nd.waitall()  # the operator counts in its callbacks, which MXNet runs asynchronously
-        return mx.nd.array([int(counter_of(self._key))], ctx=ctx, dtype="int64")
+        counter = counter_of(self._key)
+        return counter if ctx == counter.context else counter.copyto(ctx)
 
     def forward(self, x: Any, *args: Any) -> Any:
         if isinstance(x, mx.nd.NDArray) and self.num_dims is not None and x.ndim != self.num_dims:
