@@ -358,6 +358,10 @@ def test_np_functional_matches_legacy_and_native(mx: Any, np_mode: None) -> None
     ref_e = (xn - rm.asnumpy()[None, :, None, None]) / np.sqrt(rv.asnumpy()[None, :, None, None] + 1e-5)
     np.testing.assert_allclose(ye.asnumpy(), gn[None, :, None, None] * ref_e, rtol=1e-5, atol=1e-5)
 
+    const = mx.np.array(np.full((4, 3), 2.5, "float32"))  # eps = 0: the zero-variance guard's comparisons
+    yc, _ = multibn.batch_norm(const, convention="gluon", eps=0.0)
+    assert isinstance(yc, mx.np.ndarray) and np.array_equal(yc.asnumpy(), np.zeros((4, 3), "float32"))
+
     dx, dg, db = multibn.batch_norm_vjp(x, g, b, None, dy, convention="gluon")
     assert all(isinstance(a, mx.np.ndarray) for a in (dx, dg, db))
     np.testing.assert_allclose(dx.asnumpy(), xl.grad.asnumpy(), rtol=1e-4, atol=1e-5)

@@ -171,6 +171,11 @@ def _made(a: Array) -> Array:
     return _as_np(a) if _np_mode() else a
 
 
+@_keeps_np
+def _where(cond: Array, a: Array, b: Array) -> Array:
+    return mx.nd.where(cond, a, b)
+
+
 class MXNetNamespace:
     """The handful of array-API functions the algorithm uses, over ``mx.nd`` (``mx.np`` arrays in, ``mx.np`` out)."""
 
@@ -197,9 +202,10 @@ class MXNetNamespace:
         return mx.nd.sqrt(x)
 
     @staticmethod
-    @_keeps_np
     def where(cond: Array, a: Array, b: Array) -> Array:
-        return mx.nd.where(cond, a, b)
+        if isinstance(cond, mx.np.ndarray) and cond.dtype == np.bool_:  # mx.np comparisons give bool, which
+            cond = cond.astype(np.float32)  # mx.nd.where does not take (legacy comparisons give 0/1 floats)
+        return _where(cond, a, b)
 
     @staticmethod
     @_keeps_np
