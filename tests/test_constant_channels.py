@@ -13,20 +13,41 @@ from multibn.backends import get_backend
 from tests.conftest import arr, to_numpy
 
 VALUES = [0.1, 3.3, -7.77, 20.0, 1e-3, 123456.7, -1e-30]
-SHAPES = [(5, 4, 3), (15, 2), (7, 3, 11, 13), (64, 2, 1, 1)]
+SHAPES = [((5, 4, 3), 1), ((15, 2), 1), ((7, 3, 11, 13), 1), ((64, 2, 1, 1), 1), ((4096, 3), 1), ((64, 56, 56, 2), -1)]
+
+
+def _sequential_batch_sum(backend: str, shape: tuple[int, ...], axis: int) -> bool:
+    """Whether this backend sums the batch axis of channels-last data one row after another (error growing with n,
+    so that the first pass misses a constant channel's value by more than the 256 roundoffs the centre allows)."""
+    if axis != -1 or np.prod(shape) < 100_000:
+        return False
+    if backend == "mxnet":
+        return True  # the BLAS gemv over the batch axis
+    if backend == "jax":
+        import jax
+
+        return tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 8)  # XLA of jax 0.7
+    return False
 
 
 @pytest.mark.parametrize("value", VALUES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_constant_channel_has_zero_m2_and_gives_beta(backend: str, value: float, shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(("shape", "axis"), SHAPES)
+def test_constant_channel_has_zero_m2_and_gives_beta(backend: str, value: float, shape: tuple[int, ...],
+                                                     axis: int, request: pytest.FixtureRequest) -> None:
+    if _sequential_batch_sum(backend, shape, axis):  # exact for some values (whose partial sums round exactly)
+        request.applymarker(pytest.mark.xfail(strict=False, reason="the backend's pass-1 sum over the batch axis of "
+                                              "channels-last data is sequential: see _sequential_batch_sum"))
     be = get_backend(backend)
     x = arr(backend, np.full(shape, value))
-    beta = np.linspace(-1.0, 1.0, shape[1]).astype(np.float32)
-    st = alg.batch_stats(be, x, alg.Layout.of(shape, 1))
+    c = shape[axis]
+    beta = np.linspace(-1.0, 1.0, c).astype(np.float32)
+    st = alg.batch_stats(be, x, alg.Layout.of(shape, axis))
     assert np.all(to_numpy(st.m2) == 0), to_numpy(st.m2)
     assert np.all(to_numpy(st.mean) == np.float32(value))
-    y, _ = multibn.batch_norm(x, beta=arr(backend, beta), eps=0.0, axis=1)
-    np.testing.assert_array_equal(to_numpy(y), np.broadcast_to(beta.reshape(-1, *[1] * (len(shape) - 2)), shape))
+    y, _ = multibn.batch_norm(x, beta=arr(backend, beta), eps=0.0, axis=axis)
+    bshape = [1] * len(shape)
+    bshape[axis] = c
+    np.testing.assert_array_equal(to_numpy(y), np.broadcast_to(beta.reshape(bshape), shape))
 
 
 @pytest.mark.parametrize("value", VALUES)

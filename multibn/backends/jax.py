@@ -6,7 +6,7 @@ truncate it silently. ``num_batches_tracked`` is int32 unless x64 is on.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +77,17 @@ class JaxBackend(Backend):
 
     def concrete(self, a: Array) -> bool:
         return not isinstance(a, jax.core.Tracer)
+
+    def channel_sq_dev_sum(self, x: Array, center: Array, axes: Sequence[int]) -> Array:
+        # XLA:CPU emits a loop about four times faster for a variadic reduction over the innermost axis than for the
+        # same jnp.sum (measured on (64, 64, 56, 56): 7 against 29 ms), so the sum rides in one with a twin; over
+        # outer axes only (channels last) the plain sum is the fast one. Primal only: no derivative differentiates
+        # this kernel (the op's derivatives are its rule's).
+        if x.ndim - 1 not in tuple(axes):
+            return super().channel_sq_dev_sum(x, center, axes)
+        d = x.astype(center.dtype) - center
+        zero = jnp.zeros((), center.dtype)
+        return jax.lax.reduce((d * d, d * d), (zero, zero), lambda a, b: (a[0] + b[0], a[1] + b[1]), tuple(axes))[0]
 
     def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
         """A ``jax.custom_jvp`` with ``rule.jvp``: forward mode directly, reverse mode by JAX's transposition of
