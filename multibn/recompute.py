@@ -342,7 +342,10 @@ def _gluon_snapshot(block: Any) -> Callable[[], None]:
         arrays += [counter(c) for c in block.running_mean.list_ctx()]
     copies = [a.copy() for a in arrays]
 
+    from .backends.mxnet import mx
+
     def restore() -> None:
+        mx.nd.waitall()  # multibn's operator counts in callbacks MXNet runs later: let them land first
         for a, c in zip(arrays, copies, strict=True):
             a[:] = c
 
