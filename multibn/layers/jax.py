@@ -10,7 +10,7 @@
 ``params`` is ``{"scale": (C,), "bias": (C,)}`` (empty without ``affine``), named as in Flax, and ``apply``
 refuses any other tree; ``state`` is a :class:`multibn.BNState` (a pytree) kept in float32 whatever the dtype of
 the params. ``apply`` is a pure function of its arguments, so it works under
-``jax.jit``, ``jax.grad`` (through the analytic backward of the ``jax.custom_vjp``) and ``jax.vmap``.
+``jax.jit``, ``jax.vmap`` and every autodiff transform (the op's ``jax.custom_jvp`` with the one tangent rule).
 :meth:`BatchNorm.to_flax` / :meth:`BatchNorm.from_flax` convert to and from Flax's
 ``{"params": ..., "batch_stats": {"mean", "var"}}`` variables.
 
