@@ -2,11 +2,11 @@
 
 Notation, per channel c, with R the reduced axes (all but the channel axis) and n = |R|:
 
-* statistics, as a mergeable summary (n, mean, M2) by the two-pass method (:func:`_local_stats`):
-  ``mean = sum_R x / n``, ``M2 = sum_R (x - c)^2 - n (mean - c)^2`` about a centre ``c``: the mean, or the
-  channel's first element when that is as close (so a constant channel has M2 exactly 0); batch variance
-  ``var = M2 / n`` (biased); synchronised BN merges the replicas' summaries exactly (:func:`merge_stats`) and
-  all-reduces the two backward sums;
+* statistics, as a mergeable summary (n, mean, M2) by the corrected two-pass method (:func:`_local_stats`):
+  ``mean = c + S / n``, ``M2 = Q - S^2 / n`` with ``S = sum_R (x - c)``, ``Q = sum_R (x - c)^2`` about a centre
+  ``c``: the pass-1 mean, or the channel's first element when that is as close (exact for a constant channel);
+  batch variance ``var = M2 / n`` (biased); synchronised BN merges the replicas' summaries exactly
+  (:func:`merge_stats`) and all-reduces the two backward sums;
 * normalisation, one pass: ``y = x * scale + shift`` with ``s = 1 / sqrt(var + eps)``, ``scale = gamma * s``,
   ``shift = beta - mean * scale``; the zero-variance guard sets ``s = 0`` where ``var == 0`` and ``eps == 0``;
 * running update: ``R <- keep * R + take * stat`` with the stored variance ``M2 / n`` or ``M2 / (n - 1)``;
@@ -89,12 +89,6 @@ def _per_count(be: Backend, a: Array, n: Any) -> Array:
     return a / _nonzero(be, n)
 
 
-#: how close (relative) the first element must be to the pass-1 mean to serve as the centre: 256 units of roundoff,
-#: above the rounding of a sum of n equal values, and small enough that M2 - n (mean - c)^2 cancels nothing a
-#: two-pass variance resolves
-_CENTRE_ULPS = {"float32": 256 * 2.0**-24, "float64": 256 * 2.0**-53}
-
-
 @cache
 def _first_index(ndim: int, axis: int) -> tuple[Any, ...]:
     """The index of each channel's first element: ``x[_first_index(x.ndim, axis)]`` has shape ``(channels,)``."""
@@ -104,34 +98,33 @@ def _first_index(ndim: int, axis: int) -> tuple[Any, ...]:
 def _local_stats(be: Backend, x: Array, lay: Layout, mask: Array | None) -> Stats:
     """Per-channel statistics of this replica's ``x`` (of its elements where ``mask`` is True), in two passes.
 
-    Pass 1: ``mean = sum x / n``. Pass 2, about a centre ``c``: ``Q = sum (x - c)^2``, ``M2 = Q - n (mean - c)^2``
-    (0 where rounding takes it below). ``c`` is ``mean`` (then ``M2 = Q``, the two-pass method), or the channel's
-    first element ``k`` where ``k`` lies within 256 units of roundoff of it: a constant channel then has ``c = k``,
-    so ``Q = 0``, ``M2 = 0`` and ``mean = k`` exactly (``Q = 0`` means every element equals ``c``), whatever the
-    summation order or the rounding of ``/ n`` (XLA turns it into ``* (1 / n)``). The shift ``mean - c`` is that
-    small, so the subtraction loses nothing a two-pass variance resolves.
+    Pass 1: ``mean0 = sum x / n``. Pass 2, about a centre ``c``: ``S = sum (x - c)``, ``Q = sum (x - c)^2``, then
+    ``mean = c + S / n`` and ``M2 = Q - S^2 / n`` (the corrected two-pass algorithm: ``S`` repairs the rounding of
+    ``mean0``). ``c`` is ``mean0``, or the channel's first element ``k`` where ``k`` lies within ``2^-16 |mean0|``
+    of it: a constant channel then has ``c = k`` exactly, so ``S = Q = 0``, ``mean = k`` and ``M2 = 0`` exactly,
+    whatever the summation order or the rounding of ``/ n`` (XLA turns it into ``* (1 / n)``).
     """
     xp = be.xp
-    dt_name = stats_dtype(be, x)
-    dt = be.dtype(dt_name)
+    dt = be.dtype(stats_dtype(be, x))
     if mask is None:
         n = lay.count
         if n == 0:
             zeros = xp.zeros((lay.channels,), dtype=dt, device=be.device_of(x))
             return Stats(0, zeros, zeros)
-        mean = be.channel_sum(x, lay.reduce_axes, dt) / n
+        mean0 = be.channel_sum(x, lay.reduce_axes, dt) / n
         k = xp.astype(x[_first_index(len(lay.bshape), lay.axis)], dt, copy=False)
-        c = xp.where(xp.abs(k - mean) <= xp.abs(mean) * _CENTRE_ULPS[dt_name], k, mean)
-        q = be.channel_sq_dev_sum(x, xp.reshape(c, lay.bshape), lay.reduce_axes)
-        m2 = q - n * (mean - c) * (mean - c)
-        return Stats(n, xp.where(q == 0, c, mean), xp.where(m2 < 0, xp.zeros_like(m2), m2))  # NaN stays NaN
-    n = mask_count(be, lay, mask, dt)
-    mean = _per_count(be, be.channel_sum(xp.where(mask, x, xp.zeros_like(x)), lay.reduce_axes, dt), n)
-    mean_b = xp.reshape(mean, lay.bshape)
-    xd = xp.astype(x, dt, copy=False)
-    # masked-out elements are replaced by the mean, so that they add exactly 0 to M2
-    return Stats(n, mean, be.channel_sq_dev_sum(xp.where(mask, xd, xp.zeros_like(xd) + mean_b), mean_b,
-                                                lay.reduce_axes))
+        c = xp.where(xp.abs(k - mean0) <= xp.abs(mean0) * 2.0**-16, k, mean0)
+        xm = x
+    else:
+        n = mask_count(be, lay, mask, dt)
+        mean0 = _per_count(be, be.channel_sum(xp.where(mask, x, xp.zeros_like(x)), lay.reduce_axes, dt), n)
+        c = mean0
+        xd = xp.astype(x, dt, copy=False)
+        xm = xp.where(mask, xd, xp.zeros_like(xd) + xp.reshape(c, lay.bshape))  # masked-out elements add 0 to S, Q
+    s, q = be.channel_dev_sums(xm, xp.reshape(c, lay.bshape), lay.reduce_axes)
+    s_n = _per_count(be, s, n)
+    m2 = q - s * s_n
+    return Stats(n, c + s_n, xp.where(m2 < 0, xp.zeros_like(m2), m2))  # rounding may dip below 0; NaN stays
 
 
 def mask_count(be: Backend, lay: Layout, mask: Array, dt: Any) -> Array:

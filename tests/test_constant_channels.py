@@ -16,27 +16,10 @@ VALUES = [0.1, 3.3, -7.77, 20.0, 1e-3, 123456.7, -1e-30]
 SHAPES = [((5, 4, 3), 1), ((15, 2), 1), ((7, 3, 11, 13), 1), ((64, 2, 1, 1), 1), ((4096, 3), 1), ((64, 56, 56, 2), -1)]
 
 
-def _sequential_batch_sum(backend: str, shape: tuple[int, ...], axis: int) -> bool:
-    """Whether this backend sums the batch axis of channels-last data one row after another (error growing with n,
-    so that the first pass misses a constant channel's value by more than the 256 roundoffs the centre allows)."""
-    if axis != -1 or np.prod(shape) < 100_000:
-        return False
-    if backend == "mxnet":
-        return True  # the BLAS gemv over the batch axis
-    if backend == "jax":
-        import jax
-
-        return tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 8)  # XLA of jax 0.7
-    return False
-
-
 @pytest.mark.parametrize("value", VALUES)
 @pytest.mark.parametrize(("shape", "axis"), SHAPES)
 def test_constant_channel_has_zero_m2_and_gives_beta(backend: str, value: float, shape: tuple[int, ...],
-                                                     axis: int, request: pytest.FixtureRequest) -> None:
-    if _sequential_batch_sum(backend, shape, axis):  # exact for some values (whose partial sums round exactly)
-        request.applymarker(pytest.mark.xfail(strict=False, reason="the backend's pass-1 sum over the batch axis of "
-                                              "channels-last data is sequential: see _sequential_batch_sum"))
+                                                     axis: int) -> None:
     be = get_backend(backend)
     x = arr(backend, np.full(shape, value))
     c = shape[axis]

@@ -18,7 +18,7 @@ from multibn.backends import get_backend
 from multibn.backends.base import Backend
 from tests.conftest import to_numpy
 
-KERNELS = ("channel_sum", "channel_sq_dev_sum", "scale_shift", "backward_sums", "backward_apply")
+KERNELS = ("channel_sum", "channel_dev_sums", "scale_shift", "backward_sums", "backward_apply")
 #: (shape, channel axis)
 LAYOUTS = [((6, 5, 7, 3), 1), ((37, 4), 1), ((5, 3, 4, 6), 3), ((4, 6, 5), 0), ((1, 3, 2, 2), 1)]
 
@@ -69,7 +69,7 @@ def _call(be: Backend, impl: type, kernel: str, d: dict) -> tuple:
     f = getattr(impl, kernel)
     args = {
         "channel_sum": (d["x"], d["axes"], d["sdt"]),
-        "channel_sq_dev_sum": (d["x"], d["mean"], d["axes"]),
+        "channel_dev_sums": (d["x"], d["mean"], d["axes"]),
         "scale_shift": (d["x"], d["a"], d["c"]),
         "backward_sums": (d["dy"], d["x"], d["mean"], d["axes"]),
         "backward_apply": (d["dy"], d["x"], d["mean"], d["a"], d["b"], d["c"]),

@@ -131,10 +131,10 @@ class Backend:
         """sum_R x, accumulated in ``dtype``."""
         return self.xp.sum(self.xp.astype(x, dtype, copy=False), axis=tuple(axes))
 
-    def channel_sq_dev_sum(self, x: Array, center: Array, axes: Sequence[int]) -> Array:
-        """sum_R (x - center)^2 in the dtype of ``center`` (the second pass)."""
+    def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
+        """(sum_R (x - center), sum_R (x - center)^2) in the dtype of ``center`` (the second pass)."""
         d = self.xp.astype(x, center.dtype, copy=False) - center
-        return self.xp.sum(d * d, axis=tuple(axes))
+        return self.xp.sum(d, axis=tuple(axes)), self.xp.sum(d * d, axis=tuple(axes))
 
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
         """x * scale + shift, computed in the dtype of ``scale``, returned in the dtype of ``x``."""

@@ -322,17 +322,18 @@ class MXNetBackend(Backend):
         return super().channel_sum(x, axes, dtype) if v is None else _rsum(v)
 
     @_keeps_np
-    def channel_sq_dev_sum(self, x: Array, center: Array, axes: Sequence[int]) -> Array:
+    def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
         v = _pcq(x, axes, center.dtype)
         if v is None:
-            return super().channel_sq_dev_sum(x, center, axes)
+            return super().channel_dev_sums(x, center, axes)
         m = center.reshape((1, -1, 1))
-        acc = None
+        s1 = s2 = None
         for (xc,), buf in _chunks(v):
             mx.nd.broadcast_sub(xc, m, out=buf)
+            s1 = _accumulate(s1, _rsum(buf))
             mx.nd.square(buf, out=buf)
-            acc = _accumulate(acc, _rsum(buf))
-        return acc
+            s2 = _accumulate(s2, _rsum(buf))
+        return s1, s2
 
     @_keeps_np
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:

@@ -71,17 +71,18 @@ class NumpyBackend(Backend):
             acc = _accumulate(acc, _reduce(buf))
         return acc
 
-    def channel_sq_dev_sum(self, x: Array, center: Array, axes: Sequence[int]) -> Array:
+    def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
         v = _pcq(x, axes)
         if v is None:
-            return super().channel_sq_dev_sum(x, center, axes)
+            return super().channel_dev_sums(x, center, axes)
         m = center.reshape(1, -1, 1)
-        acc = None
+        s1 = s2 = None
         for (xc,), buf in _chunks(center.dtype, v):
             np.subtract(xc, m, out=buf)
+            s1 = _accumulate(s1, _reduce(buf))
             np.multiply(buf, buf, out=buf)
-            acc = _accumulate(acc, _reduce(buf))
-        return acc
+            s2 = _accumulate(s2, _reduce(buf))
+        return s1, s2
 
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if scale.shape[i] == 1) if x.ndim == scale.ndim else ()

@@ -171,15 +171,17 @@ class TorchBackend(Backend):
             acc = _accumulate(acc, _reduce(buf.copy_(xc)))
         return acc
 
-    def channel_sq_dev_sum(self, x: Array, center: Array, axes: Sequence[int]) -> Array:
+    def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
         v = _pcq(x, axes)
         if v is None or not _plain(center):
-            return super().channel_sq_dev_sum(x, center, axes)
+            return super().channel_dev_sums(x, center, axes)
         m = center.reshape(1, -1, 1)
-        acc = None
+        s1 = s2 = None
         for (xc,), buf in _chunks(center.dtype, v):
-            acc = _accumulate(acc, _reduce(_sub(xc, m, buf).square_()))
-        return acc
+            _sub(xc, m, buf)
+            s1 = _accumulate(s1, _reduce(buf))
+            s2 = _accumulate(s2, _reduce(buf.square_()))
+        return s1, s2
 
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
         if x.dtype == scale.dtype == shift.dtype and x.ndim == scale.ndim and _plain(x, scale, shift):
