@@ -223,7 +223,7 @@ class Rule(NamedTuple):
     n_diff: int
 
 
-def train_rule(be: Backend, conv: Convention, lay: Layout, sync: Sync | None = None, masked: bool = False) -> Rule:
+def train_rule(be: Backend, conv: Convention, lay: Layout, sync: Sync | None = None) -> Rule:
     """BN with batch statistics: inputs ``(x, gamma, beta[, mask])``, outputs ``(y, mean, m2)`` (all three
     differentiable: the running update reads ``mean`` and ``m2``)."""
     return Rule(partial(train_forward, be, conv, lay, sync=sync), partial(train_residuals, be, conv, lay, sync=sync),
@@ -311,10 +311,11 @@ def train_jvp(
     g = effective_gamma(be, conv, gamma, mean.dtype)
     a = g * s
     tg = xp.zeros_like(s) if conv.fix_gamma else xp.astype(tg, s.dtype, copy=False)
+    tmean = _per_count(be, s1, n)
     b = tg * s - (a * s * s) * _per_count(be, s2, n)
-    c = xp.astype(tb, s.dtype, copy=False) - a * _per_count(be, s1, n)
+    c = xp.astype(tb, s.dtype, copy=False) - a * tmean
     ty = xp.astype(_affine_map(be, lay, tx, x, mean, a, b, c), x.dtype, copy=False)
-    return ty, _per_count(be, s1, n), 2 * s2
+    return ty, tmean, 2 * s2
 
 
 def train_backward(

@@ -276,8 +276,9 @@ def _prepare_cached(
     with the signature of an earlier valid one."""
     be = _PLAN_BACKENDS.get(type(x))
     key = None
-    if be is not None and (state is None or (isinstance(state, tuple) and len(state) == 3)):
-        arrays = (x, gamma, beta, *(state if state is not None else (None, None, None)), dy, mask)
+    well_formed = state is None or (isinstance(state, tuple) and len(state) == 3)
+    arrays = (x, gamma, beta, *(state if state is not None else (None, None, None)), dy, mask) if well_formed else ()
+    if be is not None and well_formed:
         key = _plan_key(be, arrays, state, training, convention, momentum, eps, axis, backend, sync)
         plan = None if key is None else _PLANS.get(key)
         if plan is not None and (type(convention) is str or plan.convention is convention):
@@ -300,9 +301,7 @@ def _prepare_cached(
     be, conv, lay = prepared[:3]
     synced = sync is not None and sync is not False and training
     op = None if synced else getattr(_Ops, _op_name(be, conv, tuple(lay), training))
-    originals = (x, gamma, beta, *(state if state is not None else ()), dy, mask)
-    if not synced and be.signature(()) is not None and all(a is None or be.is_array(a) for a in originals):
-        arrays = (x, gamma, beta, *(state if state is not None else (None, None, None)), dy, mask)
+    if not synced and be.signature(()) is not None and all(a is None or be.is_array(a) for a in arrays):
         key = key or _plan_key(be, arrays, state, training, convention, momentum, eps, axis, backend, sync)
         if key is not None:
             if len(_PLANS) >= _MAX_PLANS:
@@ -313,7 +312,7 @@ def _prepare_cached(
     return (*prepared, op)
 
 
-# ---- the differentiable ops, one per (backend, convention, layout, mode, sync, mask) -----------------------------
+# ---- the differentiable ops, one per (backend, convention, layout, mode, sync) ------------------------------------
 @lru_cache(maxsize=512)
 def _op(
     be: Backend, conv: Convention, lay: alg.Layout, training: bool, sync: alg.Sync | None = None

@@ -518,6 +518,7 @@ class _GraphBatchNorm(mx.operator.CustomOp):
         self.dtypes = [np.dtype(mx.ndarray.ndarray._DTYPE_MX_TO_NP[d]) for d in dtypes]
         self.host = host
         self.be = _backend("numpy" if host else "mxnet")
+        self.rules = {True: alg.train_rule(self.be, conv, self.lay), False: alg.eval_rule(self.be, conv, self.lay)}
 
     def _arrays(self, arrays: Sequence[Array], index: Sequence[int]) -> list[Array]:
         if self.host:
@@ -570,9 +571,9 @@ class _GraphBatchNorm(mx.operator.CustomOp):
         alg = self._alg
         inputs = tuple(self._arrays(in_data, (0, 1, 2)))
         self.train = bool(is_train)
+        rule = self.rules[self.train]
         with self.be.quiet():
             if self.train:
-                rule = alg.train_rule(self.be, self.conv, self.lay)
                 y, mean, m2 = outputs = tuple(rule.forward(*inputs))
                 self.residuals = rule.residuals(inputs, outputs)
                 stats = alg.Stats(self.lay.count, mean, m2)
@@ -582,7 +583,6 @@ class _GraphBatchNorm(mx.operator.CustomOp):
                     self.stats = stats
             else:
                 state = self._state(aux)
-                rule = alg.eval_rule(self.be, self.conv, self.lay)
                 inputs += (state.running_mean, state.running_var)
                 (y,) = outputs = tuple(rule.forward(*inputs))
                 self.residuals = rule.residuals(inputs, outputs)
@@ -590,17 +590,16 @@ class _GraphBatchNorm(mx.operator.CustomOp):
         self._settle(out_data[:1], [r for r in self.residuals if hasattr(r, "wait_to_read")])
 
     def backward(self, req: list, out_grad: list, in_data: list, out_data: list, in_grad: list, aux: list) -> None:
-        alg = self._alg
         x, gamma = self._arrays(in_data[:2], (0, 1))
         (dy,) = self._arrays(out_grad[:1], (0,))
         residuals = self.residuals._replace(x=x, gamma=gamma)  # the backward's own views of the inputs
         with self.be.quiet():
             if self.train:
-                grads = alg.train_rule(self.be, self.conv, self.lay).backward(residuals, (dy, None, None))
+                grads = self.rules[True].backward(residuals, (dy, None, None))
                 if self.update == "backward":
                     self._update(aux, self.stats)
             else:
-                grads = alg.eval_rule(self.be, self.conv, self.lay).backward(residuals, (dy,))[:3]
+                grads = self.rules[False].backward(residuals, (dy,))[:3]
         for i, (dst, r, g) in enumerate(zip(in_grad, req, grads, strict=True)):
             self._store(dst, r, g, i)
         self._settle(in_grad)
