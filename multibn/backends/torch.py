@@ -224,8 +224,8 @@ class TorchBackend(Backend):
         m, a, b, c = (t.reshape(1, -1, 1) for t in (mean, a, b, c))
         same = x.dtype == a.dtype
         gbuf = None if dy.dtype == a.dtype else torch.empty_like(next(_chunks(a.dtype, v))[1])
-        for (xc, gc, oc), buf in _chunks(a.dtype, v, g, out.view(v.shape)):
-            t = oc if same else buf  # float32 output: work in the output itself
+        for (xc, gc, oc), buf in _chunks(a.dtype, v, g, out.view(v.shape), need_buf=not same):
+            t = oc if same else buf  # float32 output: work in the output itself, no scratch buffer
             gc = gc if gbuf is None else gbuf[: gc.shape[0]].copy_(gc)
             _sub(xc, m, t)
             torch.addcmul(c, t, b, out=t)  # c + (x - mean) * b
@@ -299,10 +299,12 @@ def _sub(xc: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(xc).sub_(m)
 
 
-def _chunks(dtype: torch.dtype, *vs: torch.Tensor) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
-    """Chunks along P of (P, C, Q) tensors of one shape, each time with a reused buffer of the chunk's shape."""
+def _chunks(dtype: torch.dtype, *vs: torch.Tensor, need_buf: bool = True
+            ) -> Iterator[tuple[tuple[torch.Tensor, ...], Any]]:
+    """Chunks along P of (P, C, Q) tensors of one shape, each time with a reused buffer of the chunk's shape (None
+    without ``need_buf``)."""
     rows, slices = chunk_slices(vs[0].shape, _CHUNK)
-    buf = torch.empty((rows, *vs[0].shape[1:]), dtype=dtype, device=vs[0].device)
+    buf = torch.empty((rows, *vs[0].shape[1:]), dtype=dtype, device=vs[0].device) if need_buf else None
     for sl in slices:
         chunk = tuple(t[sl] for t in vs)
-        yield chunk, buf[: chunk[0].shape[0]]
+        yield chunk, None if buf is None else buf[: chunk[0].shape[0]]
