@@ -16,8 +16,9 @@ interquartile range in ms, and the ratios of the medians to the native BN and to
   buffer (MXNet: its ``nd.sum`` is far off the bandwidth, so the reduction pass is a BLAS product with a ones
   vector, its fastest full read). NumPy is single-threaded, so its roofline is too.
 
-Cases are named ``nchw_AxBxCxD`` (channel axis 1) or ``nc_AxB``, optionally with ``:dtype``; any such name
-works (``nchw_2x3x4x5`` is the smoke test's). Nothing here imports a framework at module import.
+Cases are named ``nchw_AxBxCxD`` (channel axis 1), ``nhwc_AxBxCxD`` (channel axis 3) or ``nc_AxB``, optionally
+with ``:dtype``; any such name works (``nchw_2x3x4x5`` is the smoke test's).
+Nothing here imports a framework at module import.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ KERAS_BACKENDS = ("torch", "jax")
 #: "layer": the framework layer's training forward and backward (multibn's layer against the native layer)
 PASSES = ("fwd", "fwd+bwd", "layer")
 DEFAULT_PASSES = ("fwd", "fwd+bwd")
-DEFAULT_CASES = ("nchw_64x64x56x56", "nchw_256x256x14x14", "nc_4096x1024", "nchw_256x256x14x14:float16")
+DEFAULT_CASES = ("nchw_64x64x56x56", "nhwc_64x56x56x64", "nchw_256x256x14x14", "nc_4096x1024",
+                 "nchw_256x256x14x14:float16")
 #: ``--small``: where real models spend their BN calls, and where the fixed cost of a call dominates
 SMALL_CASES = ("nc_32x64", "nc_256x128", "nchw_32x16x8x8")
 SMALL_PASSES = ("fwd", "layer")
@@ -67,14 +69,14 @@ class Case:
     @classmethod
     def parse(cls, spec: str) -> Case:
         name, _, dtype = spec.partition(":")
-        m = re.fullmatch(r"(nchw|nc)_(\d+(?:x\d+)*)", name)
+        m = re.fullmatch(r"(nchw|nhwc|nc)_(\d+(?:x\d+)*)", name)
         shape = tuple(int(d) for d in m.group(2).split("x")) if m else ()
         if not m or len(shape) != len(m.group(1)):
-            raise ValueError(f"case {spec!r}: expected nchw_AxBxCxD or nc_AxB, optionally with :dtype")
+            raise ValueError(f"case {spec!r}: expected nchw_AxBxCxD, nhwc_AxBxCxD or nc_AxB, optionally with :dtype")
         dtype = dtype or "float32"
         if dtype not in ("float16", "bfloat16", "float32", "float64"):
             raise ValueError(f"case {spec!r}: dtype must be float16, bfloat16, float32 or float64")
-        return cls(name, shape, dtype)
+        return cls(name, shape, dtype, 3 if m.group(1) == "nhwc" else 1)
 
     @property
     def nbytes(self) -> int:
@@ -115,6 +117,8 @@ def torch_impls(case: Case, pass_: str, impls: Sequence[str], device: str) -> di
     dt = getattr(torch, case.dtype)
     if pass_ == "layer":
         return torch_layer_impls(case, impls, dev)
+    # channels last: torch's BN takes the NCHW view of the same memory (channels_last memory format)
+    to_native = (lambda t: t.permute(0, 3, 1, 2)) if case.axis == 3 else (lambda t: t)
     xn, dyn, gn, bn = make_data(case)
     x = torch.from_numpy(xn).to(dev, dt)
     dy = torch.from_numpy(dyn).to(dev, dt)
@@ -130,14 +134,14 @@ def torch_impls(case: Case, pass_: str, impls: Sequence[str], device: str) -> di
         def run() -> None:
             y = fn(xs, gs, bs)
             if bwd:
-                torch.autograd.grad(y, (xs, gs, bs), dy)
+                torch.autograd.grad(y, (xs, gs, bs), to_native(dy) if y.shape != dy.shape else dy)
             _torch_sync(torch, x)
 
         return run
 
     if "native" in impls:
         rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
-        out["native"] = step(lambda x_, g_, b_: F.batch_norm(x_, rm, rv, g_, b_, True, 0.1, 1e-5))
+        out["native"] = step(lambda x_, g_, b_: F.batch_norm(to_native(x_), rm, rv, g_, b_, True, 0.1, 1e-5))
     for impl in ("multibn", "multibn-compiled"):
         if impl not in impls:
             continue
@@ -186,6 +190,8 @@ def torch_layer_impls(case: Case, impls: Sequence[str], dev: str) -> dict[str, R
 
     from multibn.layers.torch import BatchNorm
 
+    if case.axis != 1:
+        raise Skip("torch layers take channels first (NHWC data is the channels_last memory format of NCHW)")
     xn, dyn, _, _ = make_data(case)
     dt = getattr(torch, case.dtype)
     x = torch.from_numpy(xn).to(dev, dt).requires_grad_(True)

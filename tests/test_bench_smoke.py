@@ -36,14 +36,14 @@ def test_import_bench_imports_no_framework() -> None:
 
 def test_bench_tiny_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
-    argv = ["--cases", "nchw_2x3x4x5,nc_8x4:float16", "--reps", "2", "--warmup", "1", "--keras", "no",
+    argv = ["--cases", "nchw_2x3x4x5,nc_8x4:float16,nhwc_2x4x5x3", "--reps", "2", "--warmup", "1", "--keras", "no",
             "--quiet", "--json", str(out)]
     have_plot = importlib.util.find_spec("matplotlib") is not None
     if have_plot:
         argv += ["--plot", str(tmp_path / "bench.png")]
     assert _run(argv) == 0
     table = capsys.readouterr().out
-    assert "nchw_2x3x4x5" in table and "roofline" in table
+    assert "nchw_2x3x4x5" in table and "nhwc_2x4x5x3" in table and "roofline" in table
     data = json.loads(out.read_text())
     assert {"versions", "threads", "allocator", "cpu", "gpu"} <= set(data["environment"])
     records = data["records"]
@@ -74,6 +74,8 @@ def test_bench_keras_subprocess(tmp_path: Path) -> None:
 def test_case_names() -> None:
     assert bench.Case.parse("nchw_64x64x56x56").shape == (64, 64, 56, 56)
     assert bench.Case.parse("nc_4096x1024:bfloat16").dtype == "bfloat16"
+    nhwc = bench.Case.parse("nhwc_64x56x56x64")
+    assert (nhwc.shape, nhwc.axis) == ((64, 56, 56, 64), 3) and bench.Case.parse("nchw_1x2x3x4").axis == 1
     with pytest.raises(ValueError):
         bench.Case.parse("nchw_2x3")
 
