@@ -20,7 +20,8 @@ from tests.conftest import to_numpy
 
 KERNELS = ("channel_sum", "channel_dev_sums", "scale_shift", "backward_sums", "backward_apply")
 #: (shape, channel axis)
-LAYOUTS = [((6, 5, 7, 3), 1), ((37, 4), 1), ((5, 3, 4, 6), 3), ((4, 6, 5), 0), ((1, 3, 2, 2), 1)]
+LAYOUTS = [((6, 5, 7, 3), 1), ((37, 4), 1), ((5, 3, 4, 6), 3), ((4, 6, 5), 0), ((1, 3, 2, 2), 1), ((130, 3), 1),
+           ((2, 64, 5), 2)]
 
 
 def overridden(be: Backend) -> list[str]:
@@ -39,10 +40,13 @@ def test_fast_paths_exist() -> None:
 
 @pytest.fixture(params=[None, 7], ids=["chunk-default", "chunk-7"])
 def chunk(request: pytest.FixtureRequest, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With 7, a chunk holds one (C, Q) slab at most: several chunks and a ragged last one."""
+    """With 7, a chunk holds one (C, Q) slab at most: several chunks and a ragged last one. Either way the fast
+    paths run at every size (``_SMALL`` 0: torch keeps tensors under 65536 elements on the generic ops)."""
     mod = importlib.import_module(f"multibn.backends.{backend}")
     if request.param is not None and hasattr(mod, "_CHUNK"):
         monkeypatch.setattr(mod, "_CHUNK", request.param)
+    if hasattr(mod, "_SMALL"):
+        monkeypatch.setattr(mod, "_SMALL", 0)
 
 
 def _inputs(be: Backend, shape: tuple[int, ...], axis: int, dtype: str, seed: int) -> dict:
