@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -236,7 +235,7 @@ class _Plan(NamedTuple):
     device: Any  # of x: where gamma and beta default to ones and zeros
     pdt: str  # the dtype of those defaults
     convention: object  # the argument, held so that its id in the key stays this object's
-    op: Callable[..., tuple[Array, ...]]  # _op(be, conv, lay, training): the differentiable op without sync
+    op: Callable[..., tuple[Array, ...]]  # the differentiable op for the mode, without sync
 
 
 #: type of x -> its backend, for types seen in a valid call of a backend that gives signatures
@@ -313,29 +312,26 @@ def _prepare_cached(
 
 
 # ---- the differentiable ops, one per (backend, convention, layout, mode, sync) ------------------------------------
-@lru_cache(maxsize=512)
-def _op(
-    be: Backend, conv: Convention, lay: alg.Layout, training: bool, sync: alg.Sync | None = None
-) -> Callable[..., tuple[Array, ...]]:
-    rule = alg.train_rule(be, conv, lay, sync) if training else alg.eval_rule(be, conv, lay)
-    return be.custom_op(rule)
-
-
 class _Ops:
     """Every op made, as attributes ``op0``, ``op1``, ...: torch.compile reads one without guarding the others."""
 
 
-_OP_NAMES: dict[Callable[..., tuple[Array, ...]], str] = {}
+#: (backend, convention, layout, training, sync) -> the attribute of :class:`_Ops` holding that op
+_OP_NAMES: dict[tuple, str] = {}
 
 
 def _op_name(be: Backend, conv: Convention, lay: tuple, training: bool, sync: alg.Sync | None = None) -> str:
-    """The attribute of :class:`_Ops` holding ``_op(be, conv, Layout(*lay), training, sync)``. torch.compile runs
-    this at trace time (it cannot trace the class that ``custom_op`` creates) and then traces the op itself."""
-    op = _op(be, conv, alg.Layout(*lay), training, sync)
-    if op not in _OP_NAMES:
-        _OP_NAMES[op] = f"op{len(_OP_NAMES)}"
-        setattr(_Ops, _OP_NAMES[op], staticmethod(op))
-    return _OP_NAMES[op]
+    """The attribute of :class:`_Ops` holding the op of BN under ``conv`` on layout ``lay``, made on first use (the
+    backend's ``custom_op`` of the train or eval rule). torch.compile runs this at trace time (it cannot trace the
+    class that ``custom_op`` creates) and then traces the op itself."""
+    key = (be, conv, tuple(lay), training, sync)
+    name = _OP_NAMES.get(key)
+    if name is None:
+        layout = alg.Layout(*lay)
+        rule = alg.train_rule(be, conv, layout, sync) if training else alg.eval_rule(be, conv, layout)
+        name = _OP_NAMES[key] = f"op{len(_OP_NAMES)}"
+        setattr(_Ops, name, staticmethod(be.custom_op(rule)))
+    return name
 
 
 _op_name._dynamo_marked_constant = True  # type: ignore[attr-defined]  # torch._dynamo.assume_constant_result
