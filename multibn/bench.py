@@ -40,8 +40,9 @@ import numpy as np
 
 BACKENDS = ("numpy", "torch", "jax", "mxnet")
 KERAS_BACKENDS = ("torch", "jax")
-#: "layer": the framework layer's training forward and backward (multibn's layer against the native layer)
-PASSES = ("fwd", "fwd+bwd", "layer")
+#: "layer": the framework layer's training forward and backward (multibn's layer against the native layer);
+#: "mem": the peak memory of the fwd+bwd pass, one fresh subprocess per implementation (see :func:`measure_memory`)
+PASSES = ("fwd", "fwd+bwd", "layer", "mem")
 DEFAULT_PASSES = ("fwd", "fwd+bwd")
 DEFAULT_CASES = ("nchw_64x64x56x56", "nchw_256x256x14x14", "nc_4096x1024", "nchw_256x256x14x14:float16")
 #: ``--small``: where real models spend their BN calls, and where the fixed cost of a call dominates
@@ -54,6 +55,12 @@ MODEL_BACKENDS = ("torch", "mxnet", "jax")
 CONVENTION = {"numpy": "torch", "torch": "torch", "jax": "flax", "mxnet": "gluon"}
 QUICK_CASES = ("nchw_256x256x14x14", "nc_4096x1024")
 IMPL_ORDER = ("multibn", "multibn-compiled", "keras", "native", "roofline")
+#: forward+backward passes measured by the "mem" pass, after one warm-up pass
+MEM_PASSES = 3
+#: the environment of a "mem" subprocess: glibc serves every block over 64 KiB by its own mmap and unmaps it when
+#: freed, so resident memory follows live memory (and the kernel's high-water mark, updated at each unmap, sees
+#: every peak); by default freed blocks stay resident in the heap and hide later peaks
+MEM_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 # ---- cases ----------------------------------------------------------------------------------------------------
@@ -641,6 +648,147 @@ def measure(backend: str, case: Case, pass_: str, impls: Sequence[str], reps: in
     return records
 
 
+# ---- peak memory ----------------------------------------------------------------------------------------------------
+MIB = 1 << 20
+
+
+def _proc_status(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_here(backend: str, case: Case, impl: str, device: str) -> tuple[int, int, str]:
+    """(peak bytes above the baseline, baseline bytes, method) of ``MEM_PASSES`` forward+backward passes of one
+    implementation in this process, with the ``fwd+bwd`` pass's runner (same inputs, same calls).
+
+    CPU: one warm-up pass (compilation, kernel loading, caches) is dropped, the kernel's peak-RSS counter is reset,
+    the baseline is the RSS then (inputs, state, the framework itself), the peak is VmHWM after the passes. Where
+    the counter cannot be reset, the peak is VmHWM over the passes without warm-up, above the RSS before them.
+    GPU: the allocator's own statistics (torch ``max_memory_allocated``; JAX ``peak_bytes_in_use``)."""
+    import gc
+
+    runners = IMPLS[backend](case, "fwd+bwd", [impl], device)
+    if impl not in runners:
+        raise Skip(f"{impl} is not available for {backend} here")
+    run = runners[impl]
+    if device == "gpu":
+        return _peak_memory_gpu(backend, run)
+    try:
+        _proc_status("VmRSS")
+    except OSError as e:
+        raise Skip(f"peak RSS needs Linux's /proc/self/status ({e})") from e
+    gc.collect()
+    warm = _reset_peak_rss()
+    if warm:
+        run()
+        gc.collect()
+        _reset_peak_rss()
+    base = _proc_status("VmRSS")
+    for _ in range(MEM_PASSES):
+        run()
+    peak = _proc_status("VmHWM") - base
+    method = ("peak RSS (VmHWM, reset after one warm-up pass) above the RSS then" if warm else
+              "peak RSS (VmHWM; /proc/self/clear_refs is not writable, so no warm-up: compilation included) above "
+              "the RSS before the passes")
+    return peak, base, method
+
+
+def _peak_memory_gpu(backend: str, run: Runner) -> tuple[int, int, str]:
+    if backend == "torch":
+        import torch
+
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(MEM_PASSES):
+            run()
+        return torch.cuda.max_memory_allocated() - base, base, "torch.cuda.max_memory_allocated above the allocated"
+    if backend == "jax":
+        import jax
+
+        dev = jax.devices("gpu")[0]
+        stats = dev.memory_stats()
+        if not stats or "peak_bytes_in_use" not in stats:
+            raise Skip(f"JAX gives no peak_bytes_in_use for {dev}")
+        base = stats["bytes_in_use"]  # JAX cannot reset its peak: it includes the warm-up pass, the same work
+        for _ in range(1 + MEM_PASSES):
+            run()
+        return (dev.memory_stats()["peak_bytes_in_use"] - base, base,
+                "JAX peak_bytes_in_use (warm-up pass included) above bytes_in_use before it")
+    raise Skip(f"{backend} has no peak-memory statistic for the GPU")
+
+
+def measure_memory(backend: str, case: Case, impls: Sequence[str], device: str = "cpu") -> list[dict[str, Any]]:
+    """The "mem" records of one (backend, case): each implementation's peak in its own fresh subprocess (a peak
+    counter is per process, and a framework keeps what it once allocated), and multibn's excess over the native BN
+    in activations (bytes of x)."""
+    peaks: dict[str, tuple[int, int, str]] = {}
+    for impl in impls:
+        cmd = [sys.executable, "-m", "multibn.bench", "--mem-worker", f"{backend}:{impl}",
+               "--cases", f"{case.name}:{case.dtype}", "--device", device]
+        proc = subprocess.run(cmd, env=_child_env(MEM_ENV), stdout=subprocess.PIPE, text=True, check=False)
+        if proc.returncode != 0:
+            print(f"\nmem {backend} {impl} {case.name}:{case.dtype}: the subprocess failed (exit {proc.returncode})",
+                  file=sys.stderr)
+            continue
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        if "skip" in res:
+            print(f"\nskipped mem {backend} {impl} {case.name}:{case.dtype}: {res['skip']}", file=sys.stderr)
+            continue
+        peaks[impl] = (res["peak"], res["baseline"], res["method"])
+    native = peaks.get("native", (None,))[0]
+    records = []
+    for impl, (peak, base, method) in peaks.items():
+        records.append({
+            "backend": backend, "impl": impl, "case": case.name, "dtype": case.dtype, "pass": "mem",
+            "peak_mib": round(peak / MIB, 2), "baseline_mib": round(base / MIB, 1), "runs": MEM_PASSES,
+            "activation_mib": round(case.nbytes / MIB, 2),
+            "native_peak_mib": None if native is None else round(native / MIB, 2),
+            "extra_activations": None if native is None else round((peak - native) / case.nbytes, 3),
+            "ratio_to_native": round(peak / native, 3) if native else None, "method": method,
+        })
+    return records
+
+
+def _mem_worker(args: argparse.Namespace) -> int:
+    """One "mem" measurement (``--mem-worker BACKEND:IMPL``); prints its result as one JSON line."""
+    backend, impl = args.mem_worker.split(":")
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    try:
+        peak, base, method = peak_memory_here(backend, Case.parse(args.cases), impl, args.device)
+        res: dict[str, Any] = {"peak": peak, "baseline": base, "method": method}
+    except Skip as e:
+        res = {"skip": str(e)}
+    print(json.dumps(res))
+    return 0
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    """This environment plus ``extra``, with the directory holding this multibn first on PYTHONPATH (so that a
+    subprocess runs the same multibn, also from a checkout that is not installed)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 # ---- environment --------------------------------------------------------------------------------------------------
 def _cpu_model() -> str:
     try:
@@ -729,6 +877,31 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def table(records: Sequence[dict[str, Any]]) -> str:
+    """The timings, then the peak memory (pass "mem") of the same records."""
+    timed = [r for r in records if r["pass"] != "mem"]
+    mem = [r for r in records if r["pass"] == "mem"]
+    return "\n\n".join(t for t in (_time_table(timed) if timed else "", mem_table(mem) if mem else "") if t)
+
+
+def mem_table(records: Sequence[dict[str, Any]]) -> str:
+    """Peak memory above the baseline, in MiB and beside the native BN's, the excess in activations (x's size)."""
+    head = (f"{'case':<20} {'dtype':<8} {'backend':<7} {'impl':<16} {'peak MiB':>9} {'native MiB':>10} "
+            f"{'x native':>9} {'extra act.':>10} {'act. MiB':>9}")
+    lines = [f"peak memory of {MEM_PASSES} forward+backward passes above the memory before them "
+             f"(extra act.: (peak - native peak) / bytes of x)", head, "-" * len(head)]
+    prev = None
+    for r in records:
+        if prev is not None and (r["case"], r["dtype"]) != prev:
+            lines.append("")
+        prev = (r["case"], r["dtype"])
+        lines.append(
+            f"{r['case']:<20} {r['dtype']:<8} {r['backend']:<7} {r['impl']:<16} {r['peak_mib']:>9.1f} "
+            f"{_fmt(r['native_peak_mib'], '10.1f'):>10} {_fmt(r['ratio_to_native'], '9.2f'):>9} "
+            f"{_fmt(r['extra_activations'], '+10.2f'):>10} {r['activation_mib']:>9.1f}")
+    return "\n".join(lines)
+
+
+def _time_table(records: Sequence[dict[str, Any]]) -> str:
     head = (f"{'case':<20} {'dtype':<8} {'pass':<7} {'backend':<7} {'impl':<16} {'median ms':>10} "
             f"{'IQR ms':>8} {'runs':>4} {'x native':>9} {'x roofline':>10}")
     lines = [head, "-" * len(head)]
@@ -758,6 +931,7 @@ def plot(records: Sequence[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    records = [r for r in records if r["pass"] != "mem"]  # times only
     groups = sorted({(r["case"], r["dtype"], r["pass"]) for r in records},
                     key=lambda k: (k[0], k[1], _pass_order(k[2])))
     series = [(b, i) for b in BACKENDS for i in IMPL_ORDER
@@ -794,7 +968,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated NAME[:DTYPE] (default: {','.join(DEFAULT_CASES)})")
     parser.add_argument("--passes", default=None,
                         help=f"comma-separated, from {','.join(PASSES)} (layer: the layers' training forward and "
-                        f"backward, multibn's against the native layer; default: {','.join(DEFAULT_PASSES)})")
+                        f"backward, multibn's against the native layer; mem: the peak memory of {MEM_PASSES} "
+                        "forward+backward passes above the memory before them, multibn's and the native BN's, each "
+                        "in a fresh subprocess: peak RSS on the CPU, the allocator's peak on a GPU; default: "
+                        f"{','.join(DEFAULT_PASSES)})")
     parser.add_argument("--small", action="store_true",
                         help=f"the small cases {','.join(SMALL_CASES)}, passes {','.join(SMALL_PASSES)}")
     parser.add_argument("--model", choices=tuple(MODELS), default=None,
@@ -812,6 +989,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the ratios")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--keras-worker", help=argparse.SUPPRESS)  # internal: KERAS_BACKEND of this subprocess
+    parser.add_argument("--mem-worker", help=argparse.SUPPRESS)  # internal: BACKEND:IMPL of one "mem" measurement
 
 
 def _installed(names: Sequence[str]) -> list[str]:
@@ -823,10 +1001,11 @@ def _installed(names: Sequence[str]) -> list[str]:
 def _keras_subprocess(kb: str, args: argparse.Namespace, cases: Sequence[str], passes: Sequence[str],
                       reps: int, warmup: int) -> list[dict[str, Any]]:
     cmd = [sys.executable, "-m", "multibn.bench", "--keras-worker", kb, "--cases", ",".join(cases),
-           "--passes", ",".join(passes), "--reps", str(reps), "--warmup", str(warmup), "--device", args.device]
+           "--passes", ",".join(p for p in passes if p != "mem"), "--reps", str(reps), "--warmup", str(warmup),
+           "--device", args.device]
     if args.quiet:
         cmd.append("--quiet")
-    env = dict(os.environ, KERAS_BACKEND=kb)
+    env = _child_env({"KERAS_BACKEND": kb})
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
         print(f"keras on {kb}: the subprocess failed (exit {proc.returncode}); no keras rows", file=sys.stderr)
@@ -841,6 +1020,8 @@ def run(args: argparse.Namespace) -> int:
     if args.keras_worker:
         # Keras decides its backend at import: this process is one Keras backend, the parent reads stdout.
         return _worker(args)
+    if args.mem_worker:
+        return _mem_worker(args)
     from .cli import check_outputs
 
     if (bad_output := check_outputs("bench", json=args.json, plot=args.plot)) is not None:
@@ -869,7 +1050,7 @@ def run(args: argparse.Namespace) -> int:
     reps = args.reps or (7 if quick else 15)
     warmup = args.warmup if args.warmup is not None else (2 if quick else 3)
     keras_bes = [kb for kb in KERAS_BACKENDS if kb in backends and _installed(["keras"])] \
-        if args.keras == "auto" else []
+        if args.keras == "auto" and set(passes) - {"mem"} else []
 
     env = environment(backends)
     print(f"multibn bench: {len(parsed)} case(s) x {len(passes)} pass(es) x {len(backends)} backend(s), "
@@ -886,6 +1067,9 @@ def run(args: argparse.Namespace) -> int:
                 impls = ["multibn", "native", "roofline"]
                 if b == "torch" and args.compiled:
                     impls.insert(1, "multibn-compiled")
+                if pass_ == "mem":  # NumPy has no native BN
+                    records += measure_memory(b, case, impls[:1] if b == "numpy" else impls[:-1], args.device)
+                    continue
                 try:
                     records += measure(b, case, pass_, impls, reps, warmup, args.device)
                 except Skip as e:
