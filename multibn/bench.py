@@ -671,14 +671,17 @@ def _reset_peak_rss() -> bool:
     return True
 
 
-def peak_memory_here(backend: str, case: Case, impl: str, device: str) -> tuple[int, int, str]:
-    """(peak bytes above the baseline, baseline bytes, method) of ``MEM_PASSES`` forward+backward passes of one
-    implementation in this process, with the ``fwd+bwd`` pass's runner (same inputs, same calls).
+def peak_memory_here(backend: str, case: Case, impl: str, device: str) -> dict[str, Any]:
+    """One implementation's peak memory in this process over ``MEM_PASSES`` forward+backward passes of the
+    ``fwd+bwd`` pass's runner (same inputs, same calls), after one warm-up pass (compilation, kernel loading,
+    caches). Returns ``peaks`` (bytes, one per pass), ``baseline`` (bytes before the passes), ``retained`` (bytes
+    per pass still held after the passes: a leak or a cache that grows) and ``method``.
 
-    CPU: one warm-up pass (compilation, kernel loading, caches) is dropped, the kernel's peak-RSS counter is reset,
-    the baseline is the RSS then (inputs, state, the framework itself), the peak is VmHWM after the passes. Where
-    the counter cannot be reset, the peak is VmHWM over the passes without warm-up, above the RSS before them.
-    GPU: the allocator's own statistics (torch ``max_memory_allocated``; JAX ``peak_bytes_in_use``)."""
+    CPU: before each pass the kernel's peak-RSS counter (VmHWM) is reset; the pass's peak is VmHWM after it above
+    the RSS before it (so a framework's deferred frees from the pass before do not count twice). Where the counter
+    cannot be reset: one peak, VmHWM over the passes without warm-up (compilation included), above the RSS before
+    them. GPU: the allocator's statistics (torch ``max_memory_allocated`` per pass; JAX ``peak_bytes_in_use``,
+    which JAX cannot reset: one peak, warm-up included)."""
     import gc
 
     runners = IMPLS[backend](case, "fwd+bwd", [impl], device)
@@ -691,33 +694,45 @@ def peak_memory_here(backend: str, case: Case, impl: str, device: str) -> tuple[
         _proc_status("VmRSS")
     except OSError as e:
         raise Skip(f"peak RSS needs Linux's /proc/self/status ({e})") from e
-    gc.collect()
     warm = _reset_peak_rss()
     if warm:
         run()
-        gc.collect()
-        _reset_peak_rss()
-    base = _proc_status("VmRSS")
+    gc.collect()
+    start = _proc_status("VmRSS")
+    peaks = []
     for _ in range(MEM_PASSES):
+        if warm:
+            gc.collect()
+            _reset_peak_rss()
+        base = _proc_status("VmRSS")
         run()
-    peak = _proc_status("VmHWM") - base
-    method = ("peak RSS (VmHWM, reset after one warm-up pass) above the RSS then" if warm else
-              "peak RSS (VmHWM; /proc/self/clear_refs is not writable, so no warm-up: compilation included) above "
-              "the RSS before the passes")
-    return peak, base, method
+        peaks.append(_proc_status("VmHWM") - base)
+    if not warm:
+        peaks = [_proc_status("VmHWM") - start]
+    gc.collect()
+    method = ("peak RSS of each pass (VmHWM, reset before it) above the RSS before it, after one warm-up pass"
+              if warm else "peak RSS over the passes (VmHWM; /proc/self/clear_refs is not writable: no warm-up, "
+              "compilation included) above the RSS before them")
+    return {"peaks": peaks, "baseline": start, "retained": (_proc_status("VmRSS") - start) // MEM_PASSES,
+            "method": method}
 
 
-def _peak_memory_gpu(backend: str, run: Runner) -> tuple[int, int, str]:
+def _peak_memory_gpu(backend: str, run: Runner) -> dict[str, Any]:
     if backend == "torch":
         import torch
 
         run()
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        start = torch.cuda.memory_allocated()
+        peaks = []
         for _ in range(MEM_PASSES):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
             run()
-        return torch.cuda.max_memory_allocated() - base, base, "torch.cuda.max_memory_allocated above the allocated"
+            peaks.append(torch.cuda.max_memory_allocated() - base)
+        return {"peaks": peaks, "baseline": start,
+                "retained": (torch.cuda.memory_allocated() - start) // MEM_PASSES,
+                "method": "torch.cuda.max_memory_allocated of each pass above the memory allocated before it"}
     if backend == "jax":
         import jax
 
@@ -725,19 +740,21 @@ def _peak_memory_gpu(backend: str, run: Runner) -> tuple[int, int, str]:
         stats = dev.memory_stats()
         if not stats or "peak_bytes_in_use" not in stats:
             raise Skip(f"JAX gives no peak_bytes_in_use for {dev}")
-        base = stats["bytes_in_use"]  # JAX cannot reset its peak: it includes the warm-up pass, the same work
+        start = stats["bytes_in_use"]
         for _ in range(1 + MEM_PASSES):
             run()
-        return (dev.memory_stats()["peak_bytes_in_use"] - base, base,
-                "JAX peak_bytes_in_use (warm-up pass included) above bytes_in_use before it")
+        stats = dev.memory_stats()
+        return {"peaks": [stats["peak_bytes_in_use"] - start], "baseline": start,
+                "retained": (stats["bytes_in_use"] - start) // (1 + MEM_PASSES),
+                "method": "JAX peak_bytes_in_use (cannot be reset: warm-up pass included) above bytes_in_use before"}
     raise Skip(f"{backend} has no peak-memory statistic for the GPU")
 
 
 def measure_memory(backend: str, case: Case, impls: Sequence[str], device: str = "cpu") -> list[dict[str, Any]]:
-    """The "mem" records of one (backend, case): each implementation's peak in its own fresh subprocess (a peak
-    counter is per process, and a framework keeps what it once allocated), and multibn's excess over the native BN
-    in activations (bytes of x)."""
-    peaks: dict[str, tuple[int, int, str]] = {}
+    """The "mem" records of one (backend, case): each implementation's peak (the median over its passes) in its own
+    fresh subprocess (a peak counter is per process, and a framework keeps what it once allocated), and multibn's
+    excess over the native BN in activations (bytes of x)."""
+    results: dict[str, dict[str, Any]] = {}
     for impl in impls:
         cmd = [sys.executable, "-m", "multibn.bench", "--mem-worker", f"{backend}:{impl}",
                "--cases", f"{case.name}:{case.dtype}", "--device", device]
@@ -750,17 +767,19 @@ def measure_memory(backend: str, case: Case, impls: Sequence[str], device: str =
         if "skip" in res:
             print(f"\nskipped mem {backend} {impl} {case.name}:{case.dtype}: {res['skip']}", file=sys.stderr)
             continue
-        peaks[impl] = (res["peak"], res["baseline"], res["method"])
-    native = peaks.get("native", (None,))[0]
+        results[impl] = res
+    peak = {impl: float(np.median(res["peaks"])) for impl, res in results.items()}
+    native = peak.get("native")
     records = []
-    for impl, (peak, base, method) in peaks.items():
+    for impl, res in results.items():
         records.append({
             "backend": backend, "impl": impl, "case": case.name, "dtype": case.dtype, "pass": "mem",
-            "peak_mib": round(peak / MIB, 2), "baseline_mib": round(base / MIB, 1), "runs": MEM_PASSES,
-            "activation_mib": round(case.nbytes / MIB, 2),
+            "peak_mib": round(peak[impl] / MIB, 2), "passes_mib": [round(p / MIB, 2) for p in res["peaks"]],
+            "retained_mib_per_pass": round(res["retained"] / MIB, 2), "baseline_mib": round(res["baseline"] / MIB, 1),
+            "runs": MEM_PASSES, "activation_mib": round(case.nbytes / MIB, 2),
             "native_peak_mib": None if native is None else round(native / MIB, 2),
-            "extra_activations": None if native is None else round((peak - native) / case.nbytes, 3),
-            "ratio_to_native": round(peak / native, 3) if native else None, "method": method,
+            "extra_activations": None if native is None else round((peak[impl] - native) / case.nbytes, 3),
+            "ratio_to_native": round(peak[impl] / native, 3) if native else None, "method": res["method"],
         })
     return records
 
@@ -773,8 +792,7 @@ def _mem_worker(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     try:
-        peak, base, method = peak_memory_here(backend, Case.parse(args.cases), impl, args.device)
-        res: dict[str, Any] = {"peak": peak, "baseline": base, "method": method}
+        res = peak_memory_here(backend, Case.parse(args.cases), impl, args.device)
     except Skip as e:
         res = {"skip": str(e)}
     print(json.dumps(res))
@@ -886,18 +904,21 @@ def table(records: Sequence[dict[str, Any]]) -> str:
 def mem_table(records: Sequence[dict[str, Any]]) -> str:
     """Peak memory above the baseline, in MiB and beside the native BN's, the excess in activations (x's size)."""
     head = (f"{'case':<20} {'dtype':<8} {'backend':<7} {'impl':<16} {'peak MiB':>9} {'native MiB':>10} "
-            f"{'x native':>9} {'extra act.':>10} {'act. MiB':>9}")
-    lines = [f"peak memory of {MEM_PASSES} forward+backward passes above the memory before them "
-             f"(extra act.: (peak - native peak) / bytes of x)", head, "-" * len(head)]
+            f"{'x native':>9} {'extra act.':>10} {'act. MiB':>9} {'kept MiB/pass':>13}")
+    lines = [f"peak memory of a forward+backward pass above the memory before it (median of {MEM_PASSES}); extra "
+             "act.: (peak - native peak) / bytes of x; kept: memory still held after the passes, per pass",
+             head, "-" * len(head)]
     prev = None
     for r in records:
         if prev is not None and (r["case"], r["dtype"]) != prev:
             lines.append("")
         prev = (r["case"], r["dtype"])
+        extra = r["extra_activations"]  # no "-0.00"
         lines.append(
             f"{r['case']:<20} {r['dtype']:<8} {r['backend']:<7} {r['impl']:<16} {r['peak_mib']:>9.1f} "
             f"{_fmt(r['native_peak_mib'], '10.1f'):>10} {_fmt(r['ratio_to_native'], '9.2f'):>9} "
-            f"{_fmt(r['extra_activations'], '+10.2f'):>10} {r['activation_mib']:>9.1f}")
+            f"{_fmt(extra and (extra if abs(extra) >= 0.005 else 0.0), '+10.2f'):>10} {r['activation_mib']:>9.1f} "
+            f"{r['retained_mib_per_pass']:>13.1f}")
     return "\n".join(lines)
 
 
