@@ -16,6 +16,9 @@ interquartile range in ms, and the ratios of the medians to the native BN and to
   buffer (MXNet: its ``nd.sum`` is far off the bandwidth, so the reduction pass is a BLAS product with a ones
   vector, its fastest full read). NumPy is single-threaded, so its roofline is too.
 
+The ``mem`` pass is not timed: it measures the peak memory of one forward+backward pass of multibn and of the
+native BN, each in a fresh subprocess, and multibn's excess in activations (see :func:`peak_memory_here`).
+
 Cases are named ``nchw_AxBxCxD`` (channel axis 1) or ``nc_AxB``, optionally with ``:dtype``; any such name
 works (``nchw_2x3x4x5`` is the smoke test's). Nothing here imports a framework at module import.
 """
@@ -913,11 +916,11 @@ def mem_table(records: Sequence[dict[str, Any]]) -> str:
         if prev is not None and (r["case"], r["dtype"]) != prev:
             lines.append("")
         prev = (r["case"], r["dtype"])
-        extra = r["extra_activations"]  # no "-0.00"
+        extra = r["extra_activations"]  # + 0.0: no "-0.00"
         lines.append(
             f"{r['case']:<20} {r['dtype']:<8} {r['backend']:<7} {r['impl']:<16} {r['peak_mib']:>9.1f} "
             f"{_fmt(r['native_peak_mib'], '10.1f'):>10} {_fmt(r['ratio_to_native'], '9.2f'):>9} "
-            f"{_fmt(extra and (extra if abs(extra) >= 0.005 else 0.0), '+10.2f'):>10} {r['activation_mib']:>9.1f} "
+            f"{_fmt(extra if extra is None else round(extra, 2) + 0.0, '+10.2f'):>10} {r['activation_mib']:>9.1f} "
             f"{r['retained_mib_per_pass']:>13.1f}")
     return "\n".join(lines)
 
@@ -989,9 +992,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated NAME[:DTYPE] (default: {','.join(DEFAULT_CASES)})")
     parser.add_argument("--passes", default=None,
                         help=f"comma-separated, from {','.join(PASSES)} (layer: the layers' training forward and "
-                        f"backward, multibn's against the native layer; mem: the peak memory of {MEM_PASSES} "
-                        "forward+backward passes above the memory before them, multibn's and the native BN's, each "
-                        "in a fresh subprocess: peak RSS on the CPU, the allocator's peak on a GPU; default: "
+                        "backward, multibn's against the native layer; mem: the peak memory of a forward+backward "
+                        f"pass above the memory before it, median of {MEM_PASSES}, multibn's and the native BN's, "
+                        "each in a fresh subprocess: peak RSS on the CPU, the allocator's peak on a GPU; default: "
                         f"{','.join(DEFAULT_PASSES)})")
     parser.add_argument("--small", action="store_true",
                         help=f"the small cases {','.join(SMALL_CASES)}, passes {','.join(SMALL_PASSES)}")
@@ -1074,8 +1077,11 @@ def run(args: argparse.Namespace) -> int:
         if args.keras == "auto" and set(passes) - {"mem"} else []
 
     env = environment(backends)
+    timing = f"{reps} reps after {warmup} warm-up, interleaved; medians in ms" if set(passes) - {"mem"} else ""
+    memory = f"peak memory: median of {MEM_PASSES} passes after 1 warm-up, each in a fresh subprocess" \
+        if "mem" in passes else ""
     print(f"multibn bench: {len(parsed)} case(s) x {len(passes)} pass(es) x {len(backends)} backend(s), "
-          f"{reps} reps after {warmup} warm-up, interleaved; medians in ms")
+          + "; ".join(t for t in (timing, memory) if t))
     print(f"cpu: {env['cpu']} ({env['cpu_count']} cores), gpu: {env['gpu']}, allocator: {env['allocator']}, "
           f"threads: {env['threads']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
