@@ -142,3 +142,13 @@ def test_bench_mem_table() -> None:
            "method": "peak RSS"}
     text = bench.table([row, dict(row, impl="native", peak_mib=2.0, extra_activations=0.0, ratio_to_native=1.0)])
     assert "+0.50" in text and "+0.00" in text and "median ms" not in text
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from Linux's /proc")
+def test_bench_mem_without_clear_refs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the peak-RSS counter cannot be reset: one peak over the passes, and the method says so."""
+    monkeypatch.setattr(bench, "_reset_peak_rss", lambda: False)
+    res = bench.peak_memory_here("numpy", bench.Case.parse("nchw_8x16x32x32"), "multibn", "cpu")
+    assert len(res["peaks"]) == 1 and res["peaks"][0] >= 0 and "not writable" in res["method"]
+    with pytest.raises(bench.Skip, match="native"):
+        bench.peak_memory_here("numpy", bench.Case.parse("nc_8x4"), "native", "cpu")
