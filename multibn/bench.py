@@ -687,6 +687,8 @@ def peak_memory_here(backend: str, case: Case, impl: str, device: str) -> dict[s
     which JAX cannot reset: one peak, warm-up included)."""
     import gc
 
+    if device == "gpu":
+        _gpu_available(backend)
     runners = IMPLS[backend](case, "fwd+bwd", [impl], device)
     if impl not in runners:
         raise Skip(f"{impl} is not available for {backend} here")
@@ -720,6 +722,24 @@ def peak_memory_here(backend: str, case: Case, impl: str, device: str) -> dict[s
             "method": method}
 
 
+def _gpu_available(backend: str) -> None:
+    """Raise :class:`Skip` unless ``backend`` has a GPU here and a peak-memory statistic for it."""
+    if backend == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise Skip("torch sees no CUDA device")
+    elif backend == "jax":
+        import jax
+
+        try:
+            jax.devices("gpu")
+        except RuntimeError as e:
+            raise Skip(f"JAX has no GPU here ({e})") from e
+    elif backend != "numpy":  # numpy_impls says why NumPy is skipped
+        raise Skip(f"{backend} has no peak-memory statistic for the GPU")
+
+
 def _peak_memory_gpu(backend: str, run: Runner) -> dict[str, Any]:
     if backend == "torch":
         import torch
@@ -750,7 +770,7 @@ def _peak_memory_gpu(backend: str, run: Runner) -> dict[str, Any]:
         return {"peaks": [stats["peak_bytes_in_use"] - start], "baseline": start,
                 "retained": (stats["bytes_in_use"] - start) // (1 + MEM_PASSES),
                 "method": "JAX peak_bytes_in_use (cannot be reset: warm-up pass included) above bytes_in_use before"}
-    raise Skip(f"{backend} has no peak-memory statistic for the GPU")
+    raise AssertionError(backend)  # _gpu_available refused the others
 
 
 def measure_memory(backend: str, case: Case, impls: Sequence[str], device: str = "cpu") -> list[dict[str, Any]]:

@@ -152,3 +152,5 @@ def test_bench_mem_without_clear_refs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(res["peaks"]) == 1 and res["peaks"][0] >= 0 and "not writable" in res["method"]
     with pytest.raises(bench.Skip, match="native"):
         bench.peak_memory_here("numpy", bench.Case.parse("nc_8x4"), "native", "cpu")
+    with pytest.raises(bench.Skip, match="no peak-memory statistic for the GPU"):
+        bench.peak_memory_here("mxnet", bench.Case.parse("nc_8x4"), "multibn", "gpu")
