@@ -11,13 +11,13 @@ interquartile range in ms, and the ratios of the medians to the native BN and to
 * ``native``: ``torch.nn.functional.batch_norm``, ``mx.nd.BatchNorm``, ``flax.linen.BatchNorm`` under jit.
 * ``keras``: Keras 3 ``BatchNormalization`` on its torch and jax backends, in one subprocess per Keras backend
   (Keras picks its backend at import), beside that framework's native BN for the ratio.
+* The ``mem`` pass is not timed: it measures the peak memory of one forward+backward pass of ``multibn`` and
+  ``native`` (and ``multibn-compiled``), each in a fresh subprocess, and multibn's excess in activations (see
+  :func:`peak_memory_here`).
 * ``roofline``: one reduction pass plus one streaming pass over ``x`` forward (``sum`` + copy), 6 reads and
   2 writes forward+backward (4 ``sum`` + 2 copies), with the same library's ``sum`` and copy into an existing
   buffer (MXNet: its ``nd.sum`` is far off the bandwidth, so the reduction pass is a BLAS product with a ones
   vector, its fastest full read). NumPy is single-threaded, so its roofline is too.
-
-The ``mem`` pass is not timed: it measures the peak memory of one forward+backward pass of multibn and of the
-native BN, each in a fresh subprocess, and multibn's excess in activations (see :func:`peak_memory_here`).
 
 Cases are named ``nchw_AxBxCxD`` (channel axis 1) or ``nc_AxB``, optionally with ``:dtype``; any such name
 works (``nchw_2x3x4x5`` is the smoke test's). Nothing here imports a framework at module import.
