@@ -11,6 +11,9 @@ interquartile range in ms, and the ratios of the medians to the native BN and to
 * ``native``: ``torch.nn.functional.batch_norm``, ``mx.nd.BatchNorm``, ``flax.linen.BatchNorm`` under jit.
 * ``keras``: Keras 3 ``BatchNormalization`` on its torch and jax backends, in one subprocess per Keras backend
   (Keras picks its backend at import), beside that framework's native BN for the ratio.
+* The ``mem`` pass is not timed: it measures the peak memory of one forward+backward pass of ``multibn`` and
+  ``native`` (and ``multibn-compiled``), each in a fresh subprocess, and multibn's excess in activations (see
+  :func:`peak_memory_here`).
 * ``roofline``: one reduction pass plus one streaming pass over ``x`` forward (``sum`` + copy), 6 reads and
   2 writes forward+backward (4 ``sum`` + 2 copies), with the same library's ``sum`` and copy into an existing
   buffer (MXNet: its ``nd.sum`` is far off the bandwidth, so the reduction pass is a BLAS product with a ones
@@ -41,8 +44,9 @@ import numpy as np
 
 BACKENDS = ("numpy", "torch", "jax", "mxnet")
 KERAS_BACKENDS = ("torch", "jax")
-#: "layer": the framework layer's training forward and backward (multibn's layer against the native layer)
-PASSES = ("fwd", "fwd+bwd", "layer")
+#: "layer": the framework layer's training forward and backward (multibn's layer against the native layer);
+#: "mem": the peak memory of the fwd+bwd pass, one fresh subprocess per implementation (see :func:`measure_memory`)
+PASSES = ("fwd", "fwd+bwd", "layer", "mem")
 DEFAULT_PASSES = ("fwd", "fwd+bwd")
 DEFAULT_CASES = ("nchw_64x64x56x56", "nhwc_64x56x56x64", "nchw_256x256x14x14", "nc_4096x1024",
                  "nchw_256x256x14x14:float16")
@@ -56,6 +60,12 @@ MODEL_BACKENDS = ("torch", "mxnet", "jax")
 CONVENTION = {"numpy": "torch", "torch": "torch", "jax": "flax", "mxnet": "gluon"}
 QUICK_CASES = ("nchw_256x256x14x14", "nc_4096x1024")
 IMPL_ORDER = ("multibn", "multibn-compiled", "keras", "native", "roofline")
+#: forward+backward passes measured by the "mem" pass, after one warm-up pass
+MEM_PASSES = 3
+#: the environment of a "mem" subprocess: glibc serves every block over 64 KiB by its own mmap and unmaps it when
+#: freed, so resident memory follows live memory (and the kernel's high-water mark, updated at each unmap, sees
+#: every peak); by default freed blocks stay resident in the heap and hide later peaks
+MEM_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 # ---- cases ----------------------------------------------------------------------------------------------------
@@ -647,6 +657,185 @@ def measure(backend: str, case: Case, pass_: str, impls: Sequence[str], reps: in
     return records
 
 
+# ---- peak memory ----------------------------------------------------------------------------------------------------
+MIB = 1 << 20
+
+
+def _proc_status(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_here(backend: str, case: Case, impl: str, device: str) -> dict[str, Any]:
+    """One implementation's peak memory in this process over ``MEM_PASSES`` forward+backward passes of the
+    ``fwd+bwd`` pass's runner (same inputs, same calls), after one warm-up pass (compilation, kernel loading,
+    caches). Returns ``peaks`` (bytes, one per pass), ``baseline`` (bytes before the passes), ``retained`` (bytes
+    per pass still held after the passes: a leak or a cache that grows) and ``method``.
+
+    CPU: before each pass the kernel's peak-RSS counter (VmHWM) is reset; the pass's peak is VmHWM after it above
+    the RSS before it (so a framework's deferred frees from the pass before do not count twice). Where the counter
+    cannot be reset: one peak, VmHWM over the passes without warm-up (compilation included), above the RSS before
+    them. GPU: the allocator's statistics (torch ``max_memory_allocated`` per pass; JAX ``peak_bytes_in_use``,
+    which JAX cannot reset: one peak, warm-up included)."""
+    import gc
+
+    if device == "gpu":
+        _gpu_available(backend)
+    runners = IMPLS[backend](case, "fwd+bwd", [impl], device)
+    if impl not in runners:
+        raise Skip(f"{impl} is not available for {backend} here")
+    run = runners[impl]
+    if device == "gpu":
+        return _peak_memory_gpu(backend, run)
+    try:
+        _proc_status("VmRSS")
+    except OSError as e:
+        raise Skip(f"peak RSS needs Linux's /proc/self/status ({e})") from e
+    warm = _reset_peak_rss()
+    if warm:
+        run()
+    gc.collect()
+    start = _proc_status("VmRSS")
+    peaks = []
+    for _ in range(MEM_PASSES):
+        if warm:
+            gc.collect()
+            _reset_peak_rss()
+        base = _proc_status("VmRSS")
+        run()
+        peaks.append(_proc_status("VmHWM") - base)
+    if not warm:
+        peaks = [_proc_status("VmHWM") - start]
+    gc.collect()
+    method = ("peak RSS of each pass (VmHWM, reset before it) above the RSS before it, after one warm-up pass"
+              if warm else "peak RSS over the passes (VmHWM; /proc/self/clear_refs is not writable: no warm-up, "
+              "compilation included) above the RSS before them")
+    return {"peaks": peaks, "baseline": start, "retained": (_proc_status("VmRSS") - start) // MEM_PASSES,
+            "method": method}
+
+
+def _gpu_available(backend: str) -> None:
+    """Raise :class:`Skip` unless ``backend`` has a GPU here and a peak-memory statistic for it."""
+    if backend == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise Skip("torch sees no CUDA device")
+    elif backend == "jax":
+        import jax
+
+        try:
+            jax.devices("gpu")
+        except RuntimeError as e:
+            raise Skip(f"JAX has no GPU here ({e})") from e
+    elif backend != "numpy":  # numpy_impls says why NumPy is skipped
+        raise Skip(f"{backend} has no peak-memory statistic for the GPU")
+
+
+def _peak_memory_gpu(backend: str, run: Runner) -> dict[str, Any]:
+    if backend == "torch":
+        import torch
+
+        run()
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        peaks = []
+        for _ in range(MEM_PASSES):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            run()
+            peaks.append(torch.cuda.max_memory_allocated() - base)
+        return {"peaks": peaks, "baseline": start,
+                "retained": (torch.cuda.memory_allocated() - start) // MEM_PASSES,
+                "method": "torch.cuda.max_memory_allocated of each pass above the memory allocated before it"}
+    if backend == "jax":
+        import jax
+
+        dev = jax.devices("gpu")[0]
+        stats = dev.memory_stats()
+        if not stats or "peak_bytes_in_use" not in stats:
+            raise Skip(f"JAX gives no peak_bytes_in_use for {dev}")
+        start = stats["bytes_in_use"]
+        for _ in range(1 + MEM_PASSES):
+            run()
+        stats = dev.memory_stats()
+        return {"peaks": [stats["peak_bytes_in_use"] - start], "baseline": start,
+                "retained": (stats["bytes_in_use"] - start) // (1 + MEM_PASSES),
+                "method": "JAX peak_bytes_in_use (cannot be reset: warm-up pass included) above bytes_in_use before"}
+    raise AssertionError(backend)  # _gpu_available refused the others
+
+
+def measure_memory(backend: str, case: Case, impls: Sequence[str], device: str = "cpu") -> list[dict[str, Any]]:
+    """The "mem" records of one (backend, case): each implementation's peak (the median over its passes) in its own
+    fresh subprocess (a peak counter is per process, and a framework keeps what it once allocated), and multibn's
+    excess over the native BN in activations (bytes of x)."""
+    results: dict[str, dict[str, Any]] = {}
+    for impl in impls:
+        cmd = [sys.executable, "-m", "multibn.bench", "--mem-worker", f"{backend}:{impl}",
+               "--cases", f"{case.name}:{case.dtype}", "--device", device]
+        proc = subprocess.run(cmd, env=_child_env(MEM_ENV), stdout=subprocess.PIPE, text=True, check=False)
+        if proc.returncode != 0:
+            print(f"\nmem {backend} {impl} {case.name}:{case.dtype}: the subprocess failed (exit {proc.returncode})",
+                  file=sys.stderr)
+            continue
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        if "skip" in res:
+            print(f"\nskipped mem {backend} {impl} {case.name}:{case.dtype}: {res['skip']}", file=sys.stderr)
+            continue
+        results[impl] = res
+    peak = {impl: float(np.median(res["peaks"])) for impl, res in results.items()}
+    native = peak.get("native")
+    records = []
+    for impl, res in results.items():
+        records.append({
+            "backend": backend, "impl": impl, "case": case.name, "dtype": case.dtype, "pass": "mem",
+            "peak_mib": round(peak[impl] / MIB, 2), "passes_mib": [round(p / MIB, 2) for p in res["peaks"]],
+            "retained_mib_per_pass": round(res["retained"] / MIB, 2), "baseline_mib": round(res["baseline"] / MIB, 1),
+            "runs": MEM_PASSES, "activation_mib": round(case.nbytes / MIB, 2),
+            "native_peak_mib": None if native is None else round(native / MIB, 2),
+            "extra_activations": None if native is None else round((peak[impl] - native) / case.nbytes, 3),
+            "ratio_to_native": round(peak[impl] / native, 3) if native else None, "method": res["method"],
+        })
+    return records
+
+
+def _mem_worker(args: argparse.Namespace) -> int:
+    """One "mem" measurement (``--mem-worker BACKEND:IMPL``); prints its result as one JSON line."""
+    backend, impl = args.mem_worker.split(":")
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    try:
+        res = peak_memory_here(backend, Case.parse(args.cases), impl, args.device)
+    except Skip as e:
+        res = {"skip": str(e)}
+    print(json.dumps(res))
+    return 0
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    """This environment plus ``extra``, with the directory holding this multibn first on PYTHONPATH (so that a
+    subprocess runs the same multibn, also from a checkout that is not installed)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 # ---- environment --------------------------------------------------------------------------------------------------
 def _cpu_model() -> str:
     try:
@@ -735,6 +924,34 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def table(records: Sequence[dict[str, Any]]) -> str:
+    """The timings, then the peak memory (pass "mem") of the same records."""
+    timed = [r for r in records if r["pass"] != "mem"]
+    mem = [r for r in records if r["pass"] == "mem"]
+    return "\n\n".join(t for t in (_time_table(timed) if timed else "", mem_table(mem) if mem else "") if t)
+
+
+def mem_table(records: Sequence[dict[str, Any]]) -> str:
+    """Peak memory above the baseline, in MiB and beside the native BN's, the excess in activations (x's size)."""
+    head = (f"{'case':<20} {'dtype':<8} {'backend':<7} {'impl':<16} {'peak MiB':>9} {'native MiB':>10} "
+            f"{'x native':>9} {'extra act.':>10} {'act. MiB':>9} {'kept MiB/pass':>13}")
+    lines = [f"peak memory of a forward+backward pass above the memory before it (median of {MEM_PASSES}); extra "
+             "act.: (peak - native peak) / bytes of x; kept: memory still held after the passes, per pass",
+             head, "-" * len(head)]
+    prev = None
+    for r in records:
+        if prev is not None and (r["case"], r["dtype"]) != prev:
+            lines.append("")
+        prev = (r["case"], r["dtype"])
+        extra = r["extra_activations"]  # + 0.0: no "-0.00"
+        lines.append(
+            f"{r['case']:<20} {r['dtype']:<8} {r['backend']:<7} {r['impl']:<16} {r['peak_mib']:>9.1f} "
+            f"{_fmt(r['native_peak_mib'], '10.1f'):>10} {_fmt(r['ratio_to_native'], '9.2f'):>9} "
+            f"{_fmt(extra if extra is None else round(extra, 2) + 0.0, '+10.2f'):>10} {r['activation_mib']:>9.1f} "
+            f"{r['retained_mib_per_pass']:>13.1f}")
+    return "\n".join(lines)
+
+
+def _time_table(records: Sequence[dict[str, Any]]) -> str:
     head = (f"{'case':<20} {'dtype':<8} {'pass':<7} {'backend':<7} {'impl':<16} {'median ms':>10} "
             f"{'IQR ms':>8} {'runs':>4} {'x native':>9} {'x roofline':>10}")
     lines = [head, "-" * len(head)]
@@ -764,6 +981,7 @@ def plot(records: Sequence[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    records = [r for r in records if r["pass"] != "mem"]  # times only
     groups = sorted({(r["case"], r["dtype"], r["pass"]) for r in records},
                     key=lambda k: (k[0], k[1], _pass_order(k[2])))
     series = [(b, i) for b in BACKENDS for i in IMPL_ORDER
@@ -800,7 +1018,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated NAME[:DTYPE] (default: {','.join(DEFAULT_CASES)})")
     parser.add_argument("--passes", default=None,
                         help=f"comma-separated, from {','.join(PASSES)} (layer: the layers' training forward and "
-                        f"backward, multibn's against the native layer; default: {','.join(DEFAULT_PASSES)})")
+                        "backward, multibn's against the native layer; mem: the peak memory of a forward+backward "
+                        f"pass above the memory before it, median of {MEM_PASSES}, multibn's and the native BN's, "
+                        "each in a fresh subprocess: peak RSS on the CPU, the allocator's peak on a GPU; default: "
+                        f"{','.join(DEFAULT_PASSES)})")
     parser.add_argument("--small", action="store_true",
                         help=f"the small cases {','.join(SMALL_CASES)}, passes {','.join(SMALL_PASSES)}")
     parser.add_argument("--model", choices=tuple(MODELS), default=None,
@@ -818,6 +1039,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the ratios")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--keras-worker", help=argparse.SUPPRESS)  # internal: KERAS_BACKEND of this subprocess
+    parser.add_argument("--mem-worker", help=argparse.SUPPRESS)  # internal: BACKEND:IMPL of one "mem" measurement
 
 
 def _installed(names: Sequence[str]) -> list[str]:
@@ -829,10 +1051,11 @@ def _installed(names: Sequence[str]) -> list[str]:
 def _keras_subprocess(kb: str, args: argparse.Namespace, cases: Sequence[str], passes: Sequence[str],
                       reps: int, warmup: int) -> list[dict[str, Any]]:
     cmd = [sys.executable, "-m", "multibn.bench", "--keras-worker", kb, "--cases", ",".join(cases),
-           "--passes", ",".join(passes), "--reps", str(reps), "--warmup", str(warmup), "--device", args.device]
+           "--passes", ",".join(p for p in passes if p != "mem"), "--reps", str(reps), "--warmup", str(warmup),
+           "--device", args.device]
     if args.quiet:
         cmd.append("--quiet")
-    env = dict(os.environ, KERAS_BACKEND=kb)
+    env = _child_env({"KERAS_BACKEND": kb})
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
         print(f"keras on {kb}: the subprocess failed (exit {proc.returncode}); no keras rows", file=sys.stderr)
@@ -847,6 +1070,8 @@ def run(args: argparse.Namespace) -> int:
     if args.keras_worker:
         # Keras decides its backend at import: this process is one Keras backend, the parent reads stdout.
         return _worker(args)
+    if args.mem_worker:
+        return _mem_worker(args)
     from .cli import check_outputs
 
     if (bad_output := check_outputs("bench", json=args.json, plot=args.plot)) is not None:
@@ -875,11 +1100,14 @@ def run(args: argparse.Namespace) -> int:
     reps = args.reps or (7 if quick else 15)
     warmup = args.warmup if args.warmup is not None else (2 if quick else 3)
     keras_bes = [kb for kb in KERAS_BACKENDS if kb in backends and _installed(["keras"])] \
-        if args.keras == "auto" else []
+        if args.keras == "auto" and set(passes) - {"mem"} else []
 
     env = environment(backends)
+    timing = f"{reps} reps after {warmup} warm-up, interleaved; medians in ms" if set(passes) - {"mem"} else ""
+    memory = f"peak memory: median of {MEM_PASSES} passes after 1 warm-up, each in a fresh subprocess" \
+        if "mem" in passes else ""
     print(f"multibn bench: {len(parsed)} case(s) x {len(passes)} pass(es) x {len(backends)} backend(s), "
-          f"{reps} reps after {warmup} warm-up, interleaved; medians in ms")
+          + "; ".join(t for t in (timing, memory) if t))
     print(f"cpu: {env['cpu']} ({env['cpu_count']} cores), gpu: {env['gpu']}, allocator: {env['allocator']}, "
           f"threads: {env['threads']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
@@ -892,6 +1120,9 @@ def run(args: argparse.Namespace) -> int:
                 impls = ["multibn", "native", "roofline"]
                 if b == "torch" and args.compiled:
                     impls.insert(1, "multibn-compiled")
+                if pass_ == "mem":  # NumPy has no native BN
+                    records += measure_memory(b, case, impls[:1] if b == "numpy" else impls[:-1], args.device)
+                    continue
                 try:
                     records += measure(b, case, pass_, impls, reps, warmup, args.device)
                 except Skip as e:

@@ -103,3 +103,56 @@ def test_bench_model_lenet(tmp_path: Path) -> None:
     assert {(r["case"], r["impl"]) for r in records} == {
         (f"lenet_b{b}", i) for b in bench.MODELS["lenet"] for i in ("multibn", "native")}
     assert all(set(r) == FIELDS and r["pass"] == "train-step" and r["backend"] == "torch" for r in records)
+
+
+MEM_FIELDS = {"backend", "impl", "case", "dtype", "pass", "peak_mib", "passes_mib", "retained_mib_per_pass",
+              "baseline_mib", "runs", "activation_mib", "native_peak_mib", "extra_activations", "ratio_to_native",
+              "method"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from Linux's /proc")
+def test_bench_mem_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One fresh subprocess per implementation; x of 512 KiB, so y and dx alone raise the peak RSS."""
+    out = tmp_path / "bench.json"
+    backends = "numpy,torch" if importlib.util.find_spec("torch") else "numpy"
+    assert _run(["--backends", backends, "--cases", "nchw_8x16x32x32", "--passes", "fwd,mem", "--reps", "2",
+                 "--warmup", "1", "--keras", "no", "--quiet", "--json", str(out)]) == 0
+    assert "peak MiB" in capsys.readouterr().out
+    records = json.loads(out.read_text())["records"]
+    mem = [r for r in records if r["pass"] == "mem"]
+    assert all(set(r) == FIELDS for r in records if r["pass"] == "fwd")
+    assert {(r["backend"], r["impl"]) for r in mem} == {("numpy", "multibn")} | (
+        {("torch", "multibn"), ("torch", "native")} if "torch" in backends else set())
+    for r in mem:
+        assert set(r) == MEM_FIELDS and r["runs"] == len(r["passes_mib"]) == bench.MEM_PASSES
+        assert r["peak_mib"] > 0 and r["baseline_mib"] > 0 and r["activation_mib"] == 0.5
+        if r["backend"] == "torch":
+            assert r["native_peak_mib"] > 0 and r["extra_activations"] is not None
+        else:
+            assert r["native_peak_mib"] is None and r["extra_activations"] is None
+
+
+def test_bench_unknown_pass_is_refused() -> None:
+    with pytest.raises(SystemExit, match="unknown pass 'memory'"):
+        _run(["--backends", "numpy", "--cases", "nc_8x4", "--passes", "memory", "--keras", "no", "--quiet"])
+
+
+def test_bench_mem_table() -> None:
+    row = {"backend": "torch", "impl": "multibn", "case": "nc_8x4", "dtype": "float32", "pass": "mem",
+           "peak_mib": 3.0, "passes_mib": [3.0] * 3, "retained_mib_per_pass": 0.0, "baseline_mib": 200.0, "runs": 3,
+           "activation_mib": 2.0, "native_peak_mib": 2.0, "extra_activations": 0.5, "ratio_to_native": 1.5,
+           "method": "peak RSS"}
+    text = bench.table([row, dict(row, impl="native", peak_mib=2.0, extra_activations=0.0, ratio_to_native=1.0)])
+    assert "+0.50" in text and "+0.00" in text and "median ms" not in text
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from Linux's /proc")
+def test_bench_mem_without_clear_refs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the peak-RSS counter cannot be reset: one peak over the passes, and the method says so."""
+    monkeypatch.setattr(bench, "_reset_peak_rss", lambda: False)
+    res = bench.peak_memory_here("numpy", bench.Case.parse("nchw_8x16x32x32"), "multibn", "cpu")
+    assert len(res["peaks"]) == 1 and res["peaks"][0] >= 0 and "not writable" in res["method"]
+    with pytest.raises(bench.Skip, match="native"):
+        bench.peak_memory_here("numpy", bench.Case.parse("nc_8x4"), "native", "cpu")
+    with pytest.raises(bench.Skip, match="no peak-memory statistic for the GPU"):
+        bench.peak_memory_here("mxnet", bench.Case.parse("nc_8x4"), "multibn", "gpu")
