@@ -366,3 +366,28 @@ def test_np_functional_matches_legacy_and_native(mx: Any, np_mode: None) -> None
     assert all(isinstance(a, mx.np.ndarray) for a in (dx, dg, db))
     np.testing.assert_allclose(dx.asnumpy(), xl.grad.asnumpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(db.asnumpy(), dyn.sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
+def test_recorded_calls_release_their_autograd_nodes(mx: Any) -> None:
+    """A recorded batch_norm on a large array (the fast MXNet path, over 2^17 elements) frees its autograd node,
+    and with it the copy of x the backward keeps, once its outputs are gone: the node held itself through the
+    saved ``mean``, one of its own outputs, and every call kept one activation for good."""
+    import gc
+
+    import multibn
+    from multibn.backends.mxnet import _BatchNormFunction
+
+    def live() -> int:
+        mx.nd.waitall()
+        gc.collect()
+        return sum(isinstance(o, _BatchNormFunction) for o in gc.get_objects())
+
+    x = mx.nd.array(np.random.default_rng(0).standard_normal((4, 8, 64, 65)).astype("float32"))
+    x.attach_grad()
+    before = live()
+    for _ in range(3):
+        with mx.autograd.record():
+            y, _ = multibn.batch_norm(x, state=None, convention="gluon")
+        y.backward()
+        del y
+    assert live() == before

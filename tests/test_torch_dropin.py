@@ -431,3 +431,28 @@ def test_eval_running_stats_gradient_refused_or_right() -> None:
     assert rmean.grad is not None and rvar.grad is not None, "a running-statistics gradient was None in silence"
     torch.testing.assert_close(rmean.grad, want_mean, **TOL)
     torch.testing.assert_close(rvar.grad, want_var, **TOL)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["layer", "batch_norm"])
+def test_inplace_relu_after_bn_as_native(functional: bool) -> None:
+    """BN -> ReLU(inplace=True) (torchvision's ResNets): the backward reads no output of BN but its statistics, so an
+    in-place op on y is allowed, as after nn.BatchNorm2d, and the gradients are the native ones."""
+    import multibn
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 5, dtype=torch.float64)
+    native, ours = nn.BatchNorm2d(3).double(), BatchNorm(3, 4).double()
+
+    def bn(m: nn.Module, xi: Any) -> Any:
+        if functional and m is ours:
+            return multibn.batch_norm(xi, m.weight, m.bias, None)[0]
+        return m(xi)
+
+    grads = []
+    for m in (native, ours):
+        xi = x.clone().requires_grad_()
+        y = nn.functional.relu(bn(m, xi), inplace=True)
+        (y * torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
+        grads.append((xi.grad, m.weight.grad, m.bias.grad))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, **TOL)

@@ -51,7 +51,10 @@ class _BatchNormFunction(mx.autograd.Function):
     def forward(self, *inputs: Array) -> tuple[Array, ...]:
         outputs = tuple(self._rule.forward(*inputs))
         residuals = self._rule.residuals(inputs, outputs)
-        self.residuals = type(residuals)(*(r.copy() if any(r is a for a in inputs) else r for r in residuals))
+        # outputs among the residuals (mean) are detached: their autograd entry points at this node, which holds
+        # this function, so keeping them as they are would keep the node, and the copy of x, alive for good
+        self.residuals = type(residuals)(*(r.copy() if any(r is a for a in inputs) else
+                                           r.detach() if any(r is o for o in outputs) else r for r in residuals))
         self.consts = inputs[self._rule.n_diff:]
         return outputs
 

@@ -119,13 +119,15 @@ class TorchBackend(Backend):
             def setup_context(ctx: Any, inputs: tuple[Array, ...], output: tuple[Array, ...]) -> None:
                 ctx.set_materialize_grads(False)
                 ctx.n_inputs = len(inputs)
-                ctx.save_for_backward(*inputs, *output)
-                ctx.save_for_forward(*inputs, *output)
+                # not y (output 0): no derivative reads it, and saving it would keep it alive and forbid
+                # in-place ops on it (BN -> ReLU(inplace=True))
+                ctx.save_for_backward(*inputs, *output[1:])
+                ctx.save_for_forward(*inputs, *output[1:])
 
             @staticmethod
             def backward(ctx: Any, *cotangents: Array | None) -> tuple[Array | None, ...]:  # type: ignore[override]
                 saved = ctx.saved_tensors
-                res = rule.residuals(saved[: ctx.n_inputs], saved[ctx.n_inputs :])
+                res = rule.residuals(saved[: ctx.n_inputs], (None, *saved[ctx.n_inputs :]))
                 if all(c is None for c in cotangents):
                     return (None,) * ctx.n_inputs
                 grads = rule.backward(res, tuple(None if c is None else c.contiguous() for c in cotangents))
@@ -135,7 +137,7 @@ class TorchBackend(Backend):
             @staticmethod
             def jvp(ctx: Any, *tangents: Array | None) -> tuple[Array, ...]:
                 saved = ctx.saved_tensors
-                res = rule.residuals(saved[: ctx.n_inputs], saved[ctx.n_inputs :])
+                res = rule.residuals(saved[: ctx.n_inputs], (None, *saved[ctx.n_inputs :]))
                 return tuple(rule.jvp(res, tangents[: rule.n_diff]))
 
         # Function.apply binds the arguments to forward's signature on every call: give it the signature once
@@ -320,7 +322,9 @@ def _chunks(dtype: torch.dtype, *vs: torch.Tensor, need_buf: bool = True
             ) -> Iterator[tuple[tuple[torch.Tensor, ...], Any]]:
     """Chunks along P of (P, C, Q) tensors of one shape, each time with a reused buffer of the chunk's shape (None
     without ``need_buf``)."""
-    rows, slices = chunk_slices(vs[0].shape, _CHUNK)
+    # x narrower than the buffer (float16/bfloat16 into float32): a quarter of the elements, so that the
+    # buffers (two in the backward) stay small beside one activation
+    rows, slices = chunk_slices(vs[0].shape, _CHUNK if vs[0].dtype.itemsize >= dtype.itemsize else _CHUNK // 4)
     buf = torch.empty((rows, *vs[0].shape[1:]), dtype=dtype, device=vs[0].device) if need_buf else None
     for sl in slices:
         chunk = tuple(t[sl] for t in vs)
