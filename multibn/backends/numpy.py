@@ -102,9 +102,7 @@ class NumpyBackend(Backend):
                 ch = t[1]
                 w = o[t] if buf is None else buf.like(v[t])  # same dtype: work in the output itself
                 np.multiply(v[t], s[:, ch], out=w)
-                np.add(w, b[:, ch], out=w)
-                if buf is not None:
-                    np.copyto(o[t], w, casting="same_kind")
+                np.add(w, b[:, ch], out=o[t], casting="same_kind")  # rounded to x's dtype once, on the way out
         return out
 
     def backward_sums(self, dy: Array, x: Array, mean: Array, axes: Sequence[int]) -> tuple[Array, Array]:
@@ -141,9 +139,8 @@ class NumpyBackend(Backend):
                 np.subtract(v[t], m[:, ch], out=w)
                 np.multiply(w, b[:, ch], out=w)  # (x - mean) * b
                 np.add(w, c[:, ch], out=w)  # + c
-                np.add(w, np.multiply(g[t], a[:, ch], out=scratch.like(v[t])), out=w)  # + dy * a
-                if not same:
-                    np.copyto(o[t], w, casting="same_kind")
+                ga = np.multiply(g[t], a[:, ch], out=scratch.like(v[t]))
+                np.add(w, ga, out=o[t], casting="same_kind")  # + dy * a, rounded to x's dtype once
         return out
 
 
@@ -202,7 +199,10 @@ class _Plan:
         """Ufuncs with a buffer no longer than the contiguous runs they work along: an operand broadcast along
         runs shorter than the default buffer (8192 elements) otherwise goes through it, copied out element by
         element (3x slower)."""
-        old = np.setbufsize(max(16, min(self.run, 8192) // 16 * 16))
+        if self.run < _LONG // 8:  # buffering beats an inner loop per run this short
+            yield
+            return
+        old = np.setbufsize(min(self.run, 8192) // 16 * 16)
         try:
             yield
         finally:
