@@ -176,12 +176,13 @@ class _Plan:
         p, c, q = self.shape = shape
         self.group = g = _BLOCK if q == 1 else 1
         self.expand = 1 < q < _LONG and c * q <= _EXPAND_MAX
-        if g * c * q <= _CHUNK:
+        rows = min(g, p)  # the fewest rows a tile can have
+        if rows * c * q <= _CHUNK:
             k = max(1, _CHUNK // (g * c * q)) * g
             self.tiles = [(slice(i, i + k), slice(None)) for i in range(0, p, k)]
             self.run = c * q
         else:
-            parts = -(-g * c * q // _CHUNK)
+            parts = -(-rows * c * q // _CHUNK)
             k = -(-c // parts)
             self.tiles = [(slice(i, i + g), slice(j, j + k)) for i in range(0, p, g) for j in range(0, c, k)]
             self.run = k * q
