@@ -144,17 +144,19 @@ class NumpyBackend(Backend):
         return out
 
 
-#: elements per tile (1 MiB of float32): a tile, its output, the scratch buffers and the expanded per-channel
-#: operands stay in L2 (2 MiB a core on the machine measured) between the ufuncs on the tile
+#: elements per tile (1 MiB of float32), the best of 64k-512k measured on a 2 MiB-L2 core: smaller tiles pay the
+#: fixed cost of a ufunc call (about 1 us) more often, larger ones push the tile's scratch and output out of L2
 _CHUNK = 1 << 18
 #: rows of Q at least this long take per-channel operands as they are, broadcast along the row; shorter ones get
 #: them expanded along Q once per call (:meth:`_Plan.per_channel`)
 _LONG = 1024
 #: expanded per-channel operands are at most this many elements (else broadcast, as for long rows)
 _EXPAND_MAX = 1 << 20
-#: the contiguous run that one einsum call sums (in its SIMD lanes, each adding <= 32 elements one after the other);
-#: the runs' sums are then added pairwise
+#: the contiguous runs that einsum sums (in SIMD lanes: at most _RUN elements added one after the other, 16-64 with
+#: AVX-512 to SSE); the runs' sums are then added pairwise
 _RUN = 256
+#: runs shorter than this keep NumPy's ufunc buffer (see _Plan.unbuffered): an inner loop per run would cost more
+_SHORT = 128
 #: rows of P added one after the other when Q == 1 (channels last): then the blocks' sums, the same way
 _BLOCK = 64
 
@@ -200,7 +202,7 @@ class _Plan:
         """Ufuncs with a buffer no longer than the contiguous runs they work along: an operand broadcast along
         runs shorter than the default buffer (8192 elements) otherwise goes through it, copied out element by
         element (3x slower)."""
-        if self.run < _LONG // 8:  # buffering beats an inner loop per run this short
+        if self.run < _SHORT:
             yield
             return
         old = np.setbufsize(min(self.run, 8192) // 16 * 16)
