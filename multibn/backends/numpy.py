@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import array_api_compat.numpy as compat
 import numpy as np
 
-from .base import Array, Backend, channel_view_shape, chunk_slices
+from .base import Array, Backend, channel_view_shape
 
 
 def _reshape(x: Array, /, shape: tuple[int, ...], *, copy: bool | None = None) -> Array:
@@ -56,86 +57,108 @@ class NumpyBackend(Backend):
         return np.dtype(name)
 
     # ---- fast kernels -------------------------------------------------------------------------------------------
-    # The same quantities as the generic kernels with in-place ufuncs (``out=``) on chunks of about _CHUNK elements:
-    # x is viewed as (P, C, Q) and streamed along P, so the one scratch buffer stays in cache and the only
-    # full-size allocation is the output. Reductions are NumPy's pairwise sum over the contiguous Q axis, then P.
+    # The same quantities as the generic kernels with in-place ufuncs (``out=``) on tiles of about _CHUNK elements:
+    # x is viewed as (P, C, Q) and streamed tile by tile (:class:`_Plan`), so that a tile, its output and the
+    # scratch buffers stay in L2 across the ufuncs on it; the only full-size allocation is the output. Sums: see
+    # :class:`_Sums`.
     def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
         v = _pcq(x, axes)
         if v is None:
             return super().channel_sum(x, axes, dtype)
-        if v.dtype == dtype:
-            return _reduce(v)
-        acc = None
-        for (xc,), buf in _chunks(dtype, v):
-            np.copyto(buf, xc)
-            acc = _accumulate(acc, _reduce(buf))
-        return acc
+        plan = _Plan(v.shape)
+        acc = _Sums(plan, dtype)
+        buf = None if v.dtype == dtype else _Scratch(dtype)
+        with plan.unbuffered():
+            for t in plan.tiles:
+                acc.add(t, v[t] if buf is None else buf.copy_of(v[t]))
+        return acc.total()
 
     def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
         v = _pcq(x, axes)
         if v is None:
             return super().channel_dev_sums(x, center, axes)
-        m = center.reshape(1, -1, 1)
-        s1 = s2 = None
-        for (xc,), buf in _chunks(center.dtype, v):
-            np.subtract(xc, m, out=buf)
-            s1 = _accumulate(s1, _reduce(buf))
-            np.multiply(buf, buf, out=buf)
-            s2 = _accumulate(s2, _reduce(buf))
-        return s1, s2
+        plan = _Plan(v.shape)
+        m = plan.per_channel(center)
+        s1, s2, buf = _Sums(plan, center.dtype), _Sums(plan, center.dtype), _Scratch(center.dtype)
+        with plan.unbuffered():
+            for t in plan.tiles:
+                d = np.subtract(v[t], m[:, t[1]], out=buf.like(v[t]))
+                s1.add(t, d)
+                s2.add(t, d, d)
+        return s1.total(), s2.total()
 
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if scale.shape[i] == 1) if x.ndim == scale.ndim else ()
         v = _pcq(x, axes)
         if v is None:
             return super().scale_shift(x, scale, shift)
+        plan = _Plan(v.shape)
         out = np.empty_like(x)
-        s, t = scale.reshape(1, -1, 1), shift.reshape(1, -1, 1)
-        same = x.dtype == scale.dtype
-        for (xc, oc), buf in _chunks(scale.dtype, v, out.reshape(v.shape), need_buf=not same):
-            w = oc if same else buf
-            np.multiply(xc, s, out=w)
-            np.add(w, t, out=w)
-            if not same:
-                np.copyto(oc, w, casting="same_kind")
+        o = out.reshape(v.shape)
+        s, b = plan.per_channel(scale), plan.per_channel(shift)
+        buf = None if x.dtype == scale.dtype else _Scratch(scale.dtype)
+        with plan.unbuffered():
+            for t in plan.tiles:
+                ch = t[1]
+                w = o[t] if buf is None else buf.like(v[t])  # same dtype: work in the output itself
+                np.multiply(v[t], s[:, ch], out=w)
+                np.add(w, b[:, ch], out=o[t], casting="same_kind")  # rounded to x's dtype once, on the way out
         return out
 
     def backward_sums(self, dy: Array, x: Array, mean: Array, axes: Sequence[int]) -> tuple[Array, Array]:
         v, g = _pcq(x, axes), _pcq(dy, axes)
         if v is None or g is None or dy.shape != x.shape:
             return super().backward_sums(dy, x, mean, axes)
-        m = mean.reshape(1, -1, 1)
-        s1 = s2 = None
-        for (xc, gc), buf in _chunks(mean.dtype, v, g):
-            s1 = _accumulate(s1, _reduce(gc, mean.dtype))
-            np.subtract(xc, m, out=buf)
-            np.multiply(buf, gc, out=buf)
-            s2 = _accumulate(s2, _reduce(buf))
-        return s1, s2
+        plan = _Plan(v.shape)
+        m = plan.per_channel(mean)
+        s1, s2, buf = _Sums(plan, mean.dtype), _Sums(plan, mean.dtype), _Scratch(mean.dtype)
+        gbuf = None if dy.dtype == mean.dtype else _Scratch(mean.dtype)
+        with plan.unbuffered():
+            for t in plan.tiles:
+                gc = g[t] if gbuf is None else gbuf.copy_of(g[t])
+                s1.add(t, gc)
+                d = np.subtract(v[t], m[:, t[1]], out=buf.like(v[t]))
+                s2.add(t, d, gc)
+        return s1.total(), s2.total()
 
     def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if mean.shape[i] == 1)
         v, g = _pcq(x, axes), _pcq(dy, axes)
         if v is None or g is None or dy.shape != x.shape:
             return super().backward_apply(dy, x, mean, a, b, c)
+        plan = _Plan(v.shape)
         out = np.empty_like(x)
-        m, a, b, c = (t.reshape(1, -1, 1) for t in (mean, a, b, c))
+        o = out.reshape(v.shape)
+        m, a, b, c = (plan.per_channel(p) for p in (mean, a, b, c))
         same = x.dtype == a.dtype
-        scratch = np.empty_like(next(_chunks(a.dtype, v))[1])
-        for (xc, gc, oc), buf in _chunks(a.dtype, v, g, out.reshape(v.shape)):
-            w = oc if same else buf  # same dtype: work in the output itself
-            t = scratch[: xc.shape[0]]
-            np.subtract(xc, m, out=w)
-            np.multiply(w, b, out=w)  # (x - mean) * b
-            np.add(w, c, out=w)  # + c
-            np.multiply(gc, a, out=t)
-            np.add(w, t, out=w)  # + dy * a
-            if not same:
-                np.copyto(oc, w, casting="same_kind")
+        buf, scratch = _Scratch(a.dtype), _Scratch(a.dtype)
+        with plan.unbuffered():
+            for t in plan.tiles:
+                ch = t[1]
+                w = o[t] if same else buf.like(v[t])  # same dtype: work in the output itself
+                np.subtract(v[t], m[:, ch], out=w)
+                np.multiply(w, b[:, ch], out=w)  # (x - mean) * b
+                np.add(w, c[:, ch], out=w)  # + c
+                ga = np.multiply(g[t], a[:, ch], out=scratch.like(v[t]))
+                np.add(w, ga, out=o[t], casting="same_kind")  # + dy * a, rounded to x's dtype once
         return out
 
-#: elements per chunk (4 MiB of float32): the scratch buffer stays in L2/L3 between the ufuncs of one chunk
-_CHUNK = 1 << 20
+
+#: elements per tile (1 MiB of float32), the best of 64k-512k measured on a 2 MiB-L2 core: smaller tiles pay the
+#: fixed cost of a ufunc call (about 1 us) more often, larger ones push the tile's scratch and output out of L2
+_CHUNK = 1 << 18
+#: rows of Q at least this long take per-channel operands as they are, broadcast along the row; shorter ones get
+#: them expanded along Q once per call (:meth:`_Plan.per_channel`)
+_LONG = 1024
+#: expanded per-channel operands are at most this many elements (else broadcast, as for long rows)
+_EXPAND_MAX = 1 << 20
+#: the contiguous runs that einsum sums (in SIMD lanes: at most _RUN elements added one after the other, 16-64 with
+#: AVX-512 to SSE); the runs' sums are then added pairwise
+_RUN = 256
+#: runs shorter than this keep NumPy's ufunc buffer (see _Plan.unbuffered): an inner loop per run would cost more
+_SHORT = 128
+#: rows of P added one after the other when Q == 1 (channels last): then the blocks' sums, the same way
+_BLOCK = 64
 
 
 def _pcq(x: np.ndarray, axes: Sequence[int]) -> np.ndarray | None:
@@ -146,9 +169,119 @@ def _pcq(x: np.ndarray, axes: Sequence[int]) -> np.ndarray | None:
     return x.reshape(shape)
 
 
-def _reduce(v: np.ndarray, dtype: Any = None) -> np.ndarray:
-    """Sum of a (p, C, Q) array over p and Q: pairwise over the contiguous Q first, then blockwise over p."""
-    return _sum_rows(v[:, :, 0] if v.shape[2] == 1 else v.sum(2, dtype=dtype), dtype)
+class _Plan:
+    """How a kernel streams a (P, C, Q) view: ``tiles``, (rows of P, channels) slices of about _CHUNK elements
+    (whole (C, Q) slabs while one fits, else slabs cut along C into near-equal parts; rows in whole groups of
+    ``group``: _BLOCK when Q == 1, the rows that :class:`_Sums` adds one after the other, else 1)."""
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        p, c, q = self.shape = shape
+        self.group = g = _BLOCK if q == 1 else 1
+        self.expand = 1 < q < _LONG and c * q <= _EXPAND_MAX
+        rows = min(g, p)  # the fewest rows a tile can have
+        if rows * c * q <= _CHUNK:
+            k = max(1, _CHUNK // (g * c * q)) * g
+            self.tiles = [(slice(i, i + k), slice(None)) for i in range(0, p, k)]
+            self.run = c * q
+        else:
+            parts = -(-rows * c * q // _CHUNK)
+            k = -(-c // parts)
+            self.tiles = [(slice(i, i + g), slice(j, j + k)) for i in range(0, p, g) for j in range(0, c, k)]
+            self.run = k * q
+        if not self.expand and q > 1:
+            self.run = q  # per-channel operands broadcast along each row of Q
+
+    def per_channel(self, a: np.ndarray) -> np.ndarray:
+        """A per-channel operand as a (1, C, Q) array (expanded along Q: the ufuncs on a tile then run along
+        whole contiguous rows of it) or a (1, C, 1) view (broadcast along Q)."""
+        a = a.reshape(1, -1, 1)
+        return np.repeat(a, self.shape[2], axis=2) if self.expand else a
+
+    @contextlib.contextmanager
+    def unbuffered(self) -> Iterator[None]:
+        """Ufuncs with a buffer no longer than the contiguous runs they work along: an operand broadcast along
+        runs shorter than the default buffer (8192 elements) otherwise goes through it, copied out element by
+        element (3x slower)."""
+        if self.run < _SHORT:
+            yield
+            return
+        old = np.setbufsize(min(self.run, 8192) // 16 * 16)
+        try:
+            yield
+        finally:
+            np.setbufsize(old)
+
+
+class _Scratch:
+    """One reused buffer; ``like(a)`` is a contiguous array of a's shape in it (of this dtype)."""
+
+    def __init__(self, dtype: Any) -> None:
+        self.dtype, self.flat = np.dtype(dtype), np.empty(0, dtype)
+
+    def like(self, a: np.ndarray) -> np.ndarray:
+        if self.flat.size < a.size:
+            self.flat = np.empty(a.size, self.dtype)
+        return self.flat[: a.size].reshape(a.shape)
+
+    def copy_of(self, a: np.ndarray) -> np.ndarray:
+        out = self.like(a)
+        np.copyto(out, a)
+        return out
+
+
+class _Sums:
+    """Per-channel sums of the tiles of a plan: each tile's sums over Q and its groups of rows go to a small
+    (groups, C) array, whose rows are summed blockwise at the end (:func:`_sum_rows`)."""
+
+    def __init__(self, plan: _Plan, dtype: Any) -> None:
+        p, c, _ = plan.shape
+        self.g = plan.group
+        self.rows = np.empty((-(-p // self.g), c), dtype)
+
+    def add(self, tile: tuple[slice, slice], a: np.ndarray, b: np.ndarray | None = None) -> None:
+        """Record the tile ``a`` (``a * b`` if b is given), of the stats dtype, at ``tile``."""
+        rows, ch = tile
+        start = rows.start // self.g
+        _tile_sums(a, b, self.g, self.rows[start: start + -(-a.shape[0] // self.g), ch])
+
+    def total(self) -> np.ndarray:
+        return _sum_rows(self.rows)
+
+
+def _tile_sums(a: np.ndarray, b: np.ndarray | None, g: int, out: np.ndarray) -> None:
+    """Into ``out``: the sums of a (p, c, Q) tile ``a`` (of ``a * b``) over Q and over groups of g rows.
+
+    Q > 1: np.einsum over runs of _RUN elements (its SIMD loop is 3x faster than NumPy's pairwise sum and fuses
+    the product), the runs' sums then added pairwise by ``sum``. Q == 1: rows added one after the other in blocks of
+    g = _BLOCK (as :func:`_sum_rows`), by np.einsum (fusing the product) along the contiguous channels."""
+    ops = (a,) if b is None else (a, b)
+    p, c, q = a.shape
+    if q == 1:
+        full = p // g * g
+        lhs = "pgc" if b is None else "pgc,pgc"
+        if full:
+            np.einsum(f"{lhs}->pc", *(t[:full, :, 0].reshape(-1, g, c) for t in ops), out=out[: full // g])
+        if full < p:
+            np.einsum(f"{lhs}->pc", *(t[full:, :, 0][None] for t in ops), out=out[full // g:])
+        return
+    run = _run_length(q)
+    if run == q:
+        np.einsum("pcq->pc" if b is None else "pcq,pcq->pc", *ops, out=out)
+        return
+    runs, head = q // run, q // run * run
+    runs_of = (t[..., :head].reshape(p, c, runs, run) for t in ops)
+    np.sum(np.einsum("pckr->pck" if b is None else "pckr,pckr->pck", *runs_of), axis=2, out=out)
+    if head < q:
+        out += np.einsum("pcq->pc" if b is None else "pcq,pcq->pc", *(t[..., head:] for t in ops))
+
+
+@functools.cache
+def _run_length(q: int) -> int:
+    """The runs that rows of Q are cut into for einsum: q itself up to 2 _RUN, else a divisor of q in
+    [_RUN / 2, _RUN] (no ragged tail to sum apart) if there is one, else _RUN."""
+    if q <= 2 * _RUN:
+        return q
+    return next((r for r in range(_RUN, _RUN // 2 - 1, -1) if q % r == 0), _RUN)
 
 
 def _sum_rows(a: np.ndarray, dtype: Any = None) -> np.ndarray:
@@ -160,19 +293,3 @@ def _sum_rows(a: np.ndarray, dtype: Any = None) -> np.ndarray:
         return a.sum(0, dtype=dtype)
     blocks = _sum_rows(a[:m].reshape(-1, 64, a.shape[1]).sum(1, dtype=dtype))
     return blocks + a[m:].sum(0, dtype=dtype) if m < a.shape[0] else blocks
-
-
-def _accumulate(acc: np.ndarray | None, part: np.ndarray) -> np.ndarray:
-    if acc is None:
-        return part
-    acc += part
-    return acc
-
-
-def _chunks(dtype: Any, *vs: np.ndarray, need_buf: bool = True) -> Iterator[tuple[tuple[np.ndarray, ...], Any]]:
-    """Chunks along P of (P, C, Q) arrays of one shape, each time with a reused buffer of the chunk's shape."""
-    rows, slices = chunk_slices(vs[0].shape, _CHUNK)
-    buf = np.empty((rows, *vs[0].shape[1:]), dtype=dtype) if need_buf else None
-    for sl in slices:
-        chunk = tuple(t[sl] for t in vs)
-        yield chunk, (buf[: chunk[0].shape[0]] if buf is not None else None)
