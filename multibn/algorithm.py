@@ -80,8 +80,10 @@ class Sync(NamedTuple):
 
 
 def _nonzero(be: Backend, n: Any) -> Any:
-    """``n`` with 0 replaced by 1, for ``sum / n`` where an empty channel has sum 0."""
-    return max(n, 1) if isinstance(n, int) else be.xp.where(n > 0, n, be.xp.ones_like(n))
+    """``n`` with 0 replaced by 1, for ``sum / n`` where an empty channel has sum 0. An int count comes back as a
+    float: NumPy 1.x divides a float32 array by an int over 65535 in float64 (value-based casting), by a float in
+    float32."""
+    return float(max(n, 1)) if isinstance(n, int) else be.xp.where(n > 0, n, be.xp.ones_like(n))
 
 
 def _per_count(be: Backend, a: Array, n: Any) -> Array:
@@ -111,7 +113,7 @@ def _local_stats(be: Backend, x: Array, lay: Layout, mask: Array | None) -> Stat
         if n == 0:
             zeros = xp.zeros((lay.channels,), dtype=dt, device=be.device_of(x))
             return Stats(0, zeros, zeros)
-        mean0 = be.channel_sum(x, lay.reduce_axes, dt) / n
+        mean0 = be.channel_sum(x, lay.reduce_axes, dt) / float(n)
         k = xp.astype(x[_first_index(len(lay.bshape), lay.axis)], dt, copy=False)
         c = xp.where(xp.abs(k - mean0) <= xp.abs(mean0) * 2.0**-16, k, mean0)
         xm = x
@@ -263,7 +265,7 @@ def _inv_std_of(be: Backend, conv: Convention, m2: Array, n: Any) -> Array:
     if isinstance(n, int):
         if n == 0:
             return be.xp.zeros_like(m2)
-        return inv_std(be, m2 / n, conv.eps, conv.zero_var_guard)
+        return inv_std(be, m2 / float(n), conv.eps, conv.zero_var_guard)
     s = inv_std(be, m2 / _nonzero(be, n), conv.eps, conv.zero_var_guard)
     return be.xp.where(n > 0, s, be.xp.zeros_like(s))
 
@@ -439,7 +441,7 @@ def update_state(be: Backend, conv: Convention, state: BNState, st: Stats) -> BN
         return BNState(rmean, rvar, t if conv.count_empty_batches else tracked)
     dt = st.mean.dtype
     if isinstance(n, int):
-        var = st.m2 / (n - 1) if conv.unbiased_running_var else st.m2 / n
+        var = st.m2 / float(n - 1 if conv.unbiased_running_var else n)
     else:
         var = st.m2 / _nonzero(be, n - 1 if conv.unbiased_running_var else n)
     weights = conv.update_weights()

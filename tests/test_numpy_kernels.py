@@ -78,3 +78,24 @@ def test_constant_channel_exact(chunk: None, shape: tuple, axis: int, value: flo
     x = np.full(shape, value, dtype=np.float32)
     st = alg.batch_stats(be, x, alg.Layout.of(shape, axis))
     assert np.all(st.m2 == 0) and np.all(st.mean == np.float32(value))
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_statistics_stay_in_float32_for_counts_over_65535(unbiased: bool) -> None:
+    """float32 statistics of float32 input whatever the count: NumPy 1.x divides a float32 array by an int over
+    65535 in float64 (value-based casting), which ran every later full-size pass in float64 at twice the cost."""
+    from multibn.conventions import resolve_convention
+    from multibn.state import BNState
+
+    be = get_backend("numpy")
+    x = np.random.default_rng(0).standard_normal((70_000, 3)).astype(np.float32)
+    lay = alg.Layout.of(x.shape, 1)
+    conv = resolve_convention("torch" if unbiased else "gluon", None, None)
+    g, b = np.ones(3, np.float32), np.zeros(3, np.float32)
+    y, mean, m2 = alg.train_forward(be, conv, lay, x, g, b)
+    assert (y.dtype, mean.dtype, m2.dtype) == (np.float32,) * 3
+    state = BNState(np.zeros(3, np.float32), np.ones(3, np.float32), np.asarray(0))
+    var = (m2 / np.float32(x.shape[0] - unbiased)).astype(np.float32)
+    new = alg.update_state(be, conv, state, alg.Stats(x.shape[0], mean, m2))
+    keep, take = conv.update_weights()
+    np.testing.assert_array_equal(new.running_var, (np.float32(keep) * 1 + np.float32(take) * var).astype(np.float32))
