@@ -126,7 +126,7 @@ def _local_stats(be: Backend, x: Array, lay: Layout, mask: Array | None) -> Stat
     s, q = be.channel_dev_sums(xm, xp.reshape(c, lay.bshape), lay.reduce_axes)
     s_n = _per_count(be, s, n)
     m2 = q - s * s_n
-    return Stats(n, c + s_n, xp.where(m2 < 0, xp.zeros_like(m2), m2))  # rounding may dip below 0; NaN stays
+    return Stats(n, c + s_n, xp.clip(m2, min=0.0))  # rounding may dip below 0; NaN stays
 
 
 def mask_count(be: Backend, lay: Layout, mask: Array, dt: Any) -> Array:

@@ -218,6 +218,12 @@ class MXNetNamespace:
         return _where(cond, a, b)
 
     @staticmethod
+    def clip(x: Array, min: float) -> Array:
+        """``x`` with values below ``min`` raised to it; NaN stays NaN (``mx.nd.maximum`` would give ``min``)."""
+        low = MXNetNamespace.zeros_like(x)
+        return MXNetNamespace.where(x < min, low if min == 0 else low + min, x)
+
+    @staticmethod
     @_keeps_np
     def abs(x: Array) -> Array:
         return mx.nd.abs(x)
