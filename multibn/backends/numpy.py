@@ -24,9 +24,16 @@ def _astype(x: Array, dtype: Any, /, *, copy: bool = True, device: object = None
     return x.astype(dtype, copy=copy) if device is None else compat.astype(x, dtype, copy=copy, device=device)
 
 
-#: ``array_api_compat.numpy`` with reshape and astype made cheap (the algorithm calls them several times a call)
+def _clip(x: Array, /, min: float | None = None, max: float | None = None) -> Array:
+    """``array_api_compat.numpy.clip``: ``np.clip`` itself for a float array and float bounds (8 against 2.5 us)."""
+    if isinstance(x, np.ndarray) and x.dtype.kind == "f" and all(b is None or type(b) is float for b in (min, max)):
+        return np.clip(x, min, max)
+    return compat.clip(x, min, max)
+
+
+#: ``array_api_compat.numpy`` with reshape, astype and clip made cheap (the algorithm calls them several times a call)
 xp = types.SimpleNamespace(**{**{k: getattr(compat, k) for k in dir(compat) if not k.startswith("__")},
-                              "reshape": _reshape, "astype": _astype})
+                              "reshape": _reshape, "astype": _astype, "clip": _clip})
 
 
 class NumpyBackend(Backend):

@@ -29,9 +29,17 @@ def _reshape(x: Array, /, shape: tuple[int, ...], *, copy: bool | None = None) -
     return torch.reshape(x, shape) if copy is None else compat.reshape(x, shape, copy=copy)
 
 
-#: ``array_api_compat.torch`` with astype and reshape made cheap (the algorithm calls them often on small vectors)
+def _clip(x: Array, /, min: float | None = None, max: float | None = None) -> Array:
+    """``array_api_compat.torch.clip``: ``torch.clamp`` itself for a float tensor and non-NaN float bounds."""
+    if x.is_floating_point() and all(b is None or (type(b) is float and b == b) for b in (min, max)):
+        return torch.clamp(x, min, max)
+    return compat.clip(x, min, max)
+
+
+#: ``array_api_compat.torch`` with astype, reshape and clip made cheap (the algorithm calls them often on small
+#: vectors)
 xp = types.SimpleNamespace(**{**{k: getattr(compat, k) for k in dir(compat) if not k.startswith("__")},
-                              "astype": _astype, "reshape": _reshape})
+                              "astype": _astype, "reshape": _reshape, "clip": _clip})
 
 
 class TorchBackend(Backend):
