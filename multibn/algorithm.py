@@ -210,8 +210,9 @@ class Rule(NamedTuple):
     """One differentiable BN map, as every backend's autodiff hook wires it.
 
     * ``forward(*inputs) -> outputs``;
-    * ``residuals(inputs, outputs)``: what the derivatives need, from the inputs and outputs (per-channel work
-      only, so that a backend may save just inputs and outputs, and differentiate through them again);
+    * ``residuals(inputs, outputs)``: what the derivatives need, from the inputs and the outputs numbered in
+      ``kept`` (the others may be None), with per-channel work only, so that a backend may save just those inputs
+      and outputs, and differentiate through them again;
     * ``backward(residuals, cotangents)``: the cotangents of the first ``n_diff`` inputs (VJP), one per output
       cotangent (None meaning zero);
     * ``jvp(residuals, tangents)``: the tangents of the outputs for tangents of the first ``n_diff`` inputs
@@ -223,20 +224,22 @@ class Rule(NamedTuple):
     backward: Callable[[tuple[Array, ...], tuple[Array | None, ...]], tuple[Array, ...]]
     jvp: Callable[[tuple[Array, ...], tuple[Array | None, ...]], tuple[Array, ...]]
     n_diff: int
+    kept: tuple[int, ...]  # the outputs that ``residuals`` reads: a backend need not keep y alive for a backward
 
 
 def train_rule(be: Backend, conv: Convention, lay: Layout, sync: Sync | None = None) -> Rule:
     """BN with batch statistics: inputs ``(x, gamma, beta[, mask])``, outputs ``(y, mean, m2)`` (all three
     differentiable: the running update reads ``mean`` and ``m2``)."""
     return Rule(partial(train_forward, be, conv, lay, sync=sync), partial(train_residuals, be, conv, lay, sync=sync),
-                partial(train_backward, be, conv, lay, sync=sync), partial(train_jvp, be, conv, lay, sync=sync), 3)
+                partial(train_backward, be, conv, lay, sync=sync), partial(train_jvp, be, conv, lay, sync=sync), 3,
+                (1, 2))
 
 
 def eval_rule(be: Backend, conv: Convention, lay: Layout) -> Rule:
     """BN with the running statistics: inputs ``(x, gamma, beta, running_mean, running_var)``, output ``(y,)``;
     all five inputs are differentiable (an affine map of each)."""
     return Rule(partial(eval_forward, be, conv, lay), partial(eval_residuals, be, conv, lay),
-                partial(eval_backward, be, conv, lay), partial(eval_jvp, be, conv, lay), 5)
+                partial(eval_backward, be, conv, lay), partial(eval_jvp, be, conv, lay), 5, ())
 
 
 # ---- training: batch statistics ----------------------------------------------------------------------------

@@ -113,7 +113,7 @@ class TorchBackend(Backend):
         class BatchNormFunction(torch.autograd.Function):
             """Reverse mode by ``rule.backward``, forward mode by ``rule.jvp``, vmap by running both batched.
 
-            The backward reads only saved inputs and outputs, through differentiable ops, so under
+            The backward reads only saved inputs and statistics, through differentiable ops, so under
             ``create_graph`` autograd differentiates it again: through the outputs ``mean`` and ``m2`` that
             brings it back here with their cotangents, which ``rule.backward`` takes (exact double backward)."""
 
@@ -126,27 +126,31 @@ class TorchBackend(Backend):
             @staticmethod
             def setup_context(ctx: Any, inputs: tuple[Array, ...], output: tuple[Array, ...]) -> None:
                 ctx.set_materialize_grads(False)
-                ctx.n_inputs = len(inputs)
-                # not y (output 0): no derivative reads it, and saving it would keep it alive and forbid
-                # in-place ops on it (BN -> ReLU(inplace=True))
-                ctx.save_for_backward(*inputs, *output[1:])
-                ctx.save_for_forward(*inputs, *output[1:])
+                ctx.n_inputs, ctx.n_outputs = len(inputs), len(output)
+                # only the outputs the residuals read, not y: saving y would keep it alive and forbid in-place
+                # ops on it (BN -> ReLU(inplace=True)), as native BN allows
+                kept = tuple(output[i] for i in rule.kept)
+                ctx.save_for_backward(*inputs, *kept)
+                ctx.save_for_forward(*inputs, *kept)
 
             @staticmethod
             def backward(ctx: Any, *cotangents: Array | None) -> tuple[Array | None, ...]:  # type: ignore[override]
-                saved = ctx.saved_tensors
-                res = rule.residuals(saved[: ctx.n_inputs], (None, *saved[ctx.n_inputs :]))
                 if all(c is None for c in cotangents):
                     return (None,) * ctx.n_inputs
-                grads = rule.backward(res, tuple(None if c is None else c.contiguous() for c in cotangents))
+                grads = rule.backward(residuals(ctx), tuple(None if c is None else c.contiguous() for c in cotangents))
                 grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=False)]
                 return (*grads, *([None] * (ctx.n_inputs - rule.n_diff)))
 
             @staticmethod
             def jvp(ctx: Any, *tangents: Array | None) -> tuple[Array, ...]:
-                saved = ctx.saved_tensors
-                res = rule.residuals(saved[: ctx.n_inputs], (None, *saved[ctx.n_inputs :]))
-                return tuple(rule.jvp(res, tangents[: rule.n_diff]))
+                return tuple(rule.jvp(residuals(ctx), tangents[: rule.n_diff]))
+
+        def residuals(ctx: Any) -> tuple[Array, ...]:
+            saved = ctx.saved_tensors
+            outputs: list[Array | None] = [None] * ctx.n_outputs
+            for i, t in zip(rule.kept, saved[ctx.n_inputs :], strict=True):
+                outputs[i] = t
+            return rule.residuals(saved[: ctx.n_inputs], tuple(outputs))
 
         # Function.apply binds the arguments to forward's signature on every call: give it the signature once
         BatchNormFunction.forward.__signature__ = inspect.signature(BatchNormFunction.forward)
