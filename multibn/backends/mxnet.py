@@ -318,11 +318,20 @@ class MXNetBackend(Backend):
     # (P, C, Q): every per-channel sum is a matrix product with a ones vector (BLAS); the per-channel affine maps
     # x * scale + shift and (x - mean) * b + c of float32 4-D data are oneDNN's inference-mode BatchNorm with
     # moving_var + eps == 1 exactly, i.e. gamma * (x - moving_mean) + beta; everything else streams in chunks
-    # along P through reused buffers (``out=``). Under autograd.record the generic kernels run.
+    # along P through reused buffers (``out=``). float16 x streams the same way through float32 buffers (a cast per
+    # chunk, then the generic kernels' operators in their order), so that no full-size float32 temporary exists.
+    # Under autograd.record the generic kernels run.
     @_keeps_np
     def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
         v = _pcq(x, axes, dtype)
-        return super().channel_sum(x, axes, dtype) if v is None else _rsum(v)
+        if v is None:
+            return super().channel_sum(x, axes, dtype)
+        if v.dtype == dtype:
+            return _rsum(v)
+        acc = None
+        for (xc,), buf in _chunks(v, dtype=dtype):
+            acc = _accumulate(acc, _rsum(_cast(xc, buf)))
+        return acc
 
     @_keeps_np
     def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
@@ -331,8 +340,8 @@ class MXNetBackend(Backend):
             return super().channel_dev_sums(x, center, axes)
         m = center.reshape((1, -1, 1))
         s1 = s2 = None
-        for (xc,), buf in _chunks(v):
-            mx.nd.broadcast_sub(xc, m, out=buf)
+        for (xc,), buf in _chunks(v, dtype=center.dtype):
+            mx.nd.broadcast_sub(_cast(xc, buf), m, out=buf)
             s1 = _accumulate(s1, _rsum(buf))
             mx.nd.square(buf, out=buf)
             s2 = _accumulate(s2, _rsum(buf))
@@ -344,13 +353,17 @@ class MXNetBackend(Backend):
         v = _pcq(x, axes, scale.dtype)
         if v is None:
             return super().scale_shift(x, scale, shift)
-        if _onednn(v):
+        same = v.dtype == scale.dtype
+        if same and _onednn(v):
             return _affine(v, scale, shift).reshape(x.shape)
         out = mx.nd.empty(v.shape, ctx=v.context, dtype=v.dtype)
         s, t = scale.reshape((1, -1, 1)), shift.reshape((1, -1, 1))
-        for (xc, oc), _ in _chunks(v, out, need_buf=False):
-            mx.nd.broadcast_mul(xc, s, out=oc)
-            mx.nd.broadcast_add(oc, t, out=oc)
+        for (xc, oc), buf in _chunks(v, out, dtype=scale.dtype, need_buf=not same):
+            w = oc if same else buf
+            mx.nd.broadcast_mul(xc if same else _cast(xc, buf), s, out=w)
+            mx.nd.broadcast_add(w, t, out=w)
+            if not same:
+                mx.nd.Cast(w, dtype=oc.dtype, out=oc)
         return out.reshape(x.shape)
 
     @_keeps_np
@@ -359,12 +372,17 @@ class MXNetBackend(Backend):
         if v is None or g is None or dy.shape != x.shape:
             return super().backward_sums(dy, x, mean, axes)
         m = mean.reshape((1, -1, 1))
+        s1 = _rsum(g) if g.dtype == mean.dtype else None
         s2 = None
-        for (xc, gc), buf in _chunks(v, g):
-            mx.nd.broadcast_sub(xc, m, out=buf)
+        gbuf = None if g.dtype == mean.dtype else _buffer(v, mean.dtype)
+        for (xc, gc), buf in _chunks(v, g, dtype=mean.dtype):
+            if gbuf is not None:
+                gc = _cast(gc, gbuf[: gc.shape[0]])
+                s1 = _accumulate(s1, _rsum(gc))
+            mx.nd.broadcast_sub(_cast(xc, buf), m, out=buf)
             mx.nd.elemwise_mul(buf, gc, out=buf)
             s2 = _accumulate(s2, _rsum(buf))
-        return _rsum(g), s2
+        return s1, s2
 
     @_keeps_np
     def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
@@ -373,19 +391,34 @@ class MXNetBackend(Backend):
         if v is None or g is None or dy.shape != x.shape:
             return super().backward_apply(dy, x, mean, a, b, c)
         out = mx.nd.empty(v.shape, ctx=v.context, dtype=v.dtype)
-        if _onednn(v):
+        if v.dtype == g.dtype == a.dtype and _onednn(v):
             zero = mx.nd.zeros(a.shape, ctx=a.context, dtype=a.dtype)
             for (xc, gc, oc), _ in _chunks(v, g, out, need_buf=False):
                 # ((x - mean) * b + c) + dy * a: two oneDNN affine maps and one add, in cache
                 mx.nd.elemwise_add(_affine(xc, b, c, mean), _affine(gc, a, zero), out=oc)
             return out.reshape(x.shape)
         m, a3, b3, c3 = (t.reshape((1, -1, 1)) for t in (mean, a, b, c))
-        for (xc, gc, oc), buf in _chunks(v, g, out):
-            mx.nd.broadcast_sub(xc, m, out=oc)
-            mx.nd.broadcast_mul(oc, b3, out=oc)
-            mx.nd.broadcast_add(oc, c3, out=oc)
-            mx.nd.broadcast_mul(gc, a3, out=buf)
-            mx.nd.elemwise_add(oc, buf, out=oc)
+        if v.dtype == g.dtype == a.dtype:
+            for (xc, gc, oc), buf in _chunks(v, g, out):
+                mx.nd.broadcast_sub(xc, m, out=oc)
+                mx.nd.broadcast_mul(oc, b3, out=oc)
+                mx.nd.broadcast_add(oc, c3, out=oc)
+                mx.nd.broadcast_mul(gc, a3, out=buf)
+                mx.nd.elemwise_add(oc, buf, out=oc)
+            return out.reshape(x.shape)
+        # narrow x or dy: the generic kernel's (dy * a + (x - mean) * b) + c, through two float32 buffers
+        gbuf = _buffer(v, a.dtype)
+        for (xc, gc, oc), buf in _chunks(v, g, out, dtype=a.dtype):
+            t = gbuf[: buf.shape[0]]
+            mx.nd.broadcast_sub(_cast(xc, buf), m, out=buf)
+            mx.nd.broadcast_mul(buf, b3, out=buf)
+            mx.nd.broadcast_mul(_cast(gc, t), a3, out=t)
+            mx.nd.elemwise_add(t, buf, out=buf)
+            mx.nd.broadcast_add(buf, c3, out=buf)
+            if oc.dtype == buf.dtype:
+                buf.copyto(oc)
+            else:
+                mx.nd.Cast(buf, dtype=oc.dtype, out=oc)
         return out.reshape(x.shape)
 
 
@@ -396,12 +429,23 @@ _AFFINE_EPS = 2.0**-10
 
 
 def _pcq(x: Array, axes: Sequence[int], dtype: Any) -> Array | None:
-    """x as a (P, C, Q) view, C the one axis not reduced; None when the fast path does not apply."""
+    """x as a (P, C, Q) view, C the one axis not reduced; None when the fast path does not apply: ``dtype`` (the
+    dtype of the computation) float32 or float64 and x in it, or x float16 with ``dtype`` float32."""
     shape = channel_view_shape(x.shape, axes)
-    if (shape is None or x.size == 0 or mx.autograd.is_recording()
-            or np.dtype(x.dtype) != np.dtype(dtype) or np.dtype(x.dtype).name not in ("float32", "float64")):
+    if shape is None or x.size == 0 or mx.autograd.is_recording():
+        return None
+    pair = np.dtype(x.dtype).name, np.dtype(dtype).name
+    if pair not in (("float32", "float32"), ("float64", "float64"), ("float16", "float32")):
         return None
     return x.reshape(shape)
+
+
+def _cast(src: Array, buf: Array) -> Array:
+    """``src`` in the dtype of ``buf``: ``src`` itself when it already is, else converted into ``buf``."""
+    if src.dtype == buf.dtype:
+        return src
+    mx.nd.Cast(src, dtype=buf.dtype, out=buf)
+    return buf
 
 
 def _onednn(v: Array) -> bool:
@@ -433,11 +477,19 @@ def _accumulate(acc: Array | None, part: Array) -> Array:
     return part if acc is None else acc + part
 
 
-def _chunks(*vs: Array, need_buf: bool = True) -> Iterator[tuple[tuple[Array, ...], Array | None]]:
-    """Chunks along P of (P, C, Q) arrays of one shape, each time with a reused buffer of the chunk's shape."""
+def _buffer(v: Array, dtype: Any = None) -> Array:
+    """A scratch buffer for one chunk of the (P, C, Q) array ``v`` (in ``dtype``, default that of ``v``)."""
+    rows, _ = chunk_slices(v.shape, _CHUNK)
+    return mx.nd.empty((rows, *v.shape[1:]), ctx=v.context, dtype=v.dtype if dtype is None else dtype)
+
+
+def _chunks(*vs: Array, dtype: Any = None, need_buf: bool = True
+            ) -> Iterator[tuple[tuple[Array, ...], Array | None]]:
+    """Chunks along P of (P, C, Q) arrays of one shape, each time with a reused buffer of the chunk's shape (in
+    ``dtype``, default that of the first array)."""
     v = vs[0]
-    rows, slices = chunk_slices(v.shape, _CHUNK)
-    buf = mx.nd.empty((rows, *v.shape[1:]), ctx=v.context, dtype=v.dtype) if need_buf else None
+    _, slices = chunk_slices(v.shape, _CHUNK)
+    buf = _buffer(v, dtype) if need_buf else None
     for sl in slices:
         chunk = tuple(t[sl] for t in vs)
         n = chunk[0].shape[0]

@@ -1,0 +1,66 @@
+"""Peak memory of MXNet forward+backward passes, in activations (bytes of x): multibn's functional op and Gluon
+layer against bounds just above what native ``mx.nd.BatchNorm``/``gluon.nn.BatchNorm`` need (about 1: y).
+
+Each measurement runs in a fresh subprocess with glibc returning freed blocks to the system at once (as
+``multibn bench --passes mem``): the peak of one pass (VmHWM, reset before it) above the RSS before it, after
+warm-up passes, median of 3. The bounds sit between the measured peak and the peak before the fix they guard."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("multibn.backends.mxnet", reason="mxnet 1.9 is not installed in this environment")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_SCRIPT = """
+import gc, json, sys
+from multibn import bench
+kind, spec = sys.argv[1], sys.argv[2]
+case = bench.Case.parse(spec)
+mx = bench._mx()
+if kind == "layer":
+    run = bench.gluon_layer_impls(case, ["multibn"], mx.cpu())["multibn"]
+else:
+    run = bench.mxnet_impls(case, "fwd+bwd", ["multibn"], "cpu")["multibn"]
+if not bench._reset_peak_rss():
+    print(json.dumps({"skip": "/proc/self/clear_refs is not writable"}))
+    sys.exit(0)
+run(); run()
+peaks = []
+for _ in range(3):
+    gc.collect()
+    bench._reset_peak_rss()
+    base = bench._proc_status("VmRSS")
+    run()
+    peaks.append(bench._proc_status("VmHWM") - base)
+print(json.dumps({"activations": sorted(peaks)[1] / case.nbytes}))
+"""
+
+
+def peak_activations(kind: str, case: str) -> float:
+    """The peak of one forward+backward pass in activations: ``kind`` "functional" (``multibn.batch_norm`` under
+    ``autograd.record``) or "layer" (the hybridized Gluon layer), on the bench ``case``."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("peak RSS needs Linux's /proc/self/status")
+    from multibn.bench import MEM_ENV, _child_env
+
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, kind, case], env=_child_env(MEM_ENV), cwd=ROOT,
+                          capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in res:
+        pytest.skip(res["skip"])
+    return res["activations"]
+
+
+def test_functional_float16_streams_through_float32_buffers() -> None:
+    # float16 x, statistics in float32: the kernels convert chunk by chunk through float32 buffers (here 4 MiB
+    # each, half an activation), no full-size float32 temporaries (before: 15 activations)
+    assert peak_activations("functional", "nchw_256x64x16x16:float16") < 6
