@@ -64,3 +64,11 @@ def test_functional_float16_streams_through_float32_buffers() -> None:
     # float16 x, statistics in float32: the kernels convert chunk by chunk through float32 buffers (here 4 MiB
     # each, half an activation), no full-size float32 temporaries (before: 15 activations)
     assert peak_activations("functional", "nchw_256x64x16x16:float16") < 6
+
+
+def test_gluon_layer_writes_into_mxnets_buffers() -> None:
+    # hybridized layer on a graph input: y and dx written by the kernels into the operator's output and input
+    # gradient buffers, no reshape back (before: 5 activations, with NumPy's y and dx copied into MXNet's buffers
+    # and the reshapes' copies of y and dy; left: MXNet's copy of the graph input through the reshape, kept for the
+    # backward, and the operator's input gradient copied into x.grad; gluon.nn.BatchNorm: 1)
+    assert peak_activations("layer", "nchw_64x64x32x32") < 3.75

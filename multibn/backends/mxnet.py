@@ -34,6 +34,7 @@ if _torch is not None and _torch_threads is not None:
     _torch.set_num_threads(_torch_threads)
 
 from .base import Array, Backend, Rule, channel_view_shape, chunk_slices  # noqa: E402
+from .numpy import NumpyBackend  # noqa: E402
 
 
 class _BatchNormFunction(mx.autograd.Function):
@@ -556,6 +557,52 @@ def _host_view(a: Array, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return np.frombuffer((ctypes.c_char * n).from_address(ptr.value), dtype=dtype).reshape(shape)
 
 
+class _HostBackend(NumpyBackend):
+    """The NumPy adapter for the graph operator: the full-size result of a call (y, dx) goes straight into the buffer
+    MXNet gave the operator for it (a host view, named by :meth:`writing_to`) instead of a new array then copied.
+    The NumPy kernels run on chunks of rows along the first axis and each chunk is copied into the destination while
+    in cache: the same operations on every element, a chunk-size temporary instead of a full-size one."""
+
+    def __init__(self) -> None:
+        self._dest = threading.local()  # MXNet runs the callbacks of several nodes at once, on several threads
+
+    @contextlib.contextmanager
+    def writing_to(self, view: np.ndarray | None) -> Iterator[None]:
+        """Within this context, the first full-size ``scale_shift`` or ``backward_apply`` of the shape of ``view``
+        writes into ``view`` and returns it (None: no destination)."""
+        self._dest.view = view
+        try:
+            yield
+        finally:
+            self._dest.view = None
+
+    def _into(self, x: np.ndarray, per_channel: np.ndarray, kernel: Callable[..., np.ndarray], *args: np.ndarray
+              ) -> np.ndarray | None:
+        """``kernel`` over chunks of rows of the full-size ``args`` (x among them) into the destination; None when
+        there is none for ``x`` (or the channels are along the first axis, so that rows cannot be chunked)."""
+        view = getattr(self._dest, "view", None)
+        if view is None or view.shape != x.shape or view.dtype != x.dtype or x.ndim < 2 or per_channel.shape[0] != 1:
+            return None
+        self._dest.view = None  # one result per destination
+        _, slices = chunk_slices((x.shape[0], 1, x.size // x.shape[0]), HOST_CHUNK)
+        for sl in slices:
+            np.copyto(view[sl], kernel(*(a[sl] if a.shape == x.shape else a for a in args)))
+        return view
+
+    def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
+        out = self._into(x, scale, super().scale_shift, x, scale, shift)
+        return super().scale_shift(x, scale, shift) if out is None else out
+
+    def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
+        out = self._into(x, mean, super().backward_apply, dy, x, mean, a, b, c) if dy.shape == x.shape else None
+        return super().backward_apply(dy, x, mean, a, b, c) if out is None else out
+
+
+#: elements per chunk of the graph operator's results on the host (1 MiB of float32: small temporaries)
+HOST_CHUNK = 1 << 18
+_HOST = _HostBackend()
+
+
 class _GraphBatchNorm(mx.operator.CustomOp):
     """The batch-norm node: ``forward`` and ``backward`` run :mod:`multibn.algorithm` (train or eval, by MXNet's
     ``is_train``), the running statistics are the node's auxiliary states, written in place at the forward or, under
@@ -572,7 +619,7 @@ class _GraphBatchNorm(mx.operator.CustomOp):
         self.shapes = [tuple(s) for s in shapes]
         self.dtypes = [np.dtype(mx.ndarray.ndarray._DTYPE_MX_TO_NP[d]) for d in dtypes]
         self.host = host
-        self.be = _backend("numpy" if host else "mxnet")
+        self.be = _HOST if host else _backend("mxnet")
         self.rules = {True: alg.train_rule(self.be, conv, self.lay), False: alg.eval_rule(self.be, conv, self.lay)}
 
     def _arrays(self, arrays: Sequence[Array], index: Sequence[int]) -> list[Array]:
@@ -585,6 +632,8 @@ class _GraphBatchNorm(mx.operator.CustomOp):
             return
         if self.host:
             view = _host_view(dst, self.shapes[i], self.dtypes[i])
+            if value.ctypes.data == view.ctypes.data and value.shape == view.shape and value.dtype == view.dtype:
+                return  # written in place by the kernel (``_writing_to``)
             if req == "add":
                 view += value
             else:
@@ -595,6 +644,13 @@ class _GraphBatchNorm(mx.operator.CustomOp):
             mx.nd.elemwise_add(dst, value.astype(dst.dtype, copy=False), out=dst)
         else:
             value.astype(dst.dtype, copy=False).copyto(dst)
+
+    def _writing_to(self, dst: Array, req: str, i: int) -> contextlib.AbstractContextManager:
+        """On the host, a context in which the kernels write the full-size result into ``dst`` itself (request
+        "write" or "inplace"; MXNet's buffer is in the default layout and ready in the callback)."""
+        if not self.host or req not in ("write", "inplace"):
+            return contextlib.nullcontext()
+        return self.be.writing_to(_host_view(dst, self.shapes[i], self.dtypes[i]))
 
     def _state(self, aux: Sequence[Array]) -> Any:
         from ..state import BNState
@@ -627,7 +683,7 @@ class _GraphBatchNorm(mx.operator.CustomOp):
         inputs = tuple(self._arrays(in_data, (0, 1, 2)))
         self.train = bool(is_train)
         rule = self.rules[self.train]
-        with self.be.quiet():
+        with self.be.quiet(), self._writing_to(out_data[0], req[0], 0):
             if self.train:
                 y, mean, m2 = outputs = tuple(rule.forward(*inputs))
                 self.residuals = rule.residuals(inputs, outputs)
@@ -648,7 +704,7 @@ class _GraphBatchNorm(mx.operator.CustomOp):
         x, gamma = self._arrays(in_data[:2], (0, 1))
         (dy,) = self._arrays(out_grad[:1], (0,))
         residuals = self.residuals._replace(x=x, gamma=gamma)  # the backward's own views of the inputs
-        with self.be.quiet():
+        with self.be.quiet(), self._writing_to(in_grad[0], req[0], 0):
             if self.train:
                 grads = self.rules[True].backward(residuals, (dy, None, None))
                 if self.update == "backward":
