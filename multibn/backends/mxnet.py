@@ -76,8 +76,12 @@ class _BatchNormFunction(mx.autograd.Function):
                 ograds = [mx.nd.NDArray(ctypes.cast(p, ag.NDArrayHandle), writable=False) for p in ptrs[:num_ograds]]
                 igrads = [mx.nd.NDArray(ctypes.cast(p, ag.NDArrayHandle), writable=True)
                           for p in ptrs[num_ograds:num_ograds + num_igrads]]
-                for igrad, grad, req in zip(igrads, self.backward(*ograds), (reqs[i] for i in range(num_igrads)),
-                                            strict=True):
+                # dx straight into its gradient buffer where that is written, not overwritten in place
+                with _backend("mxnet").writing_to(igrads[0] if reqs[0] == 1 else None):
+                    grads = self.backward(*ograds)
+                for igrad, grad, req in zip(igrads, grads, (reqs[i] for i in range(num_igrads)), strict=True):
+                    if grad is igrad:
+                        continue
                     if req in (1, 2):  # write, inplace
                         igrad[:] = grad
                     elif req == 3:  # add
@@ -256,6 +260,28 @@ class MXNetBackend(Backend):
     extra = "mxnet"
     xp = MXNetNamespace()
 
+    def __init__(self) -> None:
+        self._dest = threading.local()  # MXNet runs backward callbacks on several engine threads
+
+    @contextlib.contextmanager
+    def writing_to(self, dst: Array | None) -> Iterator[None]:
+        """Within this context, the first ``backward_apply`` on the fast path whose result has the shape and dtype
+        of ``dst`` writes it into ``dst`` and returns ``dst`` itself (None: no destination). ``dst`` must not
+        overlap the operands (the chunk loops write a chunk before reading the next one's dy)."""
+        self._dest.array = dst
+        try:
+            yield
+        finally:
+            self._dest.array = None
+
+    def _output(self, x: Array) -> Array | None:
+        """The destination named by :meth:`writing_to` for a result like ``x`` (taken: one result per context)."""
+        dst = getattr(self._dest, "array", None)
+        if dst is None or dst.shape != x.shape or dst.dtype != x.dtype or dst.context != x.context:
+            return None
+        self._dest.array = None
+        return dst
+
     def is_array(self, obj: object) -> bool:
         return isinstance(obj, mx.nd.NDArray)
 
@@ -391,13 +417,15 @@ class MXNetBackend(Backend):
         v, g = _pcq(x, axes, a.dtype), _pcq(dy, axes, a.dtype)
         if v is None or g is None or dy.shape != x.shape:
             return super().backward_apply(dy, x, mean, a, b, c)
-        out = mx.nd.empty(v.shape, ctx=v.context, dtype=v.dtype)
+        dst = self._output(x)
+        result = mx.nd.empty(x.shape, ctx=v.context, dtype=v.dtype) if dst is None else dst
+        out = result.reshape(v.shape)
         if v.dtype == g.dtype == a.dtype and _onednn(v):
             zero = mx.nd.zeros(a.shape, ctx=a.context, dtype=a.dtype)
             for (xc, gc, oc), _ in _chunks(v, g, out, need_buf=False):
                 # ((x - mean) * b + c) + dy * a: two oneDNN affine maps and one add, in cache
                 mx.nd.elemwise_add(_affine(xc, b, c, mean), _affine(gc, a, zero), out=oc)
-            return out.reshape(x.shape)
+            return result
         m, a3, b3, c3 = (t.reshape((1, -1, 1)) for t in (mean, a, b, c))
         if v.dtype == g.dtype == a.dtype:
             for (xc, gc, oc), buf in _chunks(v, g, out):
@@ -406,7 +434,7 @@ class MXNetBackend(Backend):
                 mx.nd.broadcast_add(oc, c3, out=oc)
                 mx.nd.broadcast_mul(gc, a3, out=buf)
                 mx.nd.elemwise_add(oc, buf, out=oc)
-            return out.reshape(x.shape)
+            return result
         # narrow x or dy: the generic kernel's (dy * a + (x - mean) * b) + c, through two float32 buffers
         gbuf = _buffer(v, a.dtype)
         for (xc, gc, oc), buf in _chunks(v, g, out, dtype=a.dtype):
@@ -420,7 +448,7 @@ class MXNetBackend(Backend):
                 buf.copyto(oc)
             else:
                 mx.nd.Cast(buf, dtype=oc.dtype, out=oc)
-        return out.reshape(x.shape)
+        return result
 
 
 #: elements per chunk (4 MiB of float32): the scratch buffer stays in cache between the operators of one chunk
