@@ -387,9 +387,9 @@ class MXNetBackend(Backend):
         m = center.reshape((1, -1, 1))
         s1 = s2 = None
         for (xc,), buf in _chunks(v, dtype=center.dtype):
-            mx.nd.broadcast_sub(_cast(xc, buf), m, out=buf)
+            _sub(xc, m, buf)
             s1 = _accumulate(s1, _rsum(buf))
-            mx.nd.square(buf, out=buf)
+            mx.nd.elemwise_mul(buf, buf, out=buf)  # the square, twice as fast as mx.nd.square
             s2 = _accumulate(s2, _rsum(buf))
         return s1, s2
 
@@ -425,7 +425,7 @@ class MXNetBackend(Backend):
             if gbuf is not None:
                 gc = _cast(gc, gbuf[: gc.shape[0]])
                 s1 = _accumulate(s1, _rsum(gc))
-            mx.nd.broadcast_sub(_cast(xc, buf), m, out=buf)
+            _sub(xc, m, buf)
             mx.nd.elemwise_mul(buf, gc, out=buf)
             s2 = _accumulate(s2, _rsum(buf))
         return s1, s2
@@ -501,14 +501,29 @@ def _onednn(v: Array) -> bool:
     return v.shape[2] > 1 and np.dtype(v.dtype).name == "float32" and v.context.device_type == "cpu"
 
 
-def _affine(v: Array, gamma: Array, beta: Array, mean: Array | None = None) -> Array:
-    """gamma * (v - mean) + beta per channel of a (p, C, Q) view, by inference-mode BatchNorm."""
+def _affine(v: Array, gamma: Array, beta: Array, mean: Array | None = None, out: Array | None = None) -> Array:
+    """gamma * (v - mean) + beta per channel of a (p, C, Q) view, by inference-mode BatchNorm (into ``out``, an
+    array of the shape of ``v``, if given)."""
     c = v.shape[1]
     ctx, dt = v.context, v.dtype
     mean = mx.nd.zeros((c,), ctx=ctx, dtype=dt) if mean is None else mean.reshape((c,))
     var = mx.nd.full((c,), 1.0 - _AFFINE_EPS, ctx=ctx, dtype=dt)
-    return mx.nd.BatchNorm(v.reshape((v.shape[0], c, v.shape[2], 1)), gamma.reshape((c,)), beta.reshape((c,)),
-                           mean, var, eps=_AFFINE_EPS, use_global_stats=True, fix_gamma=False).reshape(v.shape)
+    shape4 = (v.shape[0], c, v.shape[2], 1)
+    kw = {} if out is None else {"out": out.reshape(shape4)}
+    y = mx.nd.BatchNorm(v.reshape(shape4), gamma.reshape((c,)), beta.reshape((c,)), mean, var, eps=_AFFINE_EPS,
+                        use_global_stats=True, fix_gamma=False, **kw)
+    return y.reshape(v.shape) if out is None else out
+
+
+def _sub(xc: Array, m: Array, out: Array) -> Array:
+    """``out = xc - m`` (m per channel, (1, C, 1)) in the dtype of ``out``. float32 with a spatial axis: oneDNN's
+    affine BatchNorm with gamma 1 and beta 0, whose every step is exact but the subtraction, so the same numbers as
+    ``broadcast_sub`` at about twice its speed."""
+    if xc.dtype == out.dtype and _onednn(xc):
+        c = xc.shape[1]
+        ones = mx.nd.ones((c,), ctx=xc.context, dtype=xc.dtype)
+        return _affine(xc, ones, mx.nd.zeros((c,), ctx=xc.context, dtype=xc.dtype), m, out=out)
+    return mx.nd.broadcast_sub(_cast(xc, out), m, out=out)
 
 
 def _rsum(v: Array) -> Array:
