@@ -303,21 +303,6 @@ class MXNetBackend(Backend):
         t = a.dtype  # NDArray.dtype gives a NumPy scalar type
         return _DTYPE_NAMES.get(t) or np.dtype(t).name
 
-    def blend(self, keep: Any, a: Array, take: Any, b: Array) -> Array:
-        """``take * b + keep * a``; with float weights on small CPU vectors, the same float operations in NumPy on
-        host copies (three MXNet operators cost three engine pushes, more than the whole small batch norm)."""
-        if (isinstance(keep, float) and isinstance(take, float) and isinstance(a, mx.nd.NDArray)
-                and not mx.autograd.is_recording() and type(a) is type(b) and a.shape == b.shape
-                and a.dtype == b.dtype and a.ndim == 1 and a.size <= HOST_MAX_ELEMENTS
-                and a.context.device_type == "cpu" and b.context == a.context):
-            dt = np.dtype(a.dtype)
-            # NumPy < 2 would compute a Python float times a float32 array in float32 too, but say so explicitly
-            r = np.multiply(b.asnumpy(), dt.type(take), dtype=dt)
-            r += np.multiply(a.asnumpy(), dt.type(keep), dtype=dt)
-            out = _from_host(r, a.context)
-            return _as_np(out) if isinstance(a, mx.np.ndarray) else out
-        return super().blend(keep, a, take, b)
-
     def dtype(self, name: str) -> object:
         if name == "bfloat16":
             raise TypeError("the mxnet backend has no bfloat16 dtype (MXNet 1.9 NDArray)")
