@@ -154,15 +154,11 @@ class BatchNorm(gluon.HybridBlock):
             x, gamma, beta, running_mean, running_var = (
                 a.as_nd_ndarray() for a in (x, gamma, beta, running_mean, running_var))
         # The operator's Python code must get x in MXNet's default layout. A convolution's output may be in one of
-        # oneDNN's blocked layouts, which the operator's callback reads wrongly now and then; reshaping to
-        # (N, C, rest) makes MXNet reorder it first (and the statistics over (N, rest) are those over every axis
-        # but 1).
-        shape = x
-        if self.axis == 1:
-            x = F.reshape(x, shape=(0, 0, -1))
+        # oneDNN's blocked layouts, which the operator's callback reads wrongly now and then; a reshape makes MXNet
+        # reorder it first. The reshape is the identity (-2: every axis as it is), so that the operator's output
+        # has the shape of x: no reshape back, which would copy y (and dy) in a hybridized graph.
+        x = F.reshape(x, shape=(-2,))
         y = F.Custom(x, gamma, beta, running_mean, running_var, op_type=OP_TYPE, name="fwd", **self._attrs)
-        if self.axis == 1:
-            y = F.reshape_like(y, shape)
         return y.as_np_ndarray() if np_arrays else y
 
 
