@@ -219,7 +219,7 @@ class TorchBackend(Backend):
             return super().backward_sums(dy, x, mean, axes)
         m = mean.reshape(1, -1, 1)
         s1 = s2 = None
-        gbuf = None if dy.dtype == mean.dtype else torch.empty_like(next(_chunks(mean.dtype, v))[1])
+        gbuf = None if dy.dtype == mean.dtype else _buffer(mean.dtype, v)
         for (xc, gc), buf in _chunks(mean.dtype, v, g):
             gc = gc if gbuf is None else gbuf[: gc.shape[0]].copy_(gc)
             s1 = _accumulate(s1, _reduce(gc))
@@ -237,7 +237,7 @@ class TorchBackend(Backend):
         out = torch.empty_like(x)
         m, a, b, c = (t.reshape(1, -1, 1) for t in (mean, a, b, c))
         same = x.dtype == a.dtype
-        gbuf = None if dy.dtype == a.dtype else torch.empty_like(next(_chunks(a.dtype, v))[1])
+        gbuf = None if dy.dtype == a.dtype else _buffer(a.dtype, v)
         for (xc, gc, oc), buf in _chunks(a.dtype, v, g, out.view(v.shape), need_buf=not same):
             t = oc if same else buf  # float32 output: work in the output itself, no scratch buffer
             gc = gc if gbuf is None else gbuf[: gc.shape[0]].copy_(gc)
@@ -330,14 +330,25 @@ def _sub(xc: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(xc).sub_(m)
 
 
+def _chunk_slices(dtype: torch.dtype, v: torch.Tensor) -> tuple[int, list[slice]]:
+    """Rows per chunk of the (P, C, Q) tensor ``v`` worked on in ``dtype``, and the chunks' slices. x narrower than
+    the buffer (float16/bfloat16 into float32): a quarter of the elements, so that the buffers (two in the backward)
+    stay small beside one activation."""
+    return chunk_slices(v.shape, _CHUNK if v.dtype.itemsize >= dtype.itemsize else _CHUNK // 4)
+
+
+def _buffer(dtype: torch.dtype, v: torch.Tensor) -> torch.Tensor:
+    """A scratch buffer in ``dtype`` for one chunk of the (P, C, Q) tensor ``v``."""
+    rows, _ = _chunk_slices(dtype, v)
+    return torch.empty((rows, *v.shape[1:]), dtype=dtype, device=v.device)
+
+
 def _chunks(dtype: torch.dtype, *vs: torch.Tensor, need_buf: bool = True
             ) -> Iterator[tuple[tuple[torch.Tensor, ...], Any]]:
     """Chunks along P of (P, C, Q) tensors of one shape, each time with a reused buffer of the chunk's shape (None
     without ``need_buf``)."""
-    # x narrower than the buffer (float16/bfloat16 into float32): a quarter of the elements, so that the
-    # buffers (two in the backward) stay small beside one activation
-    rows, slices = chunk_slices(vs[0].shape, _CHUNK if vs[0].dtype.itemsize >= dtype.itemsize else _CHUNK // 4)
-    buf = torch.empty((rows, *vs[0].shape[1:]), dtype=dtype, device=vs[0].device) if need_buf else None
+    _, slices = _chunk_slices(dtype, vs[0])
+    buf = _buffer(dtype, vs[0]) if need_buf else None
     for sl in slices:
         chunk = tuple(t[sl] for t in vs)
         yield chunk, None if buf is None else buf[: chunk[0].shape[0]]
