@@ -11,7 +11,7 @@ from typing import Any
 import array_api_compat.numpy as compat
 import numpy as np
 
-from .base import Array, Backend, channel_view_shape
+from .base import ROW_BLOCK, Array, Backend, channel_view_shape, sum_rows
 
 
 def _reshape(x: Array, /, shape: tuple[int, ...], *, copy: bool | None = None) -> Array:
@@ -164,8 +164,6 @@ _EXPAND_MAX = 1 << 20
 _RUN = 256
 #: runs shorter than this keep NumPy's ufunc buffer (see _Plan.unbuffered): an inner loop per run would cost more
 _SHORT = 128
-#: rows of P added one after the other when Q == 1 (channels last): then the blocks' sums, the same way
-_BLOCK = 64
 
 
 def _pcq(x: np.ndarray, axes: Sequence[int]) -> np.ndarray | None:
@@ -179,11 +177,11 @@ def _pcq(x: np.ndarray, axes: Sequence[int]) -> np.ndarray | None:
 class _Plan:
     """How a kernel streams a (P, C, Q) view: ``tiles``, (rows of P, channels) slices of about _CHUNK elements
     (whole (C, Q) slabs while one fits, else slabs cut along C into near-equal parts; rows in whole groups of
-    ``group``: _BLOCK when Q == 1, the rows that :class:`_Sums` adds one after the other, else 1)."""
+    ``group``: ROW_BLOCK when Q == 1, the rows that :class:`_Sums` adds one after the other, else 1)."""
 
     def __init__(self, shape: tuple[int, int, int]) -> None:
         p, c, q = self.shape = shape
-        self.group = g = _BLOCK if q == 1 else 1
+        self.group = g = ROW_BLOCK if q == 1 else 1
         self.expand = 1 < q < _LONG and c * q <= _EXPAND_MAX
         rows = min(g, p)  # the fewest rows a tile can have
         if rows * c * q <= _CHUNK:
@@ -238,7 +236,7 @@ class _Scratch:
 
 class _Sums:
     """Per-channel sums of the tiles of a plan: each tile's sums over Q and its groups of rows go to a small
-    (groups, C) array, whose rows are summed blockwise at the end (:func:`_sum_rows`)."""
+    (groups, C) array, whose rows are summed blockwise at the end (:func:`sum_rows`)."""
 
     def __init__(self, plan: _Plan, dtype: Any) -> None:
         p, c, _ = plan.shape
@@ -252,7 +250,7 @@ class _Sums:
         _tile_sums(a, b, self.g, self.rows[start: start + -(-a.shape[0] // self.g), ch])
 
     def total(self) -> np.ndarray:
-        return _sum_rows(self.rows)
+        return sum_rows(self.rows)
 
 
 def _tile_sums(a: np.ndarray, b: np.ndarray | None, g: int, out: np.ndarray) -> None:
@@ -260,7 +258,7 @@ def _tile_sums(a: np.ndarray, b: np.ndarray | None, g: int, out: np.ndarray) -> 
 
     Q > 1: np.einsum over runs of _RUN elements (its SIMD loop is 3x faster than NumPy's pairwise sum and fuses
     the product), the runs' sums then added pairwise by ``sum``. Q == 1: rows added one after the other in blocks of
-    g = _BLOCK (as :func:`_sum_rows`), by np.einsum (fusing the product) along the contiguous channels."""
+    g = ROW_BLOCK (as :func:`sum_rows`), by np.einsum (fusing the product) along the contiguous channels."""
     ops = (a,) if b is None else (a, b)
     p, c, q = a.shape
     if q == 1:
@@ -289,14 +287,3 @@ def _run_length(q: int) -> int:
     if q <= 2 * _RUN:
         return q
     return next((r for r in range(_RUN, _RUN // 2 - 1, -1) if q % r == 0), _RUN)
-
-
-def _sum_rows(a: np.ndarray, dtype: Any = None) -> np.ndarray:
-    """Sum of a (p, C) array over p in blocks of 64 rows, then over the blocks' sums the same way: NumPy adds the
-    rows of a non-contiguous axis one after the other (error growing with p: a constant channel of 200k float32
-    values got a mean off by 1e-3); blocks bound it by about 64 + log64(p) units of roundoff, in one pass."""
-    m = a.shape[0] // 64 * 64
-    if m == 0:
-        return a.sum(0, dtype=dtype)
-    blocks = _sum_rows(a[:m].reshape(-1, 64, a.shape[1]).sum(1, dtype=dtype))
-    return blocks + a[m:].sum(0, dtype=dtype) if m < a.shape[0] else blocks
