@@ -77,7 +77,7 @@ class _BatchNormFunction(mx.autograd.Function):
                 igrads = [mx.nd.NDArray(ctypes.cast(p, ag.NDArrayHandle), writable=True)
                           for p in ptrs[num_ograds:num_ograds + num_igrads]]
                 # dx straight into its gradient buffer where that is written, not overwritten in place
-                with _backend("mxnet").writing_to(igrads[0] if reqs[0] == 1 else None):
+                with _backend("mxnet").destination.writing_to(igrads[0] if reqs[0] == 1 else None):
                     grads = self.backward(*ograds)
                 for igrad, grad, req in zip(igrads, grads, (reqs[i] for i in range(num_igrads)), strict=True):
                     if grad is igrad:
@@ -264,32 +264,41 @@ class MXNetNamespace:
         return _made(mx.nd.array(np.asarray(obj), ctx=_ctx(device), dtype=dtype))
 
 
+class _Destination:
+    """The array the next full-size result of a kernel goes into instead of a new one, named per thread (MXNet runs
+    its callbacks on several engine threads) for the span of :meth:`writing_to`, and taken by the first result of
+    its shape, dtype and device."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def writing_to(self, dst: Any) -> Iterator[None]:
+        """Within this context ``dst`` (None: no destination) takes the first result that fits. It must not overlap
+        the kernel's operands (the chunk loops write a chunk before reading the next one's)."""
+        self._local.dst = dst
+        try:
+            yield
+        finally:
+            self._local.dst = None
+
+    def take(self, x: Any) -> Any:
+        """The destination for a result like ``x`` (same shape, dtype and device), once; None otherwise."""
+        dst = getattr(self._local, "dst", None)
+        if (dst is None or dst.shape != x.shape or dst.dtype != x.dtype
+                or getattr(dst, "context", None) != getattr(x, "context", None)):
+            return None
+        self._local.dst = None
+        return dst
+
+
 class MXNetBackend(Backend):
     name = "mxnet"
     extra = "mxnet"
     xp = MXNetNamespace()
 
-    def __init__(self) -> None:
-        self._dest = threading.local()  # MXNet runs backward callbacks on several engine threads
-
-    @contextlib.contextmanager
-    def writing_to(self, dst: Array | None) -> Iterator[None]:
-        """Within this context, the first ``backward_apply`` on the fast path whose result has the shape and dtype
-        of ``dst`` writes it into ``dst`` and returns ``dst`` itself (None: no destination). ``dst`` must not
-        overlap the operands (the chunk loops write a chunk before reading the next one's dy)."""
-        self._dest.array = dst
-        try:
-            yield
-        finally:
-            self._dest.array = None
-
-    def _output(self, x: Array) -> Array | None:
-        """The destination named by :meth:`writing_to` for a result like ``x`` (taken: one result per context)."""
-        dst = getattr(self._dest, "array", None)
-        if dst is None or dst.shape != x.shape or dst.dtype != x.dtype or dst.context != x.context:
-            return None
-        self._dest.array = None
-        return dst
+    #: where ``backward_apply`` on the fast path writes its result (dx into ``x.grad``), when one is named
+    destination: _Destination = _Destination()
 
     def is_array(self, obj: object) -> bool:
         return isinstance(obj, mx.nd.NDArray)
@@ -427,7 +436,7 @@ class MXNetBackend(Backend):
         v, g = _pcq(x, axes, a.dtype), _pcq(dy, axes, a.dtype)
         if v is None or g is None or dy.shape != x.shape:
             return super().backward_apply(dy, x, mean, a, b, c)
-        dst = self._output(x)
+        dst = self.destination.take(x)
         result = mx.nd.empty(x.shape, ctx=v.context, dtype=v.dtype) if dst is None else dst
         out = result.reshape(v.shape)
         if v.dtype == g.dtype == a.dtype and _onednn(v):
@@ -612,31 +621,22 @@ def _host_view(a: Array, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 class _HostBackend(NumpyBackend):
     """The NumPy adapter for the graph operator: the full-size result of a call (y, dx) goes straight into the buffer
-    MXNet gave the operator for it (a host view, named by :meth:`writing_to`) instead of a new array then copied.
+    MXNet gave the operator for it (a host view, named by ``destination``) instead of a new array then copied.
     The NumPy kernels run on chunks of rows along the first axis and each chunk is copied into the destination while
     in cache: the same operations on every element, a chunk-size temporary instead of a full-size one."""
 
-    def __init__(self) -> None:
-        self._dest = threading.local()  # MXNet runs the callbacks of several nodes at once, on several threads
-
-    @contextlib.contextmanager
-    def writing_to(self, view: np.ndarray | None) -> Iterator[None]:
-        """Within this context, the first full-size ``scale_shift`` or ``backward_apply`` of the shape of ``view``
-        writes into ``view`` and returns it (None: no destination)."""
-        self._dest.view = view
-        try:
-            yield
-        finally:
-            self._dest.view = None
+    #: where the full-size ``scale_shift`` or ``backward_apply`` writes (a host view of MXNet's buffer), when named
+    destination: _Destination = _Destination()
 
     def _into(self, x: np.ndarray, per_channel: np.ndarray, kernel: Callable[..., np.ndarray], *args: np.ndarray
               ) -> np.ndarray | None:
         """``kernel`` over chunks of rows of the full-size ``args`` (x among them) into the destination; None when
         there is none for ``x`` (or the channels are along the first axis, so that rows cannot be chunked)."""
-        view = getattr(self._dest, "view", None)
-        if view is None or view.shape != x.shape or view.dtype != x.dtype or x.ndim < 2 or per_channel.shape[0] != 1:
+        if x.ndim < 2 or per_channel.shape[0] != 1:
             return None
-        self._dest.view = None  # one result per destination
+        view = self.destination.take(x)
+        if view is None:
+            return None
         _, slices = chunk_slices((x.shape[0], 1, x.size // x.shape[0]), HOST_CHUNK)
         for sl in slices:
             np.copyto(view[sl], kernel(*(a[sl] if a.shape == x.shape else a for a in args)))
@@ -703,7 +703,7 @@ class _GraphBatchNorm(mx.operator.CustomOp):
         "write" or "inplace"; MXNet's buffer is in the default layout and ready in the callback)."""
         if not self.host or req not in ("write", "inplace"):
             return contextlib.nullcontext()
-        return self.be.writing_to(_host_view(dst, self.shapes[i], self.dtypes[i]))
+        return self.be.destination.writing_to(_host_view(dst, self.shapes[i], self.dtypes[i]))
 
     def _state(self, aux: Sequence[Array]) -> Any:
         from ..state import BNState
