@@ -62,9 +62,9 @@ class Backend:
         return array_api_compat.device(a)
 
     def signature(self, arrays: Sequence[object]) -> tuple | None:
-        """What the checks of a call depend on: a hashable summary of each array (None stays None) that equals
-        another's only for arrays of the same type, shape, dtype and device; None when calls on this backend are
-        not to be cached (the default). It may raise for an object that is not an array of this backend."""
+        """What the checks of a call depend on besides shapes: a hashable summary of each array (None stays None)
+        that equals another's only for arrays of the same type, dtype and device; None when calls on this backend
+        are not to be cached (the default). It may raise for an object that is not an array of this backend."""
         return None
 
     def full(self, n: int, value: float, dtype: str, device: object = None) -> Array:
@@ -104,11 +104,12 @@ class Backend:
         return 1 / a
 
     # ---- autodiff hook --------------------------------------------------------------------------------
-    def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
-        """``op(*inputs) -> outputs`` whose derivatives are ``rule``'s (a :class:`multibn.algorithm.Rule`):
-        its ``backward`` for reverse mode, its ``jvp`` for forward mode. The generic version has no autodiff: it
-        just runs the forward."""
-        return rule.forward
+    def custom_op(self, make_rule: Callable[[Backend], Rule]) -> Callable[..., tuple[Array, ...]]:
+        """``op(sync, *inputs) -> outputs`` whose derivatives are those of ``make_rule(self)`` (a
+        :class:`multibn.algorithm.Rule`): its ``backward`` for reverse mode, its ``jvp`` for forward mode; ``sync``
+        is passed through as a constant. ``make_rule`` takes a backend so that an adapter may run the same rule on
+        another (MXNet runs small arrays on NumPy). The generic version has no autodiff: it runs the forward."""
+        return make_rule(self).forward
 
     # ---- synchronised BN: the framework's collectives ------------------------------------------------------
     def sync_group(self, sync: object) -> object:
@@ -117,8 +118,8 @@ class Backend:
             f"sync is supported on the torch (torch.distributed) and jax (axis names) backends, not on {self.name}"
         )
 
-    def replica_counts(self, count: int, group: object) -> tuple[int, ...]:
-        """Every replica's element count per channel, in replica order."""
+    def gather_ints(self, values: tuple[int, ...], group: object) -> tuple[tuple[int, ...], ...]:
+        """Every replica's ``values`` (a few Python ints describing its call), in replica order."""
         raise NotImplementedError
 
     def all_reduce_sum(self, a: Array, group: object) -> Array:

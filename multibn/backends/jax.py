@@ -6,7 +6,9 @@ truncate it silently. ``num_batches_tracked`` is int32 unless x64 is on.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -78,8 +80,8 @@ class JaxBackend(Backend):
             )
         return sync
 
-    def replica_counts(self, count: int, group: object) -> tuple[int, ...]:
-        return (count,) * jax.lax.psum(1, group)  # shards of one array have equal shapes
+    def gather_ints(self, values: tuple[int, ...], group: object) -> tuple[tuple[int, ...], ...]:
+        return (values,) * jax.lax.psum(1, group)  # one program on shards of one array: every replica's are equal
 
     def all_reduce_sum(self, a: Array, group: object) -> Array:
         return jax.lax.psum(a, group)
@@ -112,18 +114,20 @@ class JaxBackend(Backend):
         g = dy.reshape(x.shape).astype(mean.dtype)  # a tangent or cotangent of x: x's shape
         return jnp.sum(g, axis=axes), jnp.sum(g * (x.astype(mean.dtype) - mean), axis=axes)
 
-    def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
-        """A ``jax.custom_jvp`` with ``rule.jvp``: forward mode directly, reverse mode by JAX's transposition of
-        that linear rule (which also sums the cotangents of parameters replicated over ``shard_map`` axes), and
-        every higher order by differentiating the rule, which calls the op itself again."""
+    def custom_op(self, make_rule: Callable[[Backend], Rule]) -> Callable[..., tuple[Array, ...]]:
+        """A ``jax.custom_jvp`` with the rule's ``jvp`` (``sync`` a static argument): forward mode directly,
+        reverse mode by JAX's transposition of that linear rule (which also sums the cotangents of parameters
+        replicated over ``shard_map`` axes), and every higher order by differentiating the rule, which calls the op
+        itself again."""
+        rule = make_rule(self)
 
-        @jax.custom_jvp
-        def op(*inputs: Array) -> tuple[Array, ...]:
-            return tuple(rule.forward(*inputs))
+        @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+        def op(sync: Any, *inputs: Array) -> tuple[Array, ...]:
+            return tuple(rule.forward(sync, *inputs))
 
         @op.defjvp
-        def op_jvp(primals: tuple[Array, ...], tangents: tuple[Array, ...]) -> tuple[tuple, tuple]:
-            outputs = op(*primals)
-            return outputs, tuple(rule.jvp(rule.residuals(primals, outputs), tangents[: rule.n_diff]))
+        def op_jvp(sync: Any, primals: tuple[Array, ...], tangents: tuple[Array, ...]) -> tuple[tuple, tuple]:
+            outputs = op(sync, *primals)
+            return outputs, tuple(rule.jvp(rule.residuals(sync, primals, outputs), tangents[: rule.n_diff]))
 
         return op

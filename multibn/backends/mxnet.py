@@ -50,8 +50,8 @@ class _BatchNormFunction(mx.autograd.Function):
         self._rule = rule
 
     def forward(self, *inputs: Array) -> tuple[Array, ...]:
-        outputs = tuple(self._rule.forward(*inputs))
-        residuals = self._rule.residuals(inputs, outputs)
+        outputs = tuple(self._rule.forward(None, *inputs))
+        residuals = self._rule.residuals(None, inputs, outputs)
         # outputs among the residuals (mean) are detached: their autograd entry points at this node, which holds
         # this function, so keeping them as they are would keep the node, and the copy of x, alive for good
         self.residuals = type(residuals)(*(r.copy() if any(r is a for a in inputs) else
@@ -118,8 +118,8 @@ class _HostFunction(_BatchNormFunction):
         self.ctx = inputs[0].context
         host = tuple(a.asnumpy() for a in inputs)
         with _backend("numpy").quiet():  # inf and NaN arise silently, as on MXNet
-            outputs = tuple(self._rule.forward(*host))
-            self.residuals = self._rule.residuals(host, outputs)
+            outputs = tuple(self._rule.forward(None, *host))
+            self.residuals = self._rule.residuals(None, host, outputs)
         self.consts = inputs[self._rule.n_diff:]
         return tuple(_from_host(o, self.ctx) for o in outputs)
 
@@ -133,19 +133,6 @@ _DTYPE_NAMES = {t: np.dtype(t).name for t in (np.float16, np.float32, np.float64
 #: the functional API runs arrays of at most this many elements on the NumPy adapter (single-threaded; above it,
 #: MXNet's multi-threaded BLAS and oneDNN kernels win)
 HOST_MAX_ELEMENTS = 1 << 17
-
-
-def _on_host(rule: Rule) -> Rule | None:
-    """``rule``, whose functions are partials of the algorithm over this adapter, re-bound to the NumPy adapter;
-    None if they are not (or are synchronised: NumPy has no collectives)."""
-    names = ("forward", "residuals", "backward", "jvp")
-    fns = [getattr(rule, n) for n in names]
-    if not all(isinstance(f, functools.partial) and f.args and isinstance(f.args[0], MXNetBackend)
-               and f.keywords.get("sync") is None for f in fns):
-        return None
-    numpy_be = _backend("numpy")
-    return rule._replace(**{n: functools.partial(f.func, numpy_be, *f.args[1:], **f.keywords)
-                            for n, f in zip(names, fns, strict=True)})
 
 
 def _from_host(a: np.ndarray, ctx: mx.Context) -> Array:
@@ -338,19 +325,18 @@ class MXNetBackend(Backend):
     def untracked(self) -> contextlib.AbstractContextManager:
         return mx.autograd.pause()
 
-    def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
-        """The op through ``mxnet.autograd.Function``; on small CPU arrays the same algorithm runs on the NumPy
-        adapter (the rule re-bound to it) on host copies: MXNet pushes each operator to its engine at 15-60 us
-        apiece, NumPy runs the whole small batch norm in less."""
-        host_rule = _on_host(rule)
+    def custom_op(self, make_rule: Callable[[Backend], Rule]) -> Callable[..., tuple[Array, ...]]:
+        """The op through ``mxnet.autograd.Function``; on small CPU arrays the same rule runs on the NumPy adapter
+        on host copies: MXNet pushes each operator to its engine at 15-60 us apiece, NumPy runs the whole small
+        batch norm in less. MXNet has no collectives: ``sync`` is always None here."""
+        rule, host_rule = make_rule(self), make_rule(_backend("numpy"))
 
-        def op(*inputs: Array) -> tuple[Array, ...]:
+        def op(sync: None, *inputs: Array) -> tuple[Array, ...]:
             np_arrays = isinstance(inputs[0], mx.np.ndarray)
             if np_arrays:
                 inputs = tuple(map(_legacy, inputs))
             x = inputs[0]
-            if (host_rule is not None and len(inputs) == rule.n_diff and x.size <= HOST_MAX_ELEMENTS
-                    and x.context.device_type == "cpu"):
+            if len(inputs) == rule.n_diff and x.size <= HOST_MAX_ELEMENTS and x.context.device_type == "cpu":
                 outputs = _HostFunction(host_rule)(*inputs)
             else:
                 outputs = _BatchNormFunction(rule)(*inputs)
@@ -673,7 +659,8 @@ class _GraphBatchNorm(mx.operator.CustomOp):
         self.dtypes = [np.dtype(mx.ndarray.ndarray._DTYPE_MX_TO_NP[d]) for d in dtypes]
         self.host = host
         self.be = _HOST if host else _backend("mxnet")
-        self.rules = {True: alg.train_rule(self.be, conv, self.lay), False: alg.eval_rule(self.be, conv, self.lay)}
+        norm = alg.Norm.of(conv)
+        self.rules = {True: alg.train_rule(self.be, norm, axis), False: alg.eval_rule(self.be, norm, axis)}
 
     def _arrays(self, arrays: Sequence[Array], index: Sequence[int]) -> list[Array]:
         if self.host:
@@ -738,8 +725,8 @@ class _GraphBatchNorm(mx.operator.CustomOp):
         rule = self.rules[self.train]
         with self.be.quiet(), self._writing_to(out_data[0], req[0], 0):
             if self.train:
-                y, mean, m2 = outputs = tuple(rule.forward(*inputs))
-                self.residuals = rule.residuals(inputs, outputs)
+                y, mean, m2 = outputs = tuple(rule.forward(None, *inputs))
+                self.residuals = rule.residuals(None, inputs, outputs)
                 stats = alg.Stats(self.lay.count, mean, m2)
                 if self.update == "forward":
                     self._update(aux, stats)
@@ -748,8 +735,8 @@ class _GraphBatchNorm(mx.operator.CustomOp):
             else:
                 state = self._state(aux)
                 inputs += (state.running_mean, state.running_var)
-                (y,) = outputs = tuple(rule.forward(*inputs))
-                self.residuals = rule.residuals(inputs, outputs)
+                (y,) = outputs = tuple(rule.forward(None, *inputs))
+                self.residuals = rule.residuals(None, inputs, outputs)
         self._store(out_data[0], req[0], y, 0)
         self._settle(out_data[:1], [r for r in self.residuals if hasattr(r, "wait_to_read")])
 

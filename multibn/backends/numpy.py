@@ -50,7 +50,7 @@ class NumpyBackend(Backend):
         return np.asarray(obj, dtype=dtype)
 
     def signature(self, arrays: Sequence[object]) -> tuple | None:
-        return tuple(None if a is None else (type(a), a.shape, a.dtype) for a in arrays)
+        return tuple(None if a is None else (type(a), a.dtype) for a in arrays)
 
     def to_numpy(self, a: Array) -> np.ndarray:
         return np.asarray(a)

@@ -54,9 +54,10 @@ class TorchBackend(Backend):
         return torch.as_tensor(obj, dtype=None if dtype is None else self.dtype(dtype), device=device)
 
     def signature(self, arrays: Sequence[object]) -> tuple | None:
-        if torch.compiler.is_compiling():
-            return None  # the graph is traced once; Dynamo guards on the arguments itself
-        return tuple(None if a is None else (type(a), a.shape, a.dtype, a.device) for a in arrays)
+        return tuple(None if a is None else (type(a), a.dtype, a.device) for a in arrays)
+
+    def device_of(self, a: Array) -> Any:
+        return a.device  # not array_api_compat.device: its cached type tests make torch.compile warn
 
     def to_numpy(self, a: Array) -> np.ndarray:
         a = a.detach().cpu()
@@ -81,13 +82,14 @@ class TorchBackend(Backend):
             return sync
         raise TypeError(f"sync on the torch backend must be True or a torch.distributed.ProcessGroup, got {sync!r}")
 
-    def replica_counts(self, count: int, group: object) -> tuple[int, ...]:
+    def gather_ints(self, values: tuple[int, ...], group: object) -> tuple[tuple[int, ...], ...]:
         import torch.distributed as dist
 
         device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-        counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(counts, torch.tensor([count], dtype=torch.int64, device=device), group=group)
-        return tuple(int(c) for c in counts)
+        mine = torch.tensor(values, dtype=torch.int64, device=device)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, mine, group=group)
+        return tuple(tuple(int(v) for v in t.tolist()) for t in every)
 
     def all_reduce_sum(self, a: Array, group: object) -> Array:
         import torch.distributed as dist
@@ -109,7 +111,9 @@ class TorchBackend(Backend):
     def reciprocal(self, a: Array) -> Array:
         return torch.reciprocal(a)  # what 1 / a runs, without its Python wrapper and its extra `* 1`
 
-    def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
+    def custom_op(self, make_rule: Callable[[Backend], Rule]) -> Callable[..., tuple[Array, ...]]:
+        rule = make_rule(self)
+
         class BatchNormFunction(torch.autograd.Function):
             """Reverse mode by ``rule.backward``, forward mode by ``rule.jvp``, vmap by running both batched.
 
@@ -120,37 +124,38 @@ class TorchBackend(Backend):
             generate_vmap_rule = True
 
             @staticmethod
-            def forward(*inputs: Array) -> tuple[Array, ...]:  # type: ignore[override]
-                return tuple(rule.forward(*inputs))
+            def forward(sync: Any, *inputs: Array) -> tuple[Array, ...]:  # type: ignore[override]
+                return tuple(rule.forward(sync, *inputs))
 
             @staticmethod
-            def setup_context(ctx: Any, inputs: tuple[Array, ...], output: tuple[Array, ...]) -> None:
+            def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Array, ...]) -> None:
                 ctx.set_materialize_grads(False)
-                ctx.n_inputs, ctx.n_outputs = len(inputs), len(output)
+                ctx.sync = inputs[0]
+                ctx.n_inputs, ctx.n_outputs = len(inputs) - 1, len(output)
                 # only the outputs the residuals read, not y: saving y would keep it alive and forbid in-place
                 # ops on it (BN -> ReLU(inplace=True)), as native BN allows
                 kept = tuple(output[i] for i in rule.kept)
-                ctx.save_for_backward(*inputs, *kept)
-                ctx.save_for_forward(*inputs, *kept)
+                ctx.save_for_backward(*inputs[1:], *kept)
+                ctx.save_for_forward(*inputs[1:], *kept)
 
             @staticmethod
             def backward(ctx: Any, *cotangents: Array | None) -> tuple[Array | None, ...]:  # type: ignore[override]
                 if all(c is None for c in cotangents):
-                    return (None,) * ctx.n_inputs
+                    return (None,) * (ctx.n_inputs + 1)
                 grads = rule.backward(residuals(ctx), tuple(None if c is None else c.contiguous() for c in cotangents))
-                grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=False)]
-                return (*grads, *([None] * (ctx.n_inputs - rule.n_diff)))
+                grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:], strict=False)]
+                return (None, *grads, *([None] * (ctx.n_inputs - rule.n_diff)))
 
             @staticmethod
             def jvp(ctx: Any, *tangents: Array | None) -> tuple[Array, ...]:
-                return tuple(rule.jvp(residuals(ctx), tangents[: rule.n_diff]))
+                return tuple(rule.jvp(residuals(ctx), tangents[1:rule.n_diff + 1]))
 
         def residuals(ctx: Any) -> tuple[Array, ...]:
             saved = ctx.saved_tensors
             outputs: list[Array | None] = [None] * ctx.n_outputs
             for i, t in zip(rule.kept, saved[ctx.n_inputs :], strict=True):
                 outputs[i] = t
-            return rule.residuals(saved[: ctx.n_inputs], tuple(outputs))
+            return rule.residuals(ctx.sync, saved[: ctx.n_inputs], tuple(outputs))
 
         # Function.apply binds the arguments to forward's signature on every call: give it the signature once
         BatchNormFunction.forward.__signature__ = inspect.signature(BatchNormFunction.forward)
@@ -158,11 +163,11 @@ class TorchBackend(Backend):
         class CompiledBatchNormFunction(BatchNormFunction):
             jvp = staticmethod(torch.autograd.Function.jvp)  # torch.compile refuses a custom jvp: none when compiling
 
-        def op(*inputs: Array) -> tuple[Array, ...]:
+        def op(sync: Any, *inputs: Array) -> tuple[Array, ...]:
             if _plain(*inputs):  # nothing to differentiate: no autograd node, no saved tensors
-                return tuple(rule.forward(*inputs))
+                return tuple(rule.forward(sync, *inputs))
             fn = CompiledBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
-            return tuple(fn.apply(*inputs))
+            return tuple(fn.apply(sync, *inputs))
 
         return op
 
