@@ -108,3 +108,11 @@ def test_bench_table_marks_keras_ratios_as_from_their_own_process():
     keras_line = next(line for line in text.splitlines() if " keras " in line)
     assert keras_line.endswith("*")
     assert "native BN and roofline timed beside them there" in text
+
+
+def test_bench_unknown_backend_is_a_usage_error(capsys):
+    """Like the other commands' bad selections: exit 2, one ``multibn bench: error:`` line, nothing run."""
+    assert main(["bench", "--backends", "foo", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("multibn bench: error: ") and "unknown backend" in err and "foo" in err
+    assert err.count("\n") == 1
