@@ -99,7 +99,7 @@ def test_top_level_help_is_user_text():
 
 
 def test_bench_table_marks_keras_ratios_as_from_their_own_process():
-    from multibn.bench import table
+    from multibn.cli.bench.report import table
 
     rec = dict(case="small", dtype="float32", backend="torch", runs=7, iqr_ms=0.1, ratio_to_roofline=2.0)
     rows = [dict(rec, impl="native", median_ms=1.0, ratio_to_native=1.0),
