@@ -201,9 +201,9 @@ def run(args: argparse.Namespace) -> int:
                           f"{_fmt(row['test_acc'], '9.4f')} {_fmt(recomputed)} {row['seconds']:6.1f}", flush=True)
 
                 def on_batch(epoch: int, done: int, total: int, label: str = label) -> None:
-                    if done == 1:
-                        progress.reset(total)
+                    if done == 1:  # a new epoch: the bar starts again
                         progress.set_description_str(f"  {label} epoch {epoch}/{epochs}", refresh=False)
+                        progress.reset(total)
                     progress.update()
 
                 try:
