@@ -69,7 +69,7 @@ def test_quick_battery_passes(quick: tuple[subprocess.CompletedProcess, dict]) -
 
 
 def test_check_imports_no_framework() -> None:
-    code = ("import sys, multibn.check, multibn.cli; "
+    code = ("import sys, multibn.cli.check, multibn.conformance, multibn.cli; "
             "print(sorted(m for m in ('torch', 'jax', 'mxnet', 'flax', 'keras') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

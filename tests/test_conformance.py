@@ -1,15 +1,16 @@
 """Cross-backend conformance: every installed backend against the float64 reference, and against each other.
 
-The reference is :mod:`multibn.reference` (pure NumPy, textbook formulas, independent of multibn.algorithm); the
-tolerance is its one table of unit roundoffs per dtype and the error model of ``step_bounds`` (stated and
-justified there). Cases, runners and comparisons come from :mod:`multibn.check`, which ``multibn check`` runs
-with fixed seeds; here hypothesis draws them (bounded examples by default, many more with ``--slow``).
+The reference is :mod:`multibn.conformance.reference` (pure NumPy, textbook formulas, independent of
+multibn.algorithm); the tolerance is its one table of unit roundoffs per dtype and the error model of
+``step_bounds`` (stated and justified there). Cases, runners and comparisons come from :mod:`multibn.conformance`,
+which ``multibn check`` runs with fixed seeds; here hypothesis draws them (bounded examples by default, many more
+with ``--slow``).
 
 For each drawn case and each installed backend, after every step: ``y``, ``dx``, ``dgamma``, ``dbeta``,
 ``running_mean``, ``running_var`` within the bound, ``num_batches_tracked`` exactly, NaN/+inf/-inf at exactly
 the reference's positions; a refusal (one value per channel under PyTorch's rules) at the same step. Backend
 pairs are compared with twice the bound. What a backend cannot do is listed once, in
-``multibn.check.UNSUPPORTED``, and ``test_unsupported_raises`` asserts that each raises a clear error.
+``multibn.conformance.UNSUPPORTED``, and ``test_unsupported_raises`` asserts that each raises a clear error.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from hypothesis import strategies as st
 
 import multibn
 from multibn import algorithm as alg
-from multibn import check as C
+from multibn import conformance as C
 from multibn.backends.base import Backend
 from multibn.conventions import CONVENTIONS
 from tests.conftest import ALL_BACKENDS, _why_missing
@@ -213,7 +214,7 @@ def test_unsupported_raises(key: tuple[str, str]) -> None:
     backend, what = key
     if backend not in INSTALLED:
         pytest.skip(f"{backend} is not installed here")
-    if key == ("jax", "float64") and C._jax_x64():
+    if key == ("jax", "float64") and C.jax_x64():
         pytest.skip("jax_enable_x64 is on in this process: float64 is supported")
     exc, text, _ = C.UNSUPPORTED[key]
     for call in _unsupported_calls(backend, what):

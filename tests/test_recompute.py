@@ -549,8 +549,8 @@ def _float64_recomputed(trainer: Any, batches: list[np.ndarray], x: np.ndarray, 
 @pytest.mark.parametrize(("task", "variant"), [("lenet", "bn"), ("placement", "before")])
 def test_train_recomputed_evaluation_against_float64_and_training_unchanged(backend: str, task: str,
                                                                            variant: str) -> None:
-    from multibn.train.runner import make_trainer
-    from multibn.train.tasks import TASKS
+    from multibn.cli.train.runner import make_trainer
+    from multibn.cli.train.tasks import TASKS
 
     x, y = _train_data(task)
     batches = [x[i:i + 8] for i in (0, 8, 16)]

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from multibn.cli import main
-from multibn.train.data import Dataset, load_fashion_mnist, parse_idx, read_idx, resize_digits
-from multibn.train.models import init_weights
-from multibn.train.runner import batch_order, divergence, make_trainer
-from multibn.train.tasks import TASKS
+from multibn.cli.train.data import Dataset, load_fashion_mnist, parse_idx, read_idx, resize_digits
+from multibn.cli.train.models import init_weights
+from multibn.cli.train.runner import batch_order, divergence, make_trainer
+from multibn.cli.train.tasks import TASKS
 
 from .conftest import _why_missing
 
@@ -291,7 +291,7 @@ def test_no_bn_trains_only_the_plain_network(capsys: pytest.CaptureFixture[str])
 
 
 def test_importing_train_imports_no_framework() -> None:
-    code = ("import sys, multibn.train; "
+    code = ("import sys, multibn.cli.train; "
             "print(sorted(m for m in ('torch', 'jax', 'mxnet', 'matplotlib', 'sklearn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
