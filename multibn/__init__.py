@@ -9,7 +9,7 @@ from .api import batch_norm, batch_norm_vjp, init_state
 from .backends import available_backends
 from .conventions import CONVENTIONS, Convention
 from .moments import ChannelMoments
-from .porting import convert_state
+from .convert import convert_state
 from .state import BNState
 
 __all__ = [

@@ -3,7 +3,7 @@
 Checkpoint files do not record eps, momentum or ``fix_gamma`` (they live in the model code), so the command takes
 them: the source and destination conventions (default: each format's own, ``torch``, ``gluon``, ``flax`` for flax
 and nnx), ``--src-eps``/``--dst-eps`` for every layer, and per layer ``--layer NAME:KEY=VALUE,...`` or a JSON
-``--map FILE``. Each BN layer goes through :func:`multibn.porting.convert_state`; the file through
+``--map FILE``. Each BN layer goes through :func:`multibn.convert.convert_state`; the file through
 :mod:`multibn.checkpoints` (layer names, the default renaming rule, every other entry carried unchanged).
 
 The JSON map is an object whose keys are source layer names (as the table prints them; ``""`` or ``"(root)"``
@@ -63,7 +63,7 @@ from .checkpoints import (
     write_checkpoint,
 )
 from .conventions import CONVENTIONS, Convention, check_eps, check_momentum, resolve_convention
-from .porting import convert_state_verbose
+from .convert import convert_state_verbose
 from .state import BNState
 
 _SETTINGS = {
