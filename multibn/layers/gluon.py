@@ -36,18 +36,16 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.mxnet import OP_TYPE, convention_attr, counter_of, mx  # MXNet after the NumPy alias it needs
+from ..backends.mxnet import mx  # MXNet after the NumPy alias it needs
 from ..conventions import Convention, resolve_convention
 from ..recompute import recompute_statistics_gluon as recompute_statistics
 from . import check_layer_args
+from ._gluon_op import OP_TYPE, UPDATES, convention_attr, counter_of
 
 autograd = mx.autograd
 gluon = mx.gluon
 
 __all__ = ["BatchNorm", "recompute_statistics"]
-
-_UPDATES = ("forward", "backward")
-
 
 class BatchNorm(gluon.HybridBlock):
     """Batch normalisation over every axis of the input but ``axis``, with a multibn convention.
@@ -87,7 +85,7 @@ class BatchNorm(gluon.HybridBlock):
     ) -> None:
         super().__init__(prefix=prefix, params=params)
         check_layer_args(num_features, num_dims, axis)
-        if update not in _UPDATES:
+        if update not in UPDATES:
             raise ValueError(f"update must be 'forward' or 'backward', got {update!r}")
         self.convention = resolve_convention(convention, momentum, eps)
         if num_dims is not None and not -num_dims <= axis < num_dims:
