@@ -33,7 +33,8 @@ with warnings.catch_warnings():  # MXNet 1.9 warns about NumPy/SciPy/distutils A
 if _torch is not None and _torch_threads is not None:
     _torch.set_num_threads(_torch_threads)
 
-from .base import Array, Backend, Rule, channel_view_shape, chunk_slices  # noqa: E402
+from ._chunks import accumulate, channel_view_shape, chunks, scratch  # noqa: E402
+from .base import Array, Backend, Rule  # noqa: E402
 
 
 class _BatchNormFunction(mx.autograd.Function):
@@ -375,7 +376,7 @@ class MXNetBackend(Backend):
             return _rsum(v)
         acc = None
         for (xc,), buf in _chunks(v, dtype=dtype):
-            acc = _accumulate(acc, _rsum(_cast(xc, buf)))
+            acc = accumulate(acc, _rsum(_cast(xc, buf)))
         return acc
 
     @_keeps_np
@@ -387,9 +388,9 @@ class MXNetBackend(Backend):
         s1 = s2 = None
         for (xc,), buf in _chunks(v, dtype=center.dtype):
             _sub(xc, m, buf)
-            s1 = _accumulate(s1, _rsum(buf))
+            s1 = accumulate(s1, _rsum(buf))
             mx.nd.elemwise_mul(buf, buf, out=buf)  # the square, twice as fast as mx.nd.square
-            s2 = _accumulate(s2, _rsum(buf))
+            s2 = accumulate(s2, _rsum(buf))
         return s1, s2
 
     @_keeps_np
@@ -423,10 +424,10 @@ class MXNetBackend(Backend):
         for (xc, gc), buf in _chunks(v, g, dtype=mean.dtype):
             if gbuf is not None:
                 gc = _cast(gc, gbuf[: gc.shape[0]])
-                s1 = _accumulate(s1, _rsum(gc))
+                s1 = accumulate(s1, _rsum(gc))
             _sub(xc, m, buf)
             mx.nd.elemwise_mul(buf, gc, out=buf)
-            s2 = _accumulate(s2, _rsum(buf))
+            s2 = accumulate(s2, _rsum(buf))
         return s1, s2
 
     @_keeps_np
@@ -535,27 +536,20 @@ def _rsum(v: Array) -> Array:
     return mx.nd.dot(mx.nd.ones((1, p), ctx=ctx, dtype=dt), rows.reshape((p, c))).reshape((c,))
 
 
-def _accumulate(acc: Array | None, part: Array) -> Array:
-    return part if acc is None else acc + part
+def _empty(v: Array, dtype: Any = None) -> Callable[[tuple[int, ...]], Array]:
+    return lambda shape: mx.nd.empty(shape, ctx=v.context, dtype=v.dtype if dtype is None else dtype)
 
 
 def _buffer(v: Array, dtype: Any = None) -> Array:
     """A scratch buffer for one chunk of the (P, C, Q) array ``v`` (in ``dtype``, default that of ``v``)."""
-    rows, _ = chunk_slices(v.shape, _CHUNK)
-    return mx.nd.empty((rows, *v.shape[1:]), ctx=v.context, dtype=v.dtype if dtype is None else dtype)
+    return scratch(v.shape, _CHUNK, _empty(v, dtype))
 
 
 def _chunks(*vs: Array, dtype: Any = None, need_buf: bool = True
             ) -> Iterator[tuple[tuple[Array, ...], Array | None]]:
     """Chunks along P of (P, C, Q) arrays of one shape, each time with a reused buffer of the chunk's shape (in
     ``dtype``, default that of the first array)."""
-    v = vs[0]
-    _, slices = chunk_slices(v.shape, _CHUNK)
-    buf = _buffer(v, dtype) if need_buf else None
-    for sl in slices:
-        chunk = tuple(t[sl] for t in vs)
-        n = chunk[0].shape[0]
-        yield chunk, (buf if buf is None or n == buf.shape[0] else buf[:n])
+    return chunks(vs, _CHUNK, _empty(vs[0], dtype) if need_buf else None)
 
 
 def _legacy(a: Array) -> Array:

@@ -22,7 +22,8 @@ import numpy as np
 
 from .. import algorithm as alg
 from ..backends import get_backend
-from ..backends.base import Array, chunk_slices
+from ..backends._chunks import chunk_slices
+from ..backends.base import Array
 from ..backends.mxnet import _Destination, _host_view, _legacy, mx  # MXNet after the NumPy alias it needs
 from ..backends.numpy import NumpyBackend
 from ..conventions import Convention
