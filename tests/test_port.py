@@ -1069,7 +1069,7 @@ def test_a_failing_write_leaves_nothing_behind(torch_file, tmp_path, monkeypatch
 
 
 def test_import_multibn_imports_no_framework():
-    code = ("import sys, multibn, multibn.cli.port, multibn.checkpoints, multibn.porting, multibn.cli; "
+    code = ("import sys, multibn, multibn.cli.port, multibn.checkpoints, multibn.convert, multibn.cli; "
             "print(sorted(m for m in ('torch', 'jax', 'mxnet', 'flax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})

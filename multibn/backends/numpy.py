@@ -11,7 +11,8 @@ from typing import Any
 import array_api_compat.numpy as compat
 import numpy as np
 
-from .base import ROW_BLOCK, Array, Backend, channel_view_shape, sum_rows
+from ._chunks import ROW_BLOCK, channel_view_shape, sum_rows
+from .base import Array, Backend
 
 
 def _reshape(x: Array, /, shape: tuple[int, ...], *, copy: bool | None = None) -> Array:

@@ -14,7 +14,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch._C import _functorch
 
-from .base import Array, Backend, Rule, channel_view_shape, chunk_slices, sum_rows
+from ._chunks import accumulate, channel_view_shape, chunks, scratch, sum_rows
+from .base import Array, Backend, Rule
 
 
 def _astype(x: Array, dtype: Any, /, *, copy: bool = True, device: object = None) -> Array:
@@ -187,7 +188,7 @@ class TorchBackend(Backend):
             return _reduce(v)
         acc = None
         for (xc,), buf in _chunks(dtype, v):
-            acc = _accumulate(acc, _reduce(buf.copy_(xc)))
+            acc = accumulate(acc, _reduce(buf.copy_(xc)))
         return acc
 
     def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
@@ -198,8 +199,8 @@ class TorchBackend(Backend):
         s1 = s2 = None
         for (xc,), buf in _chunks(center.dtype, v):
             _sub(xc, m, buf)
-            s1 = _accumulate(s1, _reduce(buf))
-            s2 = _accumulate(s2, _reduce_squares(buf))
+            s1 = accumulate(s1, _reduce(buf))
+            s2 = accumulate(s2, _reduce_squares(buf))
         return s1, s2
 
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
@@ -227,8 +228,8 @@ class TorchBackend(Backend):
         gbuf = None if dy.dtype == mean.dtype else _buffer(mean.dtype, v)
         for (xc, gc), buf in _chunks(mean.dtype, v, g):
             gc = gc if gbuf is None else gbuf[: gc.shape[0]].copy_(gc)
-            s1 = _accumulate(s1, _reduce(gc))
-            s2 = _accumulate(s2, _reduce(_sub(xc, m, buf).mul_(gc)))
+            s1 = accumulate(s1, _reduce(gc))
+            s2 = accumulate(s2, _reduce(_sub(xc, m, buf).mul_(gc)))
         return s1, s2
 
     def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
@@ -302,7 +303,7 @@ def _pcq(x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor | None:
 
 def _reduce(v: torch.Tensor) -> torch.Tensor:
     """Sum of a (p, C, Q) tensor over p and Q: the contiguous Q first, then p; with Q = 1 (channels last), rows in
-    blocks (:func:`~multibn.backends.base.sum_rows`: faster than torch's sum over the outer axis)."""
+    blocks (:func:`~multibn.backends._chunks.sum_rows`: faster than torch's sum over the outer axis)."""
     return v.sum(2).sum(0) if v.shape[2] != 1 else sum_rows(v.select(2, 0))
 
 
@@ -316,10 +317,6 @@ def _reduce_squares(buf: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(buf, dim=2).square_().sum(0)
 
 
-def _accumulate(acc: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
-    return part if acc is None else acc.add_(part)
-
-
 def _sub(xc: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out = xc - m`` in the dtype of ``out`` (converting a narrower xc first: the fast road on CPU)."""
     if xc.dtype == out.dtype:
@@ -327,25 +324,24 @@ def _sub(xc: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(xc).sub_(m)
 
 
-def _chunk_slices(dtype: torch.dtype, v: torch.Tensor) -> tuple[int, list[slice]]:
-    """Rows per chunk of the (P, C, Q) tensor ``v`` worked on in ``dtype``, and the chunks' slices. x narrower than
-    the buffer (float16/bfloat16 into float32): a quarter of the elements, so that the buffers (two in the backward)
-    stay small beside one activation."""
-    return chunk_slices(v.shape, _CHUNK if v.dtype.itemsize >= dtype.itemsize else _CHUNK // 4)
+def _elements(dtype: torch.dtype, v: torch.Tensor) -> int:
+    """Elements per chunk of the (P, C, Q) tensor ``v`` worked on in ``dtype``. x narrower than the buffer
+    (float16/bfloat16 into float32): a quarter of _CHUNK, so that the buffers (two in the backward) stay small
+    beside one activation."""
+    return _CHUNK if v.dtype.itemsize >= dtype.itemsize else _CHUNK // 4
+
+
+def _empty(dtype: torch.dtype, v: torch.Tensor) -> Callable[[tuple[int, ...]], torch.Tensor]:
+    return lambda shape: torch.empty(shape, dtype=dtype, device=v.device)
 
 
 def _buffer(dtype: torch.dtype, v: torch.Tensor) -> torch.Tensor:
     """A scratch buffer in ``dtype`` for one chunk of the (P, C, Q) tensor ``v``."""
-    rows, _ = _chunk_slices(dtype, v)
-    return torch.empty((rows, *v.shape[1:]), dtype=dtype, device=v.device)
+    return scratch(v.shape, _elements(dtype, v), _empty(dtype, v))
 
 
 def _chunks(dtype: torch.dtype, *vs: torch.Tensor, need_buf: bool = True
             ) -> Iterator[tuple[tuple[torch.Tensor, ...], Any]]:
-    """Chunks along P of (P, C, Q) tensors of one shape, each time with a reused buffer of the chunk's shape (None
-    without ``need_buf``)."""
-    _, slices = _chunk_slices(dtype, vs[0])
-    buf = _buffer(dtype, vs[0]) if need_buf else None
-    for sl in slices:
-        chunk = tuple(t[sl] for t in vs)
-        yield chunk, None if buf is None else buf[: chunk[0].shape[0]]
+    """Chunks along P of (P, C, Q) tensors of one shape, each time with a reused buffer in ``dtype`` of the chunk's
+    shape (None without ``need_buf``)."""
+    return chunks(vs, _elements(dtype, vs[0]), _empty(dtype, vs[0]) if need_buf else None)

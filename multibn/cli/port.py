@@ -63,7 +63,7 @@ from multibn.checkpoints import (
     write_checkpoint,
 )
 from multibn.conventions import CONVENTIONS, Convention, check_eps, check_momentum, resolve_convention
-from multibn.porting import convert_state_verbose  # the changes it reports: not in multibn.convert_state
+from multibn.convert import convert_state_verbose  # the changes it reports: not in multibn.convert_state
 from multibn.state import BNState
 
 from .usage import UsageError, usage_error
