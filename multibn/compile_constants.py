@@ -43,3 +43,9 @@ class ConstantCache:
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+def constant_float(v: float) -> float:
+    """``v`` as a plain float. Under torch.compile a float that changed between calls (a layer's momentum or eps) is
+    symbolic: ``hex()`` specialises it (a guard on its value), as what is made from it must be a constant."""
+    return float.fromhex(float(v).hex())

@@ -21,7 +21,7 @@ from . import algorithm as alg
 from .algorithm import Layout, Norm
 from .backends import backend_name_of, compiling, get_backend
 from .backends.base import FLOAT_DTYPES, Array, Backend
-from .compile_constants import ConstantCache
+from .compile_constants import ConstantCache, constant_float
 from .conventions import Convention, resolve_convention
 from .state import BNState
 
@@ -176,9 +176,7 @@ _OPS = ConstantCache(_make_op, 256)
 def op_for(be: Backend, norm: Norm, axis: int, training: bool) -> Callable[..., tuple[Array, ...]]:
     """BN's differentiable op ``op(sync, *inputs)`` for these settings (see :func:`multibn.algorithm.train_rule`)."""
     eps, fix_gamma, guard = norm
-    # as constants: torch.compile may hold a layer's float eps symbolically, and hex() specialises it
-    eps = float.fromhex(float(eps).hex())
-    return _OPS.get(be, eps, bool(fix_gamma), bool(guard), operator.index(axis), bool(training))
+    return _OPS.get(be, constant_float(eps), bool(fix_gamma), bool(guard), operator.index(axis), bool(training))
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------------

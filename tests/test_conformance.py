@@ -309,13 +309,15 @@ def _strict_run(case: C.Case) -> C.Run:
     for step in case.steps:
         x, dy = be.asarray(step.x, case.dtype), be.asarray(step.dy, case.dtype)
         lay = alg.Layout.of(tuple(x.shape), case.channel_axis)
+        norm = alg.Norm.of(conv)
         if step.training:
-            rule, inputs = alg.train_rule(be, conv, lay), (x, g, b)
+            rule, inputs = alg.train_rule(be, norm, case.channel_axis), (x, g, b)
         else:
-            rule, inputs = alg.eval_rule(be, conv, lay), (x, g, b, state.running_mean, state.running_var)
-        outputs = rule.forward(*inputs)
+            rule, inputs = alg.eval_rule(be, norm, case.channel_axis), (x, g, b, state.running_mean,
+                                                                         state.running_var)
+        outputs = rule.forward(None, *inputs)
         y = outputs[0]
-        dx, dg, db = rule.backward(rule.residuals(inputs, outputs), (dy, None, None))[:3]
+        dx, dg, db = rule.backward(rule.residuals(None, inputs, outputs), (dy, None, None))[:3]
         if step.training and state is not None:
             state = alg.update_state(be, conv, state, alg.Stats(lay.count, outputs[1], outputs[2]))
         out = {k: be.to_numpy(v).astype(np.float64) for k, v in dict(y=y, dx=dx, dgamma=dg, dbeta=db).items()}

@@ -32,7 +32,6 @@ class Backend:
     """One framework. Subclasses set the class attributes and implement the conversions."""
 
     name: ClassVar[str]
-    extra: ClassVar[str]  # the pip extra that installs the framework: ``pip install multibn[<extra>]``
     xp: Any
 
     # ---- arrays: identity, conversion, dtypes --------------------------------------------------------

@@ -36,7 +36,6 @@ def _rows(x: Array, center: Array | None, axes: Sequence[int]) -> tuple[Array, A
 
 class JaxBackend(Backend):
     name = "jax"
-    extra = "jax"
     xp = jnp
 
     def is_array(self, obj: object) -> bool:

@@ -281,7 +281,6 @@ class _Destination:
 
 class MXNetBackend(Backend):
     name = "mxnet"
-    extra = "mxnet"
     xp = MXNetNamespace()
 
     #: where ``backward_apply`` on the fast path writes its result (dx into ``x.grad``), when one is named
@@ -355,7 +354,7 @@ class MXNetBackend(Backend):
     # Under autograd.record the generic kernels run.
     @_keeps_np
     def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
-        v = _pcq(x, axes, dtype)
+        v = _channel_view(x, axes, dtype)
         if v is None:
             return super().channel_sum(x, axes, dtype)
         if v.dtype == dtype:
@@ -367,7 +366,7 @@ class MXNetBackend(Backend):
 
     @_keeps_np
     def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
-        v = _pcq(x, axes, center.dtype)
+        v = _channel_view(x, axes, center.dtype)
         if v is None:
             return super().channel_dev_sums(x, center, axes)
         m = center.reshape((1, -1, 1))
@@ -382,7 +381,7 @@ class MXNetBackend(Backend):
     @_keeps_np
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if scale.shape[i] == 1) if x.ndim == scale.ndim else ()
-        v = _pcq(x, axes, scale.dtype)
+        v = _channel_view(x, axes, scale.dtype)
         if v is None:
             return super().scale_shift(x, scale, shift)
         same = v.dtype == scale.dtype
@@ -400,7 +399,7 @@ class MXNetBackend(Backend):
 
     @_keeps_np
     def backward_sums(self, dy: Array, x: Array, mean: Array, axes: Sequence[int]) -> tuple[Array, Array]:
-        v, g = _pcq(x, axes, mean.dtype), _pcq(dy, axes, mean.dtype)
+        v, g = _channel_view(x, axes, mean.dtype), _channel_view(dy, axes, mean.dtype)
         if v is None or g is None or dy.shape != x.shape:
             return super().backward_sums(dy, x, mean, axes)
         m = mean.reshape((1, -1, 1))
@@ -419,7 +418,7 @@ class MXNetBackend(Backend):
     @_keeps_np
     def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if mean.shape[i] == 1)
-        v, g = _pcq(x, axes, a.dtype), _pcq(dy, axes, a.dtype)
+        v, g = _channel_view(x, axes, a.dtype), _channel_view(dy, axes, a.dtype)
         if v is None or g is None or dy.shape != x.shape:
             return super().backward_apply(dy, x, mean, a, b, c)
         dst = self.destination.take(x)
@@ -462,7 +461,7 @@ _CHUNK = 1 << 20
 _AFFINE_EPS = 2.0**-10
 
 
-def _pcq(x: Array, axes: Sequence[int], dtype: Any) -> Array | None:
+def _channel_view(x: Array, axes: Sequence[int], dtype: Any) -> Array | None:
     """x as a (P, C, Q) view, C the one axis not reduced; None when the fast path does not apply: ``dtype`` (the
     dtype of the computation) float32 or float64 and x in it, or x float16 with ``dtype`` float32."""
     shape = channel_view_shape(x.shape, axes)

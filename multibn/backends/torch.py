@@ -45,7 +45,6 @@ xp = types.SimpleNamespace(**{**{k: getattr(compat, k) for k in dir(compat) if n
 
 class TorchBackend(Backend):
     name = "torch"
-    extra = "torch"
     xp = xp
 
     def is_array(self, obj: object) -> bool:
@@ -181,7 +180,7 @@ class TorchBackend(Backend):
     # kernels (create_graph), strided tensors and graphs being compiled (torch.compile fuses the generic ops
     # itself) take the generic path.
     def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
-        v = _pcq(x, axes)
+        v = _channel_view(x, axes)
         if v is None:
             return super().channel_sum(x, axes, dtype)
         if v.dtype == dtype:
@@ -192,7 +191,7 @@ class TorchBackend(Backend):
         return acc
 
     def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
-        v = _pcq(x, axes)
+        v = _channel_view(x, axes)
         if v is None or not _plain(center):
             return super().channel_dev_sums(x, center, axes)
         m = center.reshape(1, -1, 1)
@@ -209,7 +208,7 @@ class TorchBackend(Backend):
         if not _eligible(x) or not _plain(scale, shift) or x.ndim != scale.ndim:
             return super().scale_shift(x, scale, shift)
         axes = tuple(i for i in range(x.ndim) if scale.shape[i] == 1)
-        v = _pcq(x, axes)
+        v = _channel_view(x, axes)
         if v is None or len(axes) != x.ndim - 1:
             return super().scale_shift(x, scale, shift)
         out = torch.empty_like(x)
@@ -220,7 +219,7 @@ class TorchBackend(Backend):
         return out
 
     def backward_sums(self, dy: Array, x: Array, mean: Array, axes: Sequence[int]) -> tuple[Array, Array]:
-        v, g = _pcq(x, axes), _pcq(dy, axes)
+        v, g = _channel_view(x, axes), _channel_view(dy, axes)
         if v is None or g is None or dy.shape != x.shape or not _plain(mean):
             return super().backward_sums(dy, x, mean, axes)
         m = mean.reshape(1, -1, 1)
@@ -237,7 +236,7 @@ class TorchBackend(Backend):
             t = torch.sub(x, mean)  # the chunk loop below without the loop: three ops instead of five
             return torch.addcmul(c, t, b, out=t).addcmul_(dy, a)
         axes = tuple(i for i in range(x.ndim) if mean.shape[i] == 1)
-        v, g = _pcq(x, axes), _pcq(dy, axes)
+        v, g = _channel_view(x, axes), _channel_view(dy, axes)
         if v is None or g is None or dy.shape != x.shape or len(axes) != x.ndim - 1 or not _plain(mean, a, b, c):
             return super().backward_apply(dy, x, mean, a, b, c)
         out = torch.empty_like(x)
@@ -291,7 +290,7 @@ def _fwd_level() -> int:
     return fwAD._current_level
 
 
-def _pcq(x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor | None:
+def _channel_view(x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor | None:
     """x as a (P, C, Q) view, C the one axis not reduced; None when the fast path does not apply."""
     if x.numel() < _SMALL:
         return None

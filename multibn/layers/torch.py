@@ -17,7 +17,6 @@ The layer computes nothing itself: the forward calls :func:`multibn.batch_norm` 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Iterable
 from typing import Any, TextIO
 
@@ -27,8 +26,9 @@ from torch import Tensor, nn
 from ..algorithm import Stats, merge_stats
 from ..api import batch_norm
 from ..backends import get_backend
+from ..compile_constants import ConstantCache, constant_float
 from ..conventions import CONVENTIONS, Convention, resolve_convention
-from ..moments import ChannelMoments
+from ..moments import ChannelMoments, accumulator_dtype
 from ..state import BNState
 from . import _recompute, check_layer_args
 
@@ -192,7 +192,8 @@ class BatchNorm(nn.Module):
     def _current_convention(self) -> Convention:
         """``self.convention`` with the current ``self.momentum`` and ``self.eps`` (cached: one dict lookup)."""
         momentum = self.momentum
-        return _with_settings(self.convention, None if momentum is None else _constant(momentum), _constant(self.eps))
+        momentum = None if momentum is None else constant_float(momentum)
+        return _with_settings(self.convention, momentum, constant_float(self.eps))
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_tracing() or torch.jit.is_scripting():
@@ -233,49 +234,25 @@ class BatchNorm(nn.Module):
         return y
 
 
-class _Settings:
-    """Conventions with live settings as attributes ``c0``, ``c1``, ...: torch.compile reads the one it needs
-    without guarding on the others (it cannot trace the creation of a frozen dataclass)."""
-
-
-_SETTINGS: dict[tuple[Convention, Any, Any], str] = {}
-_NAMES = itertools.count()
-
-
-def _settings_name(conv: Convention, momentum: float | None, eps: float) -> str:
-    """The attribute of :class:`_Settings` holding ``conv`` with ``momentum`` and ``eps`` (None momentum: the
-    cumulative average), validated. torch.compile calls this at trace time, as a constant."""
-    key = (conv, momentum, eps)
-    if key in _SETTINGS:
-        return _SETTINGS[key]
+def _settings(conv: Convention, momentum: float | None, eps: float) -> Convention:
+    """``conv`` with ``momentum`` and ``eps`` (None momentum: the cumulative average), validated."""
     if momentum is None and conv.momentum_weighs != "new":
         raise ValueError(
             f"momentum=None (PyTorch's cumulative average) needs a convention whose momentum weighs the new batch "
             f"(torch, torch_cma); convention {conv.name!r} weighs the old value: give a float momentum"
         )
     same = (momentum, eps) == (conv.momentum, conv.eps)
-    new = conv if same else dataclasses.replace(conv, momentum=momentum, eps=eps)
-    if len(_SETTINGS) >= 4096:  # a momentum schedule makes a new key every step: keep the cache small
-        for name in _SETTINGS.values():
-            delattr(_Settings, name)
-        _SETTINGS.clear()
-    name = f"c{next(_NAMES)}"
-    setattr(_Settings, name, new)
-    return _SETTINGS.setdefault(key, name)
+    return conv if same else dataclasses.replace(conv, momentum=momentum, eps=eps)
 
 
-_settings_name._dynamo_marked_constant = True  # type: ignore[attr-defined]  # torch._dynamo.assume_constant_result
+#: conventions with live settings, made once each (torch.compile cannot trace the creation of a frozen dataclass);
+#: a momentum schedule makes a new one every step, so the bound keeps the cache small
+_SETTINGS = ConstantCache(_settings, 4096)
 
 
 def _with_settings(conv: Convention, momentum: float | None, eps: float) -> Convention:
     """``conv`` with ``momentum`` and ``eps``: one dict lookup (and one attribute) once made."""
-    return getattr(_Settings, _settings_name(conv, momentum, eps))
-
-
-def _constant(v: float) -> float:
-    """``v`` as a plain float. Under torch.compile a float attribute that changed between calls is symbolic:
-    ``hex()`` specialises it (a guard on its value), as the convention built from it must be a constant."""
-    return float.fromhex(float(v).hex())
+    return _SETTINGS.get(conv, momentum, eps)
 
 
 def _zero_counter(device: torch.device) -> Tensor:
@@ -505,7 +482,7 @@ def _summary(m: nn.Module, moments: ChannelMoments) -> Stats:
     """The layer's local summary; zeros of the running statistics' size for a layer no input reached."""
     if moments.count > 0:
         return moments.stats
-    dtype = torch.float32 if m.running_mean.device.type == "mps" else torch.float64
+    dtype = getattr(torch, accumulator_dtype("torch", m.running_mean))
     zeros = torch.zeros(m.running_mean.shape, dtype=dtype, device=m.running_mean.device)
     return Stats(0, zeros, zeros)
 
