@@ -1,4 +1,5 @@
-"""Worker processes for tests/test_sync.py (importable by torch.multiprocessing's spawn, and by `python -m`)."""
+"""Worker processes for tests/backends/test_sync.py (importable by torch.multiprocessing's spawn, and by
+`python -m`)."""
 
 from __future__ import annotations
 

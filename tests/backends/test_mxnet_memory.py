@@ -18,7 +18,7 @@ import pytest
 
 mxnet_adapter = pytest.importorskip("multibn.backends.mxnet", reason="mxnet 1.9 is not installed in this environment")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 _SCRIPT = """
 import gc, json, sys

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import multibn
-from tests.sync_workers import CHANNELS, full_batch
+from tests.backends.sync_workers import CHANNELS, full_batch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def single_process(counts: list[int]) -> dict[str, np.ndarray]:
@@ -39,7 +39,7 @@ def test_torch_sync_equals_concatenated_batch(counts: list[int], padded: bool, t
     torch = pytest.importorskip("torch")
     import torch.multiprocessing as mp
 
-    from tests.sync_workers import torch_worker
+    from tests.backends.sync_workers import torch_worker
 
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
@@ -61,7 +61,7 @@ def test_torch_sync_equals_concatenated_batch(counts: list[int], padded: bool, t
 def test_jax_sync_equals_concatenated_batch(tmp_path: Path) -> None:
     pytest.importorskip("jax")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    subprocess.run([sys.executable, "-m", "tests.sync_workers", str(tmp_path)], cwd=ROOT, env=env, check=True,
+    subprocess.run([sys.executable, "-m", "tests.backends.sync_workers", str(tmp_path)], cwd=ROOT, env=env, check=True,
                    timeout=300)
     err = json.loads((tmp_path / "jax.json").read_text())
     assert err.pop("tracked") == 0
@@ -121,7 +121,7 @@ def test_ddp_step_with_converted_layer_equals_single_process(tmp_path: Path) -> 
     torch = pytest.importorskip("torch")
     import torch.multiprocessing as mp
 
-    from tests.sync_workers import ddp_batch, ddp_model, ddp_worker
+    from tests.backends.sync_workers import ddp_batch, ddp_model, ddp_worker
 
     world, rows = 2, 5
     mp.start_processes(ddp_worker, args=(world, rows, str(tmp_path / "store"), str(tmp_path)), nprocs=world,

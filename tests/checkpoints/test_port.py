@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1072,6 +1073,6 @@ def test_import_multibn_imports_no_framework():
     code = ("import sys, multibn, multibn.port, multibn.checkpoints, multibn.porting, multibn.cli; "
             "print(sorted(m for m in ('torch', 'jax', 'mxnet', 'flax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert out.stdout.strip() == "[]"
     assert multibn.convert_state is convert_state and "convert_state" in multibn.__all__

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROW_KEYS = {"backend", "convention", "case", "quantity", "max_abs_err", "max_rel_err", "tol", "ok"}
 
 

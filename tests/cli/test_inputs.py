@@ -13,7 +13,7 @@ import pytest
 
 from multibn.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _multibn(*argv: str, extra_path: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -49,7 +49,7 @@ def test_check_default_selection_still_skips_missing_backends(tmp_path):
     (fake / "__init__.py").write_text("raise ImportError('no mxnet here')\n")
     proc = _multibn("check", "--quick", "--no-native", "--conventions", "d2l", extra_path=str(tmp_path))
     assert "mxnet: backend not installed here" in proc.stdout and "cannot run here" not in proc.stderr
-    assert proc.returncode in (0, 1)  # 1 only for a known bug of the installed jax (tests/test_check_cli.py)
+    assert proc.returncode in (0, 1)  # 1 only for a known bug of the installed jax (tests/cli/test_check.py)
     assert any(line.startswith("numpy ") for line in proc.stdout.splitlines())
 
 

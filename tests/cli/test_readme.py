@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import require
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 SEMANTICS = ROOT / "docs" / "semantics.md"
 
@@ -85,7 +85,7 @@ def test_port_example_runs_as_written(tmp_path):
 def _citations() -> list[tuple[str, str]]:
     """(file, section) for every ``docs/semantics.md`` §N citation in the code, tests and README."""
     out = []
-    for path in [ROOT / "README.md", *ROOT.glob("multibn/**/*.py"), *ROOT.glob("tests/*.py")]:
+    for path in [ROOT / "README.md", *ROOT.glob("multibn/**/*.py"), *ROOT.glob("tests/**/*.py")]:
         text = path.read_text(encoding="utf-8")
         for m in re.finditer(r"docs/semantics\.md`{0,2}\)?,? (?:\(?§|sections? )([\d.]+(?:-\d+)?)", text):
             out.append((str(path.relative_to(ROOT)), m.group(1)))
@@ -105,7 +105,7 @@ def test_no_citation_of_files_outside_the_repository():
     """The repository stands alone: nothing cites notes kept outside it (docs/semantics.md is the project's own)."""
     offenders = []
     for path in [ROOT / "README.md", *ROOT.glob("docs/**/*.md"), *ROOT.glob("multibn/**/*.py"),
-                 *ROOT.glob("tests/*.py")]:
+                 *ROOT.glob("tests/**/*.py")]:
         if path.name == "test_readme.py":
             continue
         text = path.read_text(encoding="utf-8")

@@ -15,7 +15,7 @@ import pytest
 import multibn
 from tests.conftest import require, to_numpy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _reference_y(x, gamma, beta, axis):

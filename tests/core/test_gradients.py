@@ -25,7 +25,7 @@ from multibn import BNState
 from multibn.backends import get_backend
 from tests.conftest import to_numpy
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 AUTODIFF_BACKENDS = ("torch", "jax", "mxnet")
 
 
@@ -324,7 +324,7 @@ import numpy as np
 from jax.test_util import check_grads
 
 import multibn
-from tests.test_gradients import SHAPES, make_problem, textbook_jnp
+from tests.core.test_gradients import SHAPES, make_problem, textbook_jnp
 
 assert jax.config.jax_enable_x64
 for (shape, axis) in (SHAPES[1], SHAPES[3]):

@@ -28,7 +28,7 @@ import pytest
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 5
 LR = 0.05
 
