@@ -20,7 +20,7 @@ from multibn.train.models import init_weights
 from multibn.train.runner import batch_order, divergence, make_trainer
 from multibn.train.tasks import TASKS
 
-from .conftest import _why_missing
+from tests.conftest import _why_missing
 
 TRAIN_BACKENDS = ("torch", "jax", "mxnet", "numpy")
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import multibn
 from multibn.algorithm import Stats
 
-from .conftest import arr, jax_float64, to_numpy
+from tests.conftest import arr, jax_float64, to_numpy
 
 
 def _split(x: np.ndarray, cuts: list[int], axis: int = 0) -> list[np.ndarray]:

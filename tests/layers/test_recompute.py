@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from .conftest import require
+from tests.conftest import require
 
 SIZES = (5, 9, 3, 12)
 
