@@ -16,7 +16,7 @@ import pytest
 import multibn
 from multibn.backends import get_backend
 from multibn.backends.base import Backend
-from tests.conftest import to_numpy
+from tests.helpers import need, to_numpy
 
 KERNELS = ("channel_sum", "channel_dev_sums", "scale_shift", "backward_sums", "backward_apply")
 #: (shape, channel axis)
@@ -117,7 +117,7 @@ def test_offset_data_variance_is_accurate(backend: str, chunk: None, dtype: str)
 def test_torch_autograd_with_fast_kernels() -> None:
     """torch: autograd (fast kernels) equals batch_norm_vjp on tensors requiring grad (generic kernels), and
     double backward (create_graph) still works through the generic path."""
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     rng = np.random.default_rng(0)
     x = torch.tensor(rng.standard_normal((8, 4, 5, 5)) + 50, dtype=torch.float32, requires_grad=True)
     g = torch.tensor(rng.standard_normal(4) + 1, dtype=torch.float32, requires_grad=True)
@@ -135,7 +135,7 @@ def test_torch_autograd_with_fast_kernels() -> None:
 
 
 def test_jax_jit_and_grad_with_kernels() -> None:
-    jax = pytest.importorskip("jax")
+    jax = need("jax")
     jnp = jax.numpy
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((8, 4, 5, 5)) + 50, dtype=jnp.float32)
@@ -155,7 +155,7 @@ def test_jax_jit_and_grad_with_kernels() -> None:
 
 
 def test_mxnet_autograd_with_fast_kernels() -> None:
-    pytest.importorskip("mxnet")
+    need("mxnet")
     be = get_backend("mxnet")
     import mxnet as mx
 

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-mxnet_adapter = pytest.importorskip("multibn.backends.mxnet", reason="mxnet 1.9 is not installed in this environment")
+from tests.helpers import need
+
+mxnet_adapter = need("multibn.backends.mxnet", "MXNet 1.9")
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,12 +14,13 @@ import pytest
 
 import multibn
 from tests.backends.sync_workers import CHANNELS, full_batch
+from tests.helpers import need, require
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def single_process(counts: list[int]) -> dict[str, np.ndarray]:
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     x, g, gamma, beta = full_batch(sum(counts))
     xt = torch.tensor(x, requires_grad=True)
     gam = torch.tensor(gamma, requires_grad=True)
@@ -36,7 +37,7 @@ def single_process(counts: list[int]) -> dict[str, np.ndarray]:
                                                ([3, 8, 0, 5], True)],
                          ids=["equal", "unequal", "empty-shard", "padded-masked"])
 def test_torch_sync_equals_concatenated_batch(counts: list[int], padded: bool, tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     import torch.multiprocessing as mp
 
     from tests.backends.sync_workers import torch_worker
@@ -59,7 +60,7 @@ def test_torch_sync_equals_concatenated_batch(counts: list[int], padded: bool, t
 
 
 def test_jax_sync_equals_concatenated_batch(tmp_path: Path) -> None:
-    pytest.importorskip("jax")
+    need("jax")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-m", "tests.backends.sync_workers", str(tmp_path)], cwd=ROOT, env=env, check=True,
                    timeout=300)
@@ -72,18 +73,15 @@ def test_jax_sync_equals_concatenated_batch(tmp_path: Path) -> None:
     assert max(err.values()) < 1e-10, err
 
 
-@pytest.mark.parametrize("backend_name", ["numpy", "mxnet"])
-def test_sync_unsupported_backends_say_so(backend_name: str) -> None:
-    try:
-        multibn.backends.get_backend(backend_name)
-    except ImportError:
-        pytest.skip(f"{backend_name} is not installed in this environment")
+@pytest.mark.parametrize("backend", ["numpy", "mxnet"])
+def test_sync_unsupported_backends_say_so(backend: str) -> None:
+    require(backend)
     with pytest.raises(NotImplementedError, match=r"torch .* and jax"):
-        multibn.batch_norm(np.ones((4, 2), np.float32), backend=backend_name, sync=True)
+        multibn.batch_norm(np.ones((4, 2), np.float32), backend=backend, sync=True)
 
 
 def test_torch_sync_needs_an_initialised_process_group() -> None:
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
@@ -92,7 +90,7 @@ def test_torch_sync_needs_an_initialised_process_group() -> None:
 
 def test_torch_sync_double_backward_raises_and_forward_ad_is_exact(tmp_path: Path) -> None:
     """A second derivative through all_reduce would be silently wrong: it raises. Forward mode is exact."""
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     import torch.autograd.forward_ad as fwAD
     import torch.distributed as dist
 
@@ -118,7 +116,7 @@ def test_torch_sync_double_backward_raises_and_forward_ad_is_exact(tmp_path: Pat
 def test_ddp_step_with_converted_layer_equals_single_process(tmp_path: Path) -> None:
     """Two SGD steps of a DistributedDataParallel model whose nn.BatchNorm1d was converted to multibn's
     synchronised layer (2 ranks of 5 rows) equal two steps of the native model on the 10 rows in one process."""
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     import torch.multiprocessing as mp
 
     from tests.backends.sync_workers import ddp_batch, ddp_model, ddp_worker
@@ -142,7 +140,7 @@ def test_ddp_step_with_converted_layer_equals_single_process(tmp_path: Path) -> 
 
 
 def test_convert_sync_batchnorm_keeps_everything() -> None:
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     from multibn.layers.torch import BatchNorm, convert_sync_batchnorm
 
     native = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1), torch.nn.BatchNorm2d(3, momentum=None, eps=1e-3))

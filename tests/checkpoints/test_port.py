@@ -31,6 +31,7 @@ from multibn.checkpoints import (
     to_canonical,
 )
 from multibn.cli import main
+from tests.helpers import mxnet_module, need
 
 C = 3
 SRC_KINDS = ("torch", "gluon", "flax", "nnx", "torch_eps1e-3", "mxnet_op_fix_gamma", "gluon_scale_false")
@@ -111,7 +112,7 @@ def test_convert_state_is_pure_and_accepts_sequences():
 
 def test_convert_state_on_every_backend(backend):
     from multibn.backends import get_backend
-    from tests.conftest import to_numpy
+    from tests.helpers import to_numpy
 
     be = get_backend(backend)
     ref_state = BNState(np.array([0.0, 1.0, -2.0], np.float32), np.array([0.5, 1.0, 2.0], np.float32), 4)
@@ -155,7 +156,7 @@ def test_convert_state_refuses(kwargs, error, match):
 
 
 def test_convert_state_refuses_mixed_frameworks():
-    torch = pytest.importorskip("torch", reason="needs torch")
+    torch = need("torch", why="needs torch")
     with pytest.raises(TypeError, match="one framework"):
         convert_state(BNState(torch.zeros(2), np.ones(2), 0), None, None, src="torch", dst="gluon")
 
@@ -257,21 +258,13 @@ def test_default_rule_round_trips(parts):
 # ---- native layers, trained in the source framework ---------------------------------------------------------------
 def _need(fmt):
     if fmt in ("gluon", "mxnet"):
-        try:
-            from multibn.backends import get_backend
-
-            get_backend("mxnet")
-        except ImportError as e:
-            pytest.skip(f"the gluon format needs MXNet 1.9, not installed here ({e.__cause__ or e})")
-        import mxnet
-
-        return mxnet
+        return mxnet_module()
     if fmt in ("flax", "nnx"):
-        pytest.importorskip("flax", reason="the flax format needs flax (installed in the full environment only)")
+        need("flax", why="the flax format needs flax (installed in the full environment only)")
         import flax
 
         return flax
-    return pytest.importorskip("torch", reason="the torch format needs torch")
+    return need("torch", why="the torch format needs torch")
 
 
 def _data(seed, n=8):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 
 from multibn import bench
 from multibn.cli import COMMANDS
+from tests.helpers import has, need
 
 FIELDS = {"backend", "impl", "case", "dtype", "pass", "median_ms", "iqr_ms", "runs", "ratio_to_native",
           "ratio_to_roofline"}
@@ -38,7 +38,7 @@ def test_bench_tiny_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = tmp_path / "bench.json"
     argv = ["--cases", "nchw_2x3x4x5,nc_8x4:float16,nhwc_2x4x5x3", "--reps", "2", "--warmup", "1", "--keras", "no",
             "--quiet", "--json", str(out)]
-    have_plot = importlib.util.find_spec("matplotlib") is not None
+    have_plot = has("matplotlib")
     if have_plot:
         argv += ["--plot", str(tmp_path / "bench.png")]
     assert _run(argv) == 0
@@ -61,9 +61,9 @@ def test_bench_tiny_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("keras") is None or importlib.util.find_spec("torch") is None,
-                    reason="keras and torch are not both installed")
 def test_bench_keras_subprocess(tmp_path: Path) -> None:
+    need("torch")
+    need("keras")
     out = tmp_path / "bench.json"
     assert _run(["--backends", "torch", "--cases", "nc_8x4", "--passes", "fwd", "--reps", "2", "--warmup", "1",
                  "--quiet", "--json", str(out)]) == 0
@@ -94,8 +94,8 @@ def test_bench_layer_pass_and_small_cases(tmp_path: Path) -> None:
             assert r["ratio_to_native"] == 1.0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
 def test_bench_model_lenet(tmp_path: Path) -> None:
+    need("torch")
     out = tmp_path / "bench.json"
     assert _run(["--model", "lenet", "--backends", "torch", "--reps", "2", "--warmup", "1", "--quiet",
                  "--json", str(out)]) == 0
@@ -114,7 +114,7 @@ MEM_FIELDS = {"backend", "impl", "case", "dtype", "pass", "peak_mib", "passes_mi
 def test_bench_mem_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """One fresh subprocess per implementation; x of 512 KiB, so y and dx alone raise the peak RSS."""
     out = tmp_path / "bench.json"
-    backends = "numpy,torch" if importlib.util.find_spec("torch") else "numpy"
+    backends = "numpy,torch" if has("torch") else "numpy"
     assert _run(["--backends", backends, "--cases", "nchw_8x16x32x32", "--passes", "fwd,mem", "--reps", "2",
                  "--warmup", "1", "--keras", "no", "--quiet", "--json", str(out)]) == 0
     assert "peak MiB" in capsys.readouterr().out

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from multibn.train.tasks import TASKS
+from tests.helpers import need
 
-pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
+need("matplotlib", why="--plot needs matplotlib")
 
 
 def _runs(task, epochs, seeds):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
+from tests.helpers import need, require
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -76,7 +76,7 @@ def test_port_example_runs_as_written(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         shown = lines[i + 1: commands[n + 1][0] if n + 1 < len(commands) else len(lines)]
         assert proc.stdout.splitlines() == shown
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                               torch.nn.Conv2d(8, 8, 1), torch.nn.BatchNorm2d(8))
     net.load_state_dict(torch.load(tmp_path / "stem.pt", weights_only=True))  # strict, as the README says

@@ -4,7 +4,6 @@ network on every backend against the NumPy float64 run, and a quick run of each 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import struct
 import subprocess
@@ -19,14 +18,13 @@ from multibn.train.data import Dataset, load_fashion_mnist, parse_idx, read_idx,
 from multibn.train.models import init_weights
 from multibn.train.runner import batch_order, divergence, make_trainer
 from multibn.train.tasks import TASKS
-
-from tests.conftest import _why_missing
+from tests.helpers import has, installed, need
 
 TRAIN_BACKENDS = ("torch", "jax", "mxnet", "numpy")
 
 
 def _installed() -> list[str]:
-    return [b for b in TRAIN_BACKENDS if _why_missing(b) is None]
+    return list(installed(TRAIN_BACKENDS))
 
 
 # ---- IDX files ------------------------------------------------------------------------------------------------
@@ -163,7 +161,7 @@ def test_resize_digits_centres_a_20x20_digit() -> None:
 
 
 def test_default_digits_split_is_fixed_and_stratified() -> None:
-    pytest.importorskip("sklearn")
+    need("sklearn")
     a, b = TASKS["lenet"].data(0), TASKS["lenet"].data(5)
     np.testing.assert_array_equal(a.x_train, b.x_train)  # the data does not depend on the seed
     assert a.x_train.shape == (1438, 1, 28, 28) and a.x_test.shape == (359, 1, 28, 28)
@@ -223,7 +221,7 @@ TOLERANCE = {"lenet": 1e-3, "mlp-regression": 1e-7, "placement": 1e-3}
 @pytest.mark.parametrize("task", list(TASKS))
 def test_quick_run_on_every_installed_backend(task: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     if task == "lenet":
-        pytest.importorskip("sklearn")
+        need("sklearn")
     backends = _installed()
     out, png = tmp_path / "run.json", tmp_path / "run.png"
     argv = ["train", "--task", task, "--quick", "--epochs", "1", "--json", str(out)]
@@ -231,7 +229,7 @@ def test_quick_run_on_every_installed_backend(task: str, tmp_path: Path, capsys:
         argv += ["--batch-size", "128"]
     if task == "mlp-regression":
         argv += ["--seeds", "0", "1"]
-    plot = importlib.util.find_spec("matplotlib") is not None
+    plot = has("matplotlib")
     if plot:
         argv += ["--plot", str(png)]
     assert main(argv) == 0

@@ -30,7 +30,7 @@ from multibn import algorithm as alg
 from multibn import check as C
 from multibn.backends.base import Backend
 from multibn.conventions import CONVENTIONS
-from tests.conftest import ALL_BACKENDS, _why_missing
+from tests.helpers import ALL_BACKENDS, _why_missing, need
 
 INSTALLED = tuple(b for b in ALL_BACKENDS if _why_missing(b) is None)
 DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -198,7 +198,7 @@ def _unsupported_calls(backend: str, what: str) -> list:
         if what == "float64":
             calls.append(lambda: multibn.batch_norm(np.ones((4, 3)), backend=backend))
         else:
-            ml_dtypes = pytest.importorskip("ml_dtypes", reason="a bfloat16 NumPy array needs ml_dtypes")
+            ml_dtypes = need("ml_dtypes", why="a bfloat16 NumPy array needs ml_dtypes")
             calls.append(lambda: multibn.batch_norm(np.ones((4, 3), ml_dtypes.bfloat16), backend=backend))
     if what == "empty":
         calls.append(lambda: multibn.batch_norm(np.ones((0, 3), np.float32), backend=backend))
@@ -271,7 +271,7 @@ def test_numpy_backend_no_runtime_warnings(what: str) -> None:
 
 
 # ---- array-api-strict: the algorithm uses only the standard ----------------------------------------------------------
-array_api_strict = pytest.importorskip("array_api_strict", reason="array-api-strict is a test dependency")
+array_api_strict = need("array_api_strict", why="array-api-strict is a test dependency")
 
 
 class StrictBackend(Backend):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import multibn
-from tests.conftest import require, to_numpy
+from tests.helpers import require, to_numpy
 
 ROOT = Path(__file__).resolve().parents[2]
 

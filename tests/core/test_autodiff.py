@@ -16,7 +16,7 @@ import pytest
 
 import multibn
 from multibn import BNState
-from tests.conftest import jax_float64, require, to_numpy
+from tests.helpers import jax_float64, need, require, to_numpy
 
 SHAPES = [((6, 3), 1), ((4, 3, 5), 1), ((3, 2, 3, 4), 1), ((5, 4, 3), -1)]
 
@@ -316,7 +316,7 @@ def test_jax_new_running_statistics_are_differentiable() -> None:
 
 def test_jax_eval_running_statistics_gradient_equals_flax() -> None:
     require("jax")
-    flax = pytest.importorskip("flax")
+    flax = need("flax")
     import jax
     import jax.numpy as jnp
     from flax import linen as nn

@@ -10,7 +10,7 @@ import pytest
 import multibn
 from multibn import algorithm as alg
 from multibn.backends import get_backend
-from tests.conftest import arr, to_numpy
+from tests.helpers import arr, need, to_numpy
 
 VALUES = [0.1, 3.3, -7.77, 20.0, 1e-3, 123456.7, -1e-30]
 SHAPES = [((5, 4, 3), 1), ((15, 2), 1), ((7, 3, 11, 13), 1), ((64, 2, 1, 1), 1), ((4096, 3), 1), ((64, 56, 56, 2), -1)]
@@ -35,7 +35,7 @@ def test_constant_channel_has_zero_m2_and_gives_beta(backend: str, value: float,
 
 @pytest.mark.parametrize("value", VALUES)
 def test_constant_channel_under_jit(value: float) -> None:
-    jax = pytest.importorskip("jax")
+    jax = need("jax")
     import jax.numpy as jnp
 
     be = get_backend("jax")

@@ -15,7 +15,7 @@ import pytest
 import multibn
 from multibn import CONVENTIONS, BNState, Convention
 from multibn.backends import get_backend
-from tests.conftest import arr, require, to_numpy
+from tests.helpers import arr, need, require, to_numpy
 
 TORCH_CONVENTIONS = ("torch", "torch_cma")
 ALLOWING_CONVENTIONS = tuple(c for c in CONVENTIONS if c not in TORCH_CONVENTIONS)
@@ -152,7 +152,7 @@ def test_bfloat16_on_mxnet() -> None:
 @pytest.mark.parametrize("which", ["x", "gamma"])
 def test_bfloat16_array_on_mxnet(which: str) -> None:
     require("mxnet")
-    ml_dtypes = pytest.importorskip("ml_dtypes")
+    ml_dtypes = need("ml_dtypes")
     state = multibn.init_state(2, backend="mxnet")
     x = np.ones((3, 2), ml_dtypes.bfloat16 if which == "x" else np.float32)
     gamma = np.ones(2, ml_dtypes.bfloat16 if which == "gamma" else np.float32)
@@ -162,7 +162,7 @@ def test_bfloat16_array_on_mxnet(which: str) -> None:
 
 
 def test_bfloat16_on_numpy() -> None:
-    ml_dtypes = pytest.importorskip("ml_dtypes")
+    ml_dtypes = need("ml_dtypes")
     with pytest.raises(TypeError, match=r"the numpy backend has no bfloat16 dtype"):
         multibn.batch_norm(np.ones((3, 2), ml_dtypes.bfloat16))
     with pytest.raises(TypeError, match=r"the numpy backend has no bfloat16 dtype"):

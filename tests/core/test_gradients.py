@@ -23,7 +23,7 @@ import pytest
 import multibn
 from multibn import BNState
 from multibn.backends import get_backend
-from tests.conftest import to_numpy
+from tests.helpers import mxnet_module, need, to_numpy
 
 REPO = Path(__file__).resolve().parents[2]
 AUTODIFF_BACKENDS = ("torch", "jax", "mxnet")
@@ -88,11 +88,6 @@ def tol(backend: str) -> dict[str, float]:
     return {"rtol": 1e-9, "atol": 1e-9} if dtype_for(backend) is np.float64 else {"rtol": 2e-4, "atol": 2e-5}
 
 
-def mxnet_module() -> Any:
-    """MXNet through the multibn adapter (it restores the NumPy alias MXNet 1.9 needs); skip where it is missing."""
-    return pytest.importorskip("multibn.backends.mxnet", reason="mxnet 1.9 is not installed in this environment").mx
-
-
 def autodiff_grads(
     backend: str, p: Problem, *, training: bool, convention: str = "torch", **kw: Any
 ) -> tuple[np.ndarray, ...]:
@@ -102,13 +97,13 @@ def autodiff_grads(
     if backend == "numpy":
         return multibn.batch_norm_vjp(p.x, p.gamma, p.beta, p.state(), p.dy, **opts)
     if backend == "torch":
-        torch = pytest.importorskip("torch")
+        torch = need("torch")
         x, g, b = (torch.tensor(a, requires_grad=True) for a in (p.x, p.gamma, p.beta))
         state = BNState(torch.tensor(p.rmean), torch.tensor(p.rvar), 0)
         y, _ = multibn.batch_norm(x, g, b, state, **opts)
         return tuple(t.numpy() for t in torch.autograd.grad(y, (x, g, b), torch.tensor(p.dy)))
     if backend == "jax":
-        jax = pytest.importorskip("jax")
+        jax = need("jax")
         state = BNState(jax.numpy.asarray(p.rmean), jax.numpy.asarray(p.rvar), 0)
 
         def f(x: Any, g: Any, b: Any) -> Any:
@@ -178,7 +173,7 @@ def test_vjp_matches_finite_differences(shape: tuple, axis: int, training: bool,
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("shape", "axis"), SHAPES, ids=SHAPE_IDS)
 def test_torch_matches_native_batch_norm(shape: tuple, axis: int, training: bool, convention: str) -> None:
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     import torch.nn.functional as F
 
     p = make_problem(shape, axis, seed=2)
@@ -194,7 +189,7 @@ def test_torch_matches_native_batch_norm(shape: tuple, axis: int, training: bool
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("shape", "axis"), [SHAPES[0], SHAPES[3]], ids=[SHAPE_IDS[0], SHAPE_IDS[3]])
 def test_torch_gradcheck(shape: tuple, axis: int, training: bool, convention: str) -> None:
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     p = make_problem(shape, axis, seed=3)
     state = BNState(torch.tensor(p.rmean), torch.tensor(p.rvar), torch.tensor(0))
     inputs = tuple(torch.tensor(a, requires_grad=True) for a in (p.x, p.gamma, p.beta))
@@ -304,7 +299,7 @@ def textbook_jnp(x: Any, g: Any, b: Any, rmean: Any, rvar: Any, *, training: boo
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("shape", "axis"), SHAPES, ids=SHAPE_IDS)
 def test_jax_matches_textbook_grad(shape: tuple, axis: int, training: bool, convention: str) -> None:
-    jax = pytest.importorskip("jax")
+    jax = need("jax")
     p = make_problem(shape, axis, seed=5).astype(np.float32)
     got = autodiff_grads("jax", p, training=training, convention=convention)
     eps = multibn.CONVENTIONS[convention].eps
@@ -358,7 +353,7 @@ print("ok")
 
 
 def test_jax_check_grads_float64_in_subprocess() -> None:
-    pytest.importorskip("jax")
+    need("jax")
     env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(JAX_X64_SCRIPT)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -367,7 +362,7 @@ def test_jax_check_grads_float64_in_subprocess() -> None:
 
 
 def test_jax_check_grads_float32() -> None:
-    jax = pytest.importorskip("jax")
+    jax = need("jax")
     from jax.test_util import check_grads
 
     p = make_problem((6, 3), 1, seed=7).astype(np.float32)
@@ -437,7 +432,7 @@ def test_vjp_equals_autodiff(backend_name: str, training: bool, convention: str)
     if backend_name == "mxnet":
         mxnet_module()
     else:
-        pytest.importorskip(backend_name)
+        need(backend_name)
     p = make_problem((3, 2, 4), 1, seed=11)
     got = vjp_grads(backend_name, p, training=training, convention=convention)
     want = autodiff_grads(backend_name, p, training=training, convention=convention)
@@ -455,7 +450,7 @@ def test_numpy_vjp_matches_reference_forward() -> None:
 
 # ---- JAX transformations: jit, grad, vmap ------------------------------------------------------------------------
 def test_jax_jit_and_grad() -> None:
-    jax = pytest.importorskip("jax")
+    jax = need("jax")
     jnp = jax.numpy
     p = make_problem((5, 2, 3), 1, seed=13).astype(np.float32)
     state = BNState(jnp.asarray(p.rmean), jnp.asarray(p.rvar), jnp.asarray(0, jnp.int32))
@@ -486,7 +481,7 @@ def test_jax_jit_and_grad() -> None:
 
 def test_jax_vmap_independent_problems() -> None:
     """vmap over a leading batch of problems, each with its own state, equals solving them one by one."""
-    jax = pytest.importorskip("jax")
+    jax = need("jax")
     jnp = jax.numpy
     problems = [make_problem((6, 3), 1, seed=20 + i).astype(np.float32) for i in range(4)]
     xs = jnp.stack([q.x for q in problems])

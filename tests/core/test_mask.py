@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import multibn
-from tests.conftest import ALL_BACKENDS, arr, require, to_numpy
+from tests.helpers import ALL_BACKENDS, arr, require, to_numpy
 
 CONVENTIONS = ("torch", "gluon", "flax", "mxnet")
 

@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 
 import multibn
 from multibn.algorithm import Stats
-
-from tests.conftest import arr, jax_float64, to_numpy
+from tests.helpers import arr, jax_float64, need, to_numpy
 
 
 def _split(x: np.ndarray, cuts: list[int], axis: int = 0) -> list[np.ndarray]:
@@ -157,14 +156,14 @@ def test_errors_name_the_problem() -> None:
 
 
 def test_mixing_backends_is_a_type_error() -> None:
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     m = multibn.ChannelMoments().partial_fit(np.ones((2, 3)))
     with pytest.raises(TypeError, match="x is a torch array, but this ChannelMoments holds numpy arrays"):
         m.partial_fit(torch.ones(2, 3))
 
 
 def test_torch_inputs_that_require_grad_build_no_graph() -> None:
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     m = multibn.ChannelMoments()
     for _ in range(3):
         m.partial_fit(torch.randn(4, 2, requires_grad=True) * 2)

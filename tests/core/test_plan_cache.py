@@ -15,7 +15,7 @@ import multibn
 from multibn import api
 from multibn.conventions import CONVENTIONS
 from multibn.state import BNState
-from tests.conftest import require
+from tests.helpers import require
 
 BACKENDS = ("numpy", "torch")
 C = 3

@@ -23,7 +23,7 @@ from hypothesis.extra.numpy import arrays
 import multibn
 from multibn import CONVENTIONS, BNState
 from multibn.backends import get_backend
-from tests.conftest import arr, jax_float64, require, to_numpy
+from tests.helpers import arr, jax_float64, require, to_numpy
 
 ULP = {"float32": 2.0**-23, "float64": 2.0**-52}
 EPSILONS = st.sampled_from([1e-5, 1e-3, 0.1, 1.0])

@@ -1,7 +1,7 @@
 import numpy as np
 
 import multibn
-from tests.conftest import to_numpy
+from tests.helpers import to_numpy
 
 
 def test_tv1_torch_every_backend(backend: str) -> None:

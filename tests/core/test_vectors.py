@@ -22,7 +22,7 @@ import pytest
 import multibn
 from multibn import CONVENTIONS, BNState, Convention
 from multibn.backends import get_backend
-from tests.conftest import ALL_BACKENDS, arr, jax_float64, require, to_numpy
+from tests.helpers import ALL_BACKENDS, arr, jax_float64, require, to_numpy
 
 DTYPES = ("float32", "float64")
 ULP = {"float32": 2.0**-23, "float64": 2.0**-52}

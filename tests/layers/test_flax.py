@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
+from tests.helpers import need
+
+jax = need("jax")
 jnp = jax.numpy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,11 +36,11 @@ LR = 0.05
 
 
 def flax_linen() -> Any:
-    return pytest.importorskip("flax.linen", reason="flax is not installed in this environment")
+    return need("flax.linen", why="flax is not installed in this environment")
 
 
 def flax_nnx() -> Any:
-    return pytest.importorskip("flax.nnx", reason="flax is not installed in this environment")
+    return need("flax.nnx", why="flax is not installed in this environment")
 
 
 def data(shape: tuple[int, ...], n_out: int, steps: int = STEPS, seed: int = 0) -> list[tuple[Any, Any]]:
@@ -251,7 +253,7 @@ def test_linen_convention_keeps_flax_momentum_meaning(convention: str, momentum:
     unbiased running variance; "torch_cma" keeps a counter in batch_stats for its cumulative average. The
     running statistics equal nn.BatchNorm1d's."""
     flax_linen()
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     from multibn.layers.flax import BatchNorm
 
     native = torch.nn.BatchNorm1d(3, momentum=torch_momentum)
@@ -426,7 +428,7 @@ def test_nnx_bfloat16_params_and_refusals() -> None:
 
 def test_nnx_torch_cma_counts_batches_as_torch() -> None:
     nnx = flax_nnx()
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     from multibn.layers.nnx import BatchNorm
 
     native, ours = torch.nn.BatchNorm1d(3, momentum=None), BatchNorm(3, convention="torch_cma", rngs=nnx.Rngs(0))

@@ -13,12 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.helpers import mxnet_module
+
 LR = 0.5
 
 
 @pytest.fixture(scope="module")
 def mx() -> Any:
-    return pytest.importorskip("multibn.backends.mxnet", reason="mxnet 1.9 is not installed in this environment").mx
+    return mxnet_module()
 
 
 @pytest.fixture

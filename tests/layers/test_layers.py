@@ -18,14 +18,10 @@ import numpy as np
 import pytest
 
 import multibn
+from tests.helpers import mxnet_module, need
 
 STEPS = 5
 LR = 0.1
-
-
-def mxnet_module() -> Any:
-    """MXNet through the multibn adapter (it restores the NumPy alias MXNet 1.9 needs); skip where it is missing."""
-    return pytest.importorskip("multibn.backends.mxnet", reason="mxnet 1.9 is not installed in this environment").mx
 
 
 def batches(shape: tuple[int, ...], n: int = STEPS, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -49,7 +45,7 @@ def test_layers_package_imports_no_framework() -> None:
 
 @pytest.mark.parametrize("module", ["torch", "jax"])
 def test_layer_modules_import(module: str) -> None:
-    pytest.importorskip(module)
+    need(module)
     layer = importlib.import_module(f"multibn.layers.{module}").BatchNorm
     assert "BatchNorm" in repr(layer(3))
 
@@ -69,7 +65,7 @@ torch_cases = [
                          ids=[f"{c[0]}-{len(c[1])}d-{c[3]}-{c[4]}" for c in torch_cases])
 def test_torch_parity_sgd(native_name: str, shape: tuple, num_dims: int | None, convention: str,
                           momentum: float | None) -> None:
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     from multibn.layers.torch import BatchNorm
 
     torch.manual_seed(0)
@@ -106,7 +102,7 @@ def test_torch_parity_sgd(native_name: str, shape: tuple, num_dims: int | None, 
     [("BatchNorm1d", 2, (6, 4)), ("BatchNorm2d", 4, (2, 4, 3, 3)), ("BatchNorm3d", 5, (2, 4, 2, 2, 2))],
 )
 def test_torch_state_dict_round_trip(native_name: str, num_dims: int, shape: tuple) -> None:
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     from multibn.layers.torch import BatchNorm
 
     x = torch.from_numpy(batches(shape, 1)[0][0])
@@ -133,7 +129,7 @@ def test_torch_state_dict_round_trip(native_name: str, num_dims: int, shape: tup
 
 
 def test_torch_rank_check_and_options() -> None:
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     from multibn.layers.torch import BatchNorm
 
     with pytest.raises(ValueError, match=r"expected 4D input \(got 2D input\)"):
@@ -295,7 +291,7 @@ def test_gluon_parameter_files_interchange(tmp_path: Any) -> None:
 
 # ==== JAX =============================================================================================================
 def test_jax_layer_pure_init_apply_under_jit_and_grad() -> None:
-    jax = pytest.importorskip("jax")
+    jax = need("jax")
     jnp = jax.numpy
     from multibn.layers.jax import BatchNorm
 
@@ -326,8 +322,8 @@ def test_jax_layer_pure_init_apply_under_jit_and_grad() -> None:
 
 
 def test_jax_layer_matches_flax_linen() -> None:
-    jax = pytest.importorskip("jax")
-    flax_nn = pytest.importorskip("flax.linen")
+    jax = need("jax")
+    flax_nn = need("flax.linen")
     jnp = jax.numpy
     from multibn.layers.jax import BatchNorm
 
@@ -369,7 +365,7 @@ LENET_Y = np.arange(8) % 10
 
 
 def test_lenet_torch() -> None:
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     from torch import nn
 
     from multibn.layers.torch import BatchNorm
@@ -431,7 +427,7 @@ def test_lenet_gluon(update: str) -> None:
 
 
 def test_lenet_jax() -> None:
-    jax = pytest.importorskip("jax")
+    jax = need("jax")
     jnp = jax.numpy
     from multibn.layers.jax import BatchNorm
 

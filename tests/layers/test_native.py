@@ -15,7 +15,6 @@ recovered as ``1/invstd^2 - eps`` gets the extra error it causes; no other allow
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import numpy as np
 import pytest
@@ -25,16 +24,13 @@ from hypothesis import strategies as st
 from multibn import check as C
 from multibn import reference as R
 from multibn.conventions import CONVENTIONS
-from tests.conftest import _why_missing
+from tests.helpers import installed, need, require
 
 
 def _need(backend: str, *modules: str) -> None:
-    why = _why_missing(backend)
-    if why:
-        pytest.skip(why)
+    require(backend)
     for m in modules:
-        if importlib.util.find_spec(m) is None:
-            pytest.skip(f"{m} is not installed in this environment (a test dependency of the native comparisons)")
+        need(m, "a test dependency of the native comparisons")
 
 
 def _assert_native(nat: C.Native, native_run: C.Run | None = None) -> None:
@@ -207,8 +203,6 @@ def test_gluon_block_against_multibn_layer_backward_timing() -> None:
     """``gluon.nn.BatchNorm`` against ``multibn.layers.gluon.BatchNorm(update="backward")``, step for step,
     including a training forward with no backward (no update on either side) and a predict-mode step."""
     _need("mxnet")
-    if importlib.util.find_spec("multibn.layers.gluon") is None:
-        pytest.skip("multibn/layers/gluon.py is not there yet")
     from multibn.backends import get_backend
 
     get_backend("mxnet")
@@ -292,10 +286,10 @@ KERAS_CASES = {
 @pytest.fixture(scope="module")
 def keras_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, C.Run]:
     """Both Keras backends at once, each in its own subprocess (KERAS_BACKEND is read at import)."""
-    if importlib.util.find_spec("keras") is None:
-        pytest.skip("keras is not installed in this environment (a test dependency of the native comparisons)")
+    need("keras", "a test dependency of the native comparisons")
     workdir = str(tmp_path_factory.mktemp("keras"))
-    jobs = {kb: C.start_keras(case, kb, workdir) for kb, case in KERAS_CASES.items() if _why_missing(kb) is None}
+    here = installed(tuple(KERAS_CASES))
+    jobs = {kb: C.start_keras(case, kb, workdir) for kb, case in KERAS_CASES.items() if kb in here}
     return {kb: C.finish_keras(*job, len(KERAS_CASES[kb].steps)) for kb, job in jobs.items()}
 
 

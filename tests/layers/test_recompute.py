@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import require
+from tests.helpers import need, require
 
 SIZES = (5, 9, 3, 12)
 
@@ -437,7 +437,7 @@ def _flax_captured(model: Any, variables: Any, batches: list[np.ndarray]) -> dic
 
 
 def test_flax_equals_float64_statistics_of_each_layers_inputs() -> None:
-    pytest.importorskip("flax")
+    need("flax")
     import jax
     import jax.numpy as jnp
 
@@ -463,7 +463,7 @@ def test_flax_equals_float64_statistics_of_each_layers_inputs() -> None:
 
 
 def test_flax_needs_training_mode_and_returns_the_container_type() -> None:
-    pytest.importorskip("flax")
+    need("flax")
     import jax
     from flax.core import freeze
     from flax.core.frozen_dict import FrozenDict
@@ -485,8 +485,8 @@ def test_flax_needs_training_mode_and_returns_the_container_type() -> None:
 
 
 def test_flax_multibn_layer_stores_its_conventions_variance() -> None:
-    pytest.importorskip("flax")
-    layers = pytest.importorskip("multibn.layers.flax")
+    need("flax")
+    layers = need("multibn.layers.flax")
     import flax.linen as nn
     import jax
 
@@ -573,7 +573,7 @@ def test_train_recomputed_evaluation_against_float64_and_training_unchanged(back
 
 
 def test_flax_a_batchnorm_that_is_the_whole_model() -> None:
-    pytest.importorskip("flax")
+    need("flax")
     import flax.linen as nn
     import jax
 

@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.helpers import need
+
+torch = need("torch")
 nn = torch.nn
 
 from multibn.layers.torch import BatchNorm, convert_batchnorm, revert_batchnorm  # noqa: E402
@@ -68,8 +70,7 @@ def step_both(native: nn.Module, ours: nn.Module, x: Any, *, backward: bool = Tr
 
 # ---- the constructor: ModuleInfo samples, momentum=None ------------------------------------------------------------
 def _bn_module_infos() -> list[Any]:
-    if importlib.util.find_spec("expecttest") is None:  # common_modules imports it
-        return []
+    need("expecttest", "torch's ModuleInfo database (common_modules imports it)")
     from torch.testing._internal.common_modules import module_db
 
     return [m for m in module_db if m.module_cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)]
@@ -90,7 +91,6 @@ def _samples() -> list[Any]:
 SAMPLES = _samples()
 
 
-@pytest.mark.skipif(not SAMPLES, reason="torch's ModuleInfo database needs the expecttest package")
 @pytest.mark.parametrize(("cls", "sample", "training"), SAMPLES)
 def test_moduleinfo_samples_match_native(cls: type, sample: Any, training: bool) -> None:
     """Each sample's constructor arguments, bound as nn.BatchNorm*d binds them, given to multibn's layer (num_dims
@@ -391,7 +391,7 @@ def test_torch_export_eval_and_train_equal_native() -> None:
 
 def test_onnx_dynamo_export_runs_in_onnxruntime(tmp_path: Any) -> None:
     for name in ("onnx", "onnxruntime", "onnxscript"):
-        pytest.importorskip(name, reason=f"{name} is not installed (requirements/full.txt has it)")
+        need(name, why=f"{name} is not installed (requirements/full.txt has it)")
     import onnxruntime
 
     native = small_convnet()
