@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,7 +22,7 @@ import pytest
 import multibn
 from multibn import BNState
 from multibn.backends import get_backend
-from tests.helpers import mxnet_module, need, to_numpy
+from tests.helpers import jax_float64, mxnet_module, need, to_numpy
 
 REPO = Path(__file__).resolve().parents[2]
 AUTODIFF_BACKENDS = ("torch", "jax", "mxnet")
@@ -312,53 +311,40 @@ def test_jax_matches_textbook_grad(shape: tuple, axis: int, training: bool, conv
     assert_grads_close(got, want, rtol=2e-4, atol=2e-5)
 
 
-JAX_X64_SCRIPT = """
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.test_util import check_grads
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("convention", ["torch", "mxnet"])
+@pytest.mark.parametrize(("shape", "axis"), [SHAPES[1], SHAPES[3]], ids=[SHAPE_IDS[1], SHAPE_IDS[3]])
+def test_jax_check_grads_float64(shape: tuple, axis: int, convention: str, training: bool) -> None:
+    """float64 with x64 on for this test only (jax_float64: thread-local, restored on exit)."""
+    jax = need("jax")
+    import jax.numpy as jnp
+    from jax.test_util import check_grads
 
-import multibn
-from tests.core.test_gradients import SHAPES, make_problem, textbook_jnp
+    with jax_float64():
+        assert jax.config.jax_enable_x64
+        p = make_problem(shape, axis, seed=6)
+        state = multibn.BNState(jnp.asarray(p.rmean), jnp.asarray(p.rvar), 0)
+        # backend="jax": check_grads evaluates f on NumPy arrays (its numerical derivatives)
+        opts = dict(training=training, convention=convention, axis=axis, backend="jax")
 
-assert jax.config.jax_enable_x64
-for (shape, axis) in (SHAPES[1], SHAPES[3]):
-    for convention in ("torch", "mxnet"):
-        for training in (True, False):
-            p = make_problem(shape, axis, seed=6)
-            state = multibn.BNState(jnp.asarray(p.rmean), jnp.asarray(p.rvar), 0)
-            # backend="jax": check_grads evaluates f on NumPy arrays (its numerical derivatives)
-            opts = dict(training=training, convention=convention, axis=axis, backend="jax")
+        @jax.jit
+        def f(x: Any, g: Any, b: Any) -> Any:
+            return multibn.batch_norm(x, g, b, state, **opts)[0]
 
-            @jax.jit
-            def f(x, g, b):
-                return multibn.batch_norm(x, g, b, state, **opts)[0]
+        args = tuple(jnp.asarray(a) for a in (p.x, p.gamma, p.beta))
+        assert args[0].dtype == jnp.float64
+        check_grads(f, args, order=1, modes=["rev"])
+        conv = multibn.CONVENTIONS[convention]
 
-            args = tuple(jnp.asarray(a) for a in (p.x, p.gamma, p.beta))
-            assert args[0].dtype == jnp.float64
-            check_grads(f, args, order=1, modes=["rev"])
-            conv = multibn.CONVENTIONS[convention]
+        def ref(x: Any, g: Any, b: Any) -> Any:
+            g = jnp.ones_like(g) if conv.fix_gamma else g  # MXNet's fix_gamma: gamma ignored, dgamma 0
+            return textbook_jnp(x, g, b, state.running_mean, state.running_var, training=training, eps=conv.eps,
+                                axis=axis)
 
-            def ref(x, g, b):
-                g = jnp.ones_like(g) if conv.fix_gamma else g  # MXNet's fix_gamma: gamma ignored, dgamma 0
-                return textbook_jnp(x, g, b, state.running_mean, state.running_var, training=training,
-                                    eps=conv.eps, axis=axis)
-
-            got = jax.vjp(f, *args)[1](jnp.asarray(p.dy))
-            want = jax.vjp(ref, *args)[1](jnp.asarray(p.dy))
-            for name, a, b in zip(("dx", "dgamma", "dbeta"), got, want):
-                np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=f"{name} {shape} {opts}")
-print("ok")
-"""
-
-
-def test_jax_check_grads_float64_in_subprocess() -> None:
-    need("jax")
-    env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(JAX_X64_SCRIPT)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.strip().endswith("ok")
+        got = jax.vjp(f, *args)[1](jnp.asarray(p.dy))
+        want = jax.vjp(ref, *args)[1](jnp.asarray(p.dy))
+    for name, a, b in zip(("dx", "dgamma", "dbeta"), got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=f"{name} {shape} {opts}")
 
 
 def test_jax_check_grads_float32() -> None:
