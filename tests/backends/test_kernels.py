@@ -114,6 +114,7 @@ def test_offset_data_variance_is_accurate(backend: str, chunk: None, dtype: str)
     np.testing.assert_allclose(to_numpy(new.running_var), ref, rtol=1e-3 if dtype == "float16" else 1e-4)
 
 
+@pytest.mark.torch
 def test_torch_autograd_with_fast_kernels() -> None:
     """torch: autograd (fast kernels) equals batch_norm_vjp on tensors requiring grad (generic kernels), and
     double backward (create_graph) still works through the generic path."""
@@ -154,6 +155,7 @@ def test_jax_jit_and_grad_with_kernels() -> None:
         np.testing.assert_allclose(np.asarray(e), r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.mxnet
 def test_mxnet_autograd_with_fast_kernels() -> None:
     need("mxnet")
     be = get_backend("mxnet")

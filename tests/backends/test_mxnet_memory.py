@@ -18,6 +18,8 @@ import pytest
 
 from tests.helpers import need
 
+pytestmark = pytest.mark.mxnet  # run in the full environment only (see conftest.same_in_current)
+
 mxnet_adapter = need("multibn.backends.mxnet", "MXNet 1.9")
 
 ROOT = Path(__file__).resolve().parents[2]

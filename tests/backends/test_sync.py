@@ -33,6 +33,7 @@ def single_process(counts: list[int]) -> dict[str, np.ndarray]:
             "running_mean": state.running_mean.numpy(), "running_var": state.running_var.numpy(), "tracked": 2}
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(("counts", "padded"), [([4, 4], False), ([2, 6], False), ([3, 0, 5], False),
                                                ([3, 8, 0, 5], True)],
                          ids=["equal", "unequal", "empty-shard", "padded-masked"])
@@ -80,6 +81,7 @@ def test_sync_unsupported_backends_say_so(backend: str) -> None:
         multibn.batch_norm(np.ones((4, 2), np.float32), backend=backend, sync=True)
 
 
+@pytest.mark.torch
 def test_torch_sync_needs_an_initialised_process_group() -> None:
     torch = need("torch")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -88,6 +90,7 @@ def test_torch_sync_needs_an_initialised_process_group() -> None:
         multibn.batch_norm(torch.ones(4, 2), sync=True)
 
 
+@pytest.mark.torch
 def test_torch_sync_double_backward_raises_and_forward_ad_is_exact(tmp_path: Path) -> None:
     """A second derivative through all_reduce would be silently wrong: it raises. Forward mode is exact."""
     torch = need("torch")
@@ -113,6 +116,7 @@ def test_torch_sync_double_backward_raises_and_forward_ad_is_exact(tmp_path: Pat
         dist.destroy_process_group()
 
 
+@pytest.mark.torch
 def test_ddp_step_with_converted_layer_equals_single_process(tmp_path: Path) -> None:
     """Two SGD steps of a DistributedDataParallel model whose nn.BatchNorm1d was converted to multibn's
     synchronised layer (2 ranks of 5 rows) equal two steps of the native model on the 10 rows in one process."""
@@ -139,6 +143,7 @@ def test_ddp_step_with_converted_layer_equals_single_process(tmp_path: Path) -> 
             torch.testing.assert_close(got[k], v, rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.torch
 def test_convert_sync_batchnorm_keeps_everything() -> None:
     torch = need("torch")
     from multibn.layers.torch import BatchNorm, convert_sync_batchnorm

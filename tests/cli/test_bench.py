@@ -94,6 +94,7 @@ def test_bench_layer_pass_and_small_cases(tmp_path: Path) -> None:
             assert r["ratio_to_native"] == 1.0
 
 
+@pytest.mark.torch
 def test_bench_model_lenet(tmp_path: Path) -> None:
     need("torch")
     out = tmp_path / "bench.json"

@@ -235,6 +235,7 @@ def test_empty_eval_dgamma() -> None:
     np.testing.assert_array_equal(dgamma, [0.0])
 
 
+@pytest.mark.mxnet
 def test_mxnet_eval_backward_after_recorded_training() -> None:
     """An eval-mode backward right after a recorded training step (once a hang) gives the eval gradient:
     dx = gamma / sqrt(running_var + eps) for dy = 1, from the running variance the training step stored."""

@@ -103,6 +103,7 @@ def test_jax_counter_follows_the_device():
     assert proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
+@pytest.mark.mxnet
 def test_mxnet_counter_follows_the_device():
     require("mxnet")
     import mxnet as mx

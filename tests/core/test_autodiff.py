@@ -55,6 +55,7 @@ def _torch_args(d: dict, training: bool, requires_grad: bool = True) -> tuple:
     return tuple(torch.tensor(d[k], dtype=torch.float64, requires_grad=requires_grad) for k in names)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(("shape", "axis"), SHAPES)
 @pytest.mark.parametrize("training", [True, False])
 def test_torch_gradgradcheck(shape: tuple, axis: int, training: bool) -> None:
@@ -71,6 +72,7 @@ def test_torch_gradgradcheck(shape: tuple, axis: int, training: bool) -> None:
         assert torch.autograd.gradgradcheck(mine, args)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(("shape", "axis"), SHAPES[:3])
 @pytest.mark.parametrize("training", [True, False])
 def test_torch_hessian_vector_products_equal_native(shape: tuple, axis: int, training: bool) -> None:
@@ -92,6 +94,7 @@ def test_torch_hessian_vector_products_equal_native(shape: tuple, axis: int, tra
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(("shape", "axis"), SHAPES)
 @pytest.mark.parametrize("training", [True, False])
 def test_torch_forward_ad_equals_native(shape: tuple, axis: int, training: bool) -> None:
@@ -113,6 +116,7 @@ def test_torch_forward_ad_equals_native(shape: tuple, axis: int, training: bool)
     torch.testing.assert_close(got[0], got[1], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(("shape", "axis"), SHAPES[:3])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("transform", ["jacrev", "jacfwd", "hessian"])
@@ -161,6 +165,7 @@ def _torch_textbook(axis: int, training: bool, eps: float = 1e-5):
     return f
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("training", [True, False])
 def test_torch_func_grad_jvp_vmap_equal_native(training: bool) -> None:
     require("torch")
@@ -189,6 +194,7 @@ def test_torch_func_grad_jvp_vmap_equal_native(training: bool) -> None:
     torch.testing.assert_close(gm, gn, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.torch
 def test_torch_fast_kernels_and_autograd_agree_at_scale() -> None:
     """A tensor large enough for the chunked CPU kernels: forward, backward and double backward still native."""
     require("torch")
@@ -206,6 +212,7 @@ def test_torch_fast_kernels_and_autograd_agree_at_scale() -> None:
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.torch
 def test_torch_eval_running_statistics_get_their_true_gradient() -> None:
     """Native BN refuses this gradient (RuntimeError); multibn gives the true one, never None."""
     require("torch")
@@ -343,6 +350,7 @@ def test_jax_eval_running_statistics_gradient_equals_flax() -> None:
         assert float(jnp.max(jnp.abs(want[1]["var"]))) > 0  # a real gradient, which multibn once gave as zero
 
 
+@pytest.mark.mxnet
 @pytest.mark.parametrize("convention", ["gluon", "mxnet"])
 def test_mxnet_eval_running_statistics_gradient(convention: str) -> None:
     require("mxnet")
@@ -379,6 +387,7 @@ def test_numpy_gradient_functions_share_the_rule() -> None:
         np.testing.assert_allclose(to_numpy(a), w.numpy(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("training", [True, False])
 def test_torch_layer_double_backward_and_functional_call_equal_native(training: bool) -> None:
     require("torch")

@@ -142,6 +142,7 @@ def test_float_num_batches_tracked(backend: str) -> None:
                                lambda: multibn.batch_norm(x, gamma, beta, bad), state)
 
 
+@pytest.mark.mxnet
 def test_bfloat16_on_mxnet() -> None:
     """MXNet 1.9's NDArray has no bfloat16: a bfloat16 state is refused with a TypeError."""
     require("mxnet")
@@ -149,6 +150,7 @@ def test_bfloat16_on_mxnet() -> None:
         multibn.init_state(2, backend="mxnet", dtype="bfloat16")
 
 
+@pytest.mark.mxnet
 @pytest.mark.parametrize("which", ["x", "gamma"])
 def test_bfloat16_array_on_mxnet(which: str) -> None:
     require("mxnet")
@@ -380,6 +382,7 @@ def test_single_value_per_channel_gives_beta_up_to_fused_rounding(convention: st
 
 
 # ---- MXNet-specific --------------------------------------------------------------------------------------------
+@pytest.mark.mxnet
 def test_empty_batch_on_mxnet() -> None:
     require("mxnet")
     state = multibn.init_state(2, backend="mxnet")

@@ -168,6 +168,7 @@ def test_vjp_matches_finite_differences(shape: tuple, axis: int, training: bool,
 
 
 # ---- torch: F.batch_norm in float64, gradcheck --------------------------------------------------------------
+@pytest.mark.torch
 @pytest.mark.parametrize("convention", ["torch", "keras"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("shape", "axis"), SHAPES, ids=SHAPE_IDS)
@@ -184,6 +185,7 @@ def test_torch_matches_native_batch_norm(shape: tuple, axis: int, training: bool
     assert_grads_close(got, (np.moveaxis(dx.numpy(), 1, axis), dg.numpy(), db.numpy()), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("convention", ["torch", "mxnet"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("shape", "axis"), [SHAPES[0], SHAPES[3]], ids=[SHAPE_IDS[0], SHAPE_IDS[3]])
@@ -200,6 +202,7 @@ def test_torch_gradcheck(shape: tuple, axis: int, training: bool, convention: st
 
 
 # ---- MXNet: mx.nd.BatchNorm under autograd.record -------------------------------------------------------------
+@pytest.mark.mxnet
 @pytest.mark.parametrize("fix_gamma", [False, True], ids=["learned_gamma", "fix_gamma"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("shape", "axis"), SHAPES, ids=SHAPE_IDS)
@@ -222,6 +225,7 @@ def test_mxnet_matches_native_batch_norm(shape: tuple, axis: int, training: bool
         assert not np.any(got[1]) and not np.any(want[1])
 
 
+@pytest.mark.mxnet
 def test_mxnet_gamma_gradient_when_x_needs_none() -> None:
     mx = mxnet_module()
     p = make_problem((6, 3), 1, seed=14).astype(np.float32)
@@ -262,6 +266,7 @@ print("ok")
 """
 
 
+@pytest.mark.mxnet
 @pytest.mark.parametrize(("shape", "timeout"), [((8, 3), 10), ((64, 8, 16, 20), 60)], ids=["host", "operators"])
 def test_mxnet_sgd_step_on_gamma_after_backward(shape: tuple[int, ...], timeout: int) -> None:
     """In-place updates of gamma and x right after backward() do not deadlock: the backward reads its own copies of

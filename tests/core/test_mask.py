@@ -148,6 +148,7 @@ def test_bad_masks_are_refused(mask: object, error: type, match: str) -> None:
         multibn.batch_norm(np.zeros((4, 3), np.float32), mask=mask)
 
 
+@pytest.mark.torch
 def test_torch_masked_autodiff_equals_reference() -> None:
     require("torch")
     import torch

@@ -162,6 +162,7 @@ def test_mixing_backends_is_a_type_error() -> None:
         m.partial_fit(torch.ones(2, 3))
 
 
+@pytest.mark.torch
 def test_torch_inputs_that_require_grad_build_no_graph() -> None:
     torch = need("torch")
     m = multibn.ChannelMoments()

@@ -124,6 +124,7 @@ def test_mixing_frameworks_after_a_cached_call(backend: str) -> None:
         assert isinstance(y, torch.Tensor)
 
 
+@pytest.mark.torch
 def test_device_change_after_a_cached_call() -> None:
     require("torch")
     import torch
@@ -149,6 +150,7 @@ def test_mask_checks_after_a_cached_call(backend: str) -> None:
         assert warm == cold
 
 
+@pytest.mark.torch
 def test_repeated_calls_match_native_torch() -> None:
     """Training steps with fresh state arrays every call (as the layer passes its buffers) and a convention object
     whose momentum differs from the preset's, against ``F.batch_norm``; then eval."""

@@ -616,6 +616,7 @@ def _torch_reference(x, gamma, beta, dy, momentum, eps):
     return [t.detach().numpy() for t in (y, x.grad, w.grad, b.grad, rm, rv)]
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("case", ["tv1", "tv2", "measured"])
 def test_live_torch_functional(case: str) -> None:
     """multibn's torch convention (float64, numpy backend) against torch.nn.functional.batch_norm itself."""
@@ -635,6 +636,7 @@ def test_live_torch_functional(case: str) -> None:
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-11, err_msg=name)
 
 
+@pytest.mark.torch
 def test_live_torch_cma_tv3() -> None:
     """torch_cma against nn.BatchNorm1d(momentum=None) on TV3 (two steps, then eval)."""
     require("torch")
@@ -654,6 +656,7 @@ def test_live_torch_cma_tv3() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+@pytest.mark.mxnet
 @pytest.mark.parametrize("fix_gamma", [True, False])
 @pytest.mark.parametrize("case", ["tv1", "tv2", "measured"])
 def test_live_mxnet_operator(case: str, fix_gamma: bool) -> None:

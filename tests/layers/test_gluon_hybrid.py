@@ -15,6 +15,8 @@ import pytest
 
 from tests.helpers import mxnet_module
 
+pytestmark = pytest.mark.mxnet  # run in the full environment only (see conftest.same_in_current)
+
 LR = 0.5
 
 

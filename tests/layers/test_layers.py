@@ -61,6 +61,7 @@ torch_cases = [
 ]
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(("native_name", "shape", "num_dims", "convention", "momentum"), torch_cases,
                          ids=[f"{c[0]}-{len(c[1])}d-{c[3]}-{c[4]}" for c in torch_cases])
 def test_torch_parity_sgd(native_name: str, shape: tuple, num_dims: int | None, convention: str,
@@ -97,6 +98,7 @@ def test_torch_parity_sgd(native_name: str, shape: tuple, num_dims: int | None, 
     assert all(torch.equal(before[k], v) for k, v in ours.state_dict().items())  # eval changes nothing
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(
     ("native_name", "num_dims", "shape"),
     [("BatchNorm1d", 2, (6, 4)), ("BatchNorm2d", 4, (2, 4, 3, 3)), ("BatchNorm3d", 5, (2, 4, 2, 2, 2))],
@@ -128,6 +130,7 @@ def test_torch_state_dict_round_trip(native_name: str, num_dims: int, shape: tup
     assert int(fresh.num_batches_tracked) == 0
 
 
+@pytest.mark.torch
 def test_torch_rank_check_and_options() -> None:
     torch = need("torch")
     from multibn.layers.torch import BatchNorm
@@ -180,6 +183,7 @@ def assert_gluon_equal(native: Any, ours: Any, rtol: float = 1e-4, atol: float =
                                    rtol=rtol, atol=atol, err_msg=name)
 
 
+@pytest.mark.mxnet
 @pytest.mark.parametrize("shape", [(8, 3), (4, 3, 3, 2)], ids=["NC", "NCHW"])
 def test_gluon_parity_sgd_update_backward(shape: tuple) -> None:
     mx = mxnet_module()
@@ -203,6 +207,7 @@ def test_gluon_parity_sgd_update_backward(shape: tuple) -> None:
     np.testing.assert_allclose(ours(x).asnumpy(), native(x).asnumpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.mxnet
 def test_gluon_update_timing() -> None:
     """update="backward": no update without a backward; after one, visible at once (no race with MXNet's engine
     threads, which run Function.backward after loss.backward() returns); update="forward": at the forward."""
@@ -232,6 +237,7 @@ def test_gluon_update_timing() -> None:
     assert int(eager.num_batches_tracked().asscalar()) == 2
 
 
+@pytest.mark.mxnet
 def test_gluon_gradients_when_input_needs_no_gradient() -> None:
     mx = mxnet_module()
     native, ours = gluon_pair(mx, 3)
@@ -245,6 +251,7 @@ def test_gluon_gradients_when_input_needs_no_gradient() -> None:
                                    rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+@pytest.mark.mxnet
 def test_gluon_gradient_accumulation_grad_req_add() -> None:
     mx = mxnet_module()
     native, ours = gluon_pair(mx, 3)
@@ -262,6 +269,7 @@ def test_gluon_gradient_accumulation_grad_req_add() -> None:
                                    rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+@pytest.mark.mxnet
 def test_gluon_parameter_files_interchange(tmp_path: Any) -> None:
     mx = mxnet_module()
     from multibn.layers.gluon import BatchNorm
@@ -364,6 +372,7 @@ LENET_X = np.random.default_rng(7).normal(size=(8, 1, 28, 28)).astype(np.float32
 LENET_Y = np.arange(8) % 10
 
 
+@pytest.mark.torch
 def test_lenet_torch() -> None:
     torch = need("torch")
     from torch import nn
@@ -392,6 +401,7 @@ def test_lenet_torch() -> None:
     assert net(torch.from_numpy(LENET_X)).shape == (8, 10)
 
 
+@pytest.mark.mxnet
 @pytest.mark.parametrize("update", ["forward", "backward"])
 def test_lenet_gluon(update: str) -> None:
     mx = mxnet_module()

@@ -45,6 +45,7 @@ MXNET = C.MXNET_NATIVE  # what MXNet's own kernel is allowed beyond multibn's bo
 
 
 # ---- PyTorch --------------------------------------------------------------------------------------------------------
+@pytest.mark.torch
 @pytest.mark.parametrize("rank", [2, 3, 4, 5])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
 @pytest.mark.parametrize("momentum,eps", [(None, None), (0.0, 1e-3), (1.0, 1e-9), (0.37, 0.1)])
@@ -59,6 +60,7 @@ def test_torch_functional(rank: int, dtype: str, momentum: float | None, eps: fl
     _assert_native(C.Native("F.batch_norm", "torch", case, lambda c: C._native_torch(c, functional=True)))
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("rank", [2, 3, 4, 5])
 @pytest.mark.parametrize("variant", ["default", "momentum=None", "affine=False", "track_running_stats=False"])
 def test_torch_modules(rank: int, variant: str) -> None:
@@ -80,6 +82,7 @@ def test_torch_modules(rank: int, variant: str) -> None:
     _assert_native(nat)
 
 
+@pytest.mark.torch
 def test_torch_module_empty_batch_counts() -> None:
     """PyTorch's module counts an empty batch in num_batches_tracked and leaves the statistics alone."""
     _need("torch")
@@ -88,6 +91,7 @@ def test_torch_module_empty_batch_counts() -> None:
         _assert_native(C.Native("nn.BatchNorm1d", "torch", case, lambda c: C._native_torch(c, functional=False)))
 
 
+@pytest.mark.torch
 def test_torch_one_value_per_channel_raises_like_torch() -> None:
     _need("torch")
     case = C.make_case("n=1", "torch", "float32", [(1, 3)], seed=6)
@@ -98,6 +102,7 @@ def test_torch_one_value_per_channel_raises_like_torch() -> None:
         ours.error[1])
 
 
+@pytest.mark.torch
 @given(rank=st.integers(2, 5), seed=st.integers(0, 2**16), offset=st.sampled_from([0.0, 1.0, 1e2, 1e4]),
        momentum=st.sampled_from([None, 0.0, 0.5, 1.0]), steps=st.integers(1, 3), cma=st.booleans())
 def test_torch_module_property(rank: int, seed: int, offset: float, momentum: float | None, steps: int,
@@ -114,6 +119,7 @@ def test_torch_module_property(rank: int, seed: int, offset: float, momentum: fl
 
 
 # ---- MXNet -----------------------------------------------------------------------------------------------------------
+@pytest.mark.mxnet
 @pytest.mark.parametrize("fix_gamma", [True, False])
 @pytest.mark.parametrize("axis,rank", [(1, 2), (1, 4), (-1, 3), (-1, 4), (2, 5)])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
@@ -133,6 +139,7 @@ def test_mxnet_nd_batchnorm(fix_gamma: bool, axis: int, rank: int, dtype: str) -
                             lambda c: C._native_mxnet(c, fix_gamma=fix_gamma), **MXNET))
 
 
+@pytest.mark.mxnet
 @pytest.mark.parametrize("eps,momentum", [(1e-5, 0.9), (1e-3, 0.0), (0.1, 1.0), (1e-5, 0.25)])
 def test_mxnet_gluon_convention_against_nd(eps: float, momentum: float) -> None:
     _need("mxnet")
@@ -142,6 +149,7 @@ def test_mxnet_gluon_convention_against_nd(eps: float, momentum: float) -> None:
                             lambda c: C._native_mxnet(c, fix_gamma=False), **MXNET))
 
 
+@pytest.mark.mxnet
 @pytest.mark.slow
 def test_mxnet_large_reduction() -> None:
     """``docs/semantics.md`` §6: MXNet's kernel is ~1e-4 off float64 on large reductions (float32 accumulation);
@@ -152,6 +160,7 @@ def test_mxnet_large_reduction() -> None:
     _assert_native(C.Native("nd.BatchNorm", "mxnet", case, lambda c: C._native_mxnet(c, fix_gamma=True), **MXNET))
 
 
+@pytest.mark.mxnet
 def test_mxnet_moving_stats_move_only_in_backward() -> None:
     """Why the native runner runs a backward per step: on CPU a forward alone leaves the moving statistics."""
     _need("mxnet")
@@ -199,6 +208,7 @@ def _gluon_steps(block: object, case: C.Case, plan: list[str]) -> list[dict[str,
     return out
 
 
+@pytest.mark.mxnet
 def test_gluon_block_against_multibn_layer_backward_timing() -> None:
     """``gluon.nn.BatchNorm`` against ``multibn.layers.gluon.BatchNorm(update="backward")``, step for step,
     including a training forward with no backward (no update on either side) and a predict-mode step."""
@@ -304,6 +314,7 @@ def test_keras_batch_normalization(keras_backend: str, keras_runs: dict[str, C.R
                             extra_var=1.0 if keras_backend == "torch" else 0.0), run)
 
 
+@pytest.mark.mxnet
 @settings(max_examples=10)
 @given(seed=st.integers(0, 2**16), fix_gamma=st.booleans(), rank=st.integers(2, 4), last=st.booleans())
 def test_mxnet_property(seed: int, fix_gamma: bool, rank: int, last: bool) -> None:

@@ -90,6 +90,7 @@ def _unbiased(m: Any) -> bool:
     return m.convention.unbiased_running_var if isinstance(m, BatchNorm) else True
 
 
+@pytest.mark.torch
 def test_torch_equals_float64_statistics_of_each_layers_inputs() -> None:
     require("torch")
     import torch
@@ -111,6 +112,7 @@ def test_torch_equals_float64_statistics_of_each_layers_inputs() -> None:
         np.testing.assert_allclose(m.running_var.numpy(), var1 if _unbiased(m) else var, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.torch
 def test_torch_leaves_everything_else_as_it_was() -> None:
     require("torch")
     import torch
@@ -151,6 +153,7 @@ def _update_bn(model: Any, batches: list[np.ndarray]) -> Any:
     return twin
 
 
+@pytest.mark.torch
 def test_torch_agrees_with_update_bn_on_the_mean_with_equal_batches_and_not_on_the_variance() -> None:
     require("torch")
     import torch
@@ -170,6 +173,7 @@ def test_torch_agrees_with_update_bn_on_the_mean_with_equal_batches_and_not_on_t
     assert gap.max() > 0.1, gap
 
 
+@pytest.mark.torch
 def test_torch_update_bn_is_off_with_unequal_batches_where_recompute_is_exact() -> None:
     require("torch")
     import torch
@@ -188,6 +192,7 @@ def test_torch_update_bn_is_off_with_unequal_batches_where_recompute_is_exact() 
     assert np.abs(theirs[1].running_var.numpy() / ref["1"][2] - 1).max() > 0.1
 
 
+@pytest.mark.torch
 def test_torch_num_batches_progress_and_device() -> None:
     require("torch")
     import torch
@@ -207,6 +212,7 @@ def test_torch_num_batches_progress_and_device() -> None:
     assert stream.getvalue().rstrip().endswith("4 batches")
 
 
+@pytest.mark.torch
 def test_torch_a_failed_call_changes_nothing() -> None:
     require("torch")
     import torch
@@ -237,6 +243,7 @@ def test_torch_a_failed_call_changes_nothing() -> None:
     assert not model.training and all(not m._forward_pre_hooks for m in model.modules())
 
 
+@pytest.mark.torch
 def test_torch_layers_without_statistics_or_input() -> None:
     require("torch")
     import torch
@@ -285,6 +292,7 @@ def _recompute_worker(rank: int, shards: list[list[int]], store: str, out: str) 
         dist.destroy_process_group()
 
 
+@pytest.mark.torch
 def test_torch_distributed_merges_the_processes_exactly(tmp_path: Path) -> None:
     require("torch")
     import torch
@@ -333,6 +341,7 @@ def _gluon_bn_blocks(net: Any) -> list[Any]:
     return found
 
 
+@pytest.mark.mxnet
 def test_gluon_equals_float64_statistics_of_each_layers_inputs() -> None:
     require("mxnet")
     from multibn.backends.mxnet import mx
@@ -377,6 +386,7 @@ def test_gluon_equals_float64_statistics_of_each_layers_inputs() -> None:
     assert np.isfinite(out.asnumpy()).all()
 
 
+@pytest.mark.mxnet
 def test_gluon_num_batches_and_errors() -> None:
     require("mxnet")
     from multibn.backends.mxnet import mx

@@ -24,6 +24,8 @@ import pytest
 
 from tests.helpers import need
 
+pytestmark = pytest.mark.torch  # run in the full environment only (see conftest.same_in_current)
+
 torch = need("torch")
 nn = torch.nn
 
