@@ -103,6 +103,24 @@ def mxnet_module() -> ModuleType:
     return need("multibn.backends.mxnet", "MXNet 1.9").mx
 
 
+#: The layer parity runs: a native layer and multibn's take PARITY_STEPS SGD steps at PARITY_LR on the same batches.
+PARITY_STEPS = 5
+PARITY_LR = 0.1
+#: The textbook LeNet's input and labels, one batch of 8 (channels first).
+LENET_X = np.random.default_rng(7).normal(size=(8, 1, 28, 28)).astype(np.float32)
+LENET_Y = np.arange(8) % 10
+
+
+def batches(shape: tuple[int, ...], n: int = PARITY_STEPS, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n`` (input, target) pairs, float32, inputs with per-channel offsets (channels on axis 1)."""
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    bshape = (1, c) + (1,) * (len(shape) - 2)
+    offset, scale = rng.normal(size=c).reshape(bshape), rng.uniform(0.5, 2.0, c).reshape(bshape)
+    return [((rng.normal(size=shape) * scale + offset).astype(np.float32), rng.normal(size=shape).astype(np.float32))
+            for _ in range(n)]
+
+
 @contextlib.contextmanager
 def jax_float64(backend: str = "jax", dtype: str = "float64") -> Iterator[None]:
     """JAX keeps float64 only with x64 on: turn it on for the duration (thread-local, undone on exit)."""
@@ -135,5 +153,6 @@ def to_numpy(a: object) -> np.ndarray:
     return get_backend(backend_name_of(a)).to_numpy(a)
 
 
-__all__ = ["ABSENT_BY_DESIGN", "ALL_BACKENDS", "ROOT", "SAME_IN_CURRENT", "TEST_ENV", "arr", "has", "installed",
-           "jax_float64", "missing", "mxnet_module", "need", "require", "to_numpy"]
+__all__ = ["ABSENT_BY_DESIGN", "ALL_BACKENDS", "LENET_X", "LENET_Y", "PARITY_LR", "PARITY_STEPS", "ROOT",
+           "SAME_IN_CURRENT", "TEST_ENV", "arr", "batches", "has", "installed", "jax_float64", "missing",
+           "mxnet_module", "need", "require", "to_numpy"]

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.helpers import need
+import multibn
+from tests.helpers import LENET_X, LENET_Y, PARITY_LR, PARITY_STEPS, batches, need
 
 jax = need("jax")
 jnp = jax.numpy
@@ -503,3 +504,133 @@ def test_jax_layer_refuses_parameter_trees_it_does_not_recognise() -> None:
         BatchNorm(3, affine=False).apply(params, state, x, training=True)
     with pytest.raises(TypeError, match="params must be a dict"):
         bn.apply([params["scale"], params["bias"]], state, x, training=True)
+
+
+# ==== multibn.layers.jax: pure init/apply under jit and grad, against flax.linen, the textbook LeNet =================
+def test_jax_layer_pure_init_apply_under_jit_and_grad() -> None:
+    jax = need("jax")
+    jnp = jax.numpy
+    from multibn.layers.jax import BatchNorm
+
+    bn = BatchNorm(3)
+    params, state = bn.init()
+    assert params["scale"].shape == params["bias"].shape == state.running_mean.shape == (3,)
+    x = jnp.asarray(batches((4, 3, 2, 2), 1)[0][0]).transpose(0, 2, 3, 1)  # channels last, as Flax
+    step = jax.jit(bn.apply, static_argnames="training")
+    y, new = step(params, state, x, training=True)
+    y_ref, new_ref = multibn.batch_norm(x, params["scale"], params["bias"], state, convention="flax")
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-6, atol=1e-6)
+    for a, b in zip(new, new_ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    assert int(new.num_batches_tracked) == 1 and int(state.num_batches_tracked) == 0  # pure
+
+    def loss(params: Any, state: Any, x: Any) -> Any:
+        y, new = bn.apply(params, state, x, training=True)
+        return jnp.sum(y ** 3), new
+
+    grads, _ = jax.jit(jax.grad(loss, has_aux=True))(params, state, x)
+    assert set(grads) == {"scale", "bias"} and all(np.all(np.isfinite(np.asarray(g))) for g in grads.values())
+    y_eval, same = step(params, new, x, training=False)
+    assert same is not None and np.isfinite(np.asarray(y_eval)).all()
+    plain = BatchNorm(3, affine=False, axis=1, convention="torch")
+    p0, s0 = plain.init()
+    assert p0 == {}
+    assert plain.apply(p0, s0, x.transpose(0, 3, 1, 2), training=True)[0].shape == (4, 3, 2, 2)
+
+
+def test_jax_layer_matches_flax_linen() -> None:
+    jax = need("jax")
+    flax_nn = need("flax.linen")
+    jnp = jax.numpy
+    from multibn.layers.jax import BatchNorm
+
+    shape = (6, 2, 2, 3)
+    native = flax_nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-5, use_fast_variance=False)
+    variables = native.init(jax.random.PRNGKey(0), jnp.zeros(shape))
+    rng = np.random.default_rng(1)
+    variables = {"params": {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 3), jnp.float32),
+                            "bias": jnp.asarray(rng.normal(size=3), jnp.float32)},
+                 "batch_stats": variables["batch_stats"]}
+    bn = BatchNorm(3)
+    params, state = bn.from_flax(variables)
+
+    def native_loss(params: Any, stats: Any, x: Any, t: Any) -> Any:
+        y, upd = native.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+        return jnp.mean((y - t) ** 2), upd["batch_stats"]
+
+    def our_loss(params: Any, state: Any, x: Any, t: Any) -> Any:
+        y, new = bn.apply(params, state, x, training=True)
+        return jnp.mean((y - t) ** 2), new
+
+    native_params, stats = variables["params"], variables["batch_stats"]
+    for x, t in batches((6, 3, 2, 2)):
+        x, t = jnp.asarray(x).transpose(0, 2, 3, 1), jnp.asarray(t).transpose(0, 2, 3, 1)
+        g, stats = jax.grad(native_loss, has_aux=True)(native_params, stats, x, t)
+        native_params = jax.tree_util.tree_map(lambda p, g: p - PARITY_LR * g, native_params, g)
+        g, state = jax.grad(our_loss, has_aux=True)(params, state, x, t)
+        params = jax.tree_util.tree_map(lambda p, g: p - PARITY_LR * g, params, g)
+    got = BatchNorm.to_flax(params, state)
+    want = {"params": native_params, "batch_stats": stats}
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert int(state.num_batches_tracked) == PARITY_STEPS
+
+
+def test_lenet_jax() -> None:
+    jax = need("jax")
+    jnp = jax.numpy
+    from multibn.layers.jax import BatchNorm
+
+    conv_dims = ("NCHW", "OIHW", "NCHW")
+    bns = [BatchNorm(6, axis=1), BatchNorm(16, axis=1), BatchNorm(120), BatchNorm(84)]
+    rng = np.random.default_rng(0)
+
+    def weights(*shape: int) -> Any:
+        return jnp.asarray(rng.normal(size=shape) / np.sqrt(np.prod(shape[1:])), jnp.float32)
+
+    def dense(n_in: int, n_out: int) -> dict[str, Any]:
+        return {"w": weights(n_out, n_in).T, "b": jnp.zeros(n_out)}
+
+    params = {
+        "conv1": {"w": weights(6, 1, 5, 5), "b": jnp.zeros(6)},
+        "conv2": {"w": weights(16, 6, 5, 5), "b": jnp.zeros(16)},
+        "fc1": dense(256, 120), "fc2": dense(120, 84), "fc3": dense(84, 10),
+    }
+    bn_params, states = zip(*(bn.init() for bn in bns), strict=True)
+    params["bn"] = list(bn_params)
+
+    def pool(x: Any) -> Any:
+        return jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 1, 2, 2), (1, 1, 2, 2), "VALID") / 4
+
+    def net(params: Any, states: Any, x: Any, training: bool) -> tuple[Any, list]:
+        new = []
+
+        def bn(i: int, h: Any) -> Any:
+            h, s = bns[i].apply(params["bn"][i], states[i], h, training=training)
+            new.append(s)
+            return jax.nn.sigmoid(h)
+
+        for i, name in enumerate(("conv1", "conv2")):
+            h = jax.lax.conv_general_dilated(x, params[name]["w"], (1, 1), "VALID", dimension_numbers=conv_dims)
+            x = pool(bn(i, h + params[name]["b"].reshape(1, -1, 1, 1)))
+        x = x.reshape(x.shape[0], -1)
+        x = bn(2, x @ params["fc1"]["w"] + params["fc1"]["b"])
+        x = bn(3, x @ params["fc2"]["w"] + params["fc2"]["b"])
+        return x @ params["fc3"]["w"] + params["fc3"]["b"], new
+
+    def loss(params: Any, states: Any, x: Any, y: Any) -> tuple[Any, list]:
+        logits, new = net(params, states, x, True)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1)), new
+
+    @jax.jit
+    def step(params: Any, states: Any, x: Any, y: Any) -> tuple[Any, Any, list]:
+        (value, new), grads = jax.value_and_grad(loss, has_aux=True)(params, states, x, y)
+        return value, jax.tree_util.tree_map(lambda p, g: p - 0.9 * g, params, grads), new
+
+    value, new_params, new_states = step(params, list(states), jnp.asarray(LENET_X), jnp.asarray(LENET_Y))
+    assert np.isfinite(float(value))
+    assert not np.array_equal(np.asarray(new_params["bn"][0]["scale"]), np.asarray(params["bn"][0]["scale"]))
+    assert all(int(s.num_batches_tracked) == 1 for s in new_states)
+    assert not np.array_equal(np.asarray(new_states[2].running_var), np.ones(120))
+    logits, _ = jax.jit(net, static_argnums=3)(new_params, new_states, jnp.asarray(LENET_X), False)
+    assert logits.shape == (8, 10)

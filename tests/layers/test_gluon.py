@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.helpers import mxnet_module
+from tests.helpers import LENET_X, LENET_Y, PARITY_LR, PARITY_STEPS, batches, mxnet_module
 
 pytestmark = pytest.mark.mxnet  # run in the full environment only (see conftest.same_in_current)
 
@@ -395,3 +395,176 @@ def test_recorded_calls_release_their_autograd_nodes(mx: Any) -> None:
         y.backward()
         del y
     assert live() == before
+
+
+# ---- parity with gluon.nn.BatchNorm over SGD steps (update="backward"), update timing, parameter files --------
+def gluon_pair(mx: Any, channels: int, seed: int = 0, **kw: Any) -> tuple[Any, Any]:
+    """A native gluon.nn.BatchNorm and a multibn one with update="backward", the same random gamma/beta."""
+    from multibn.layers.gluon import BatchNorm
+
+    native = mx.gluon.nn.BatchNorm(in_channels=channels, momentum=0.9, epsilon=1e-5)
+    ours = BatchNorm(channels, update="backward", **kw)
+    rng = np.random.default_rng(seed)
+    gamma, beta = rng.uniform(0.5, 1.5, channels), rng.normal(size=channels)
+    for layer in (native, ours):
+        layer.initialize()
+        layer.gamma.set_data(mx.nd.array(gamma))
+        layer.beta.set_data(mx.nd.array(beta))
+    return native, ours
+
+
+def assert_gluon_equal(native: Any, ours: Any, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    for name in ("gamma", "beta", "running_mean", "running_var"):
+        np.testing.assert_allclose(getattr(ours, name).data().asnumpy(), getattr(native, name).data().asnumpy(),
+                                   rtol=rtol, atol=atol, err_msg=name)
+
+
+@pytest.mark.mxnet
+@pytest.mark.parametrize("shape", [(8, 3), (4, 3, 3, 2)], ids=["NC", "NCHW"])
+def test_gluon_parity_sgd_update_backward(shape: tuple) -> None:
+    mx = mxnet_module()
+    native, ours = gluon_pair(mx, shape[1])
+    trainers = [mx.gluon.Trainer(layer.collect_params(), "sgd", {"learning_rate": PARITY_LR})
+                for layer in (native, ours)]
+    for x, target in batches(shape):
+        x, target = mx.nd.array(x), mx.nd.array(target)
+        x.attach_grad()  # as the output of a previous layer (see test_gluon_gradients_when_input_needs_no_gradient)
+        for layer, trainer in zip((native, ours), trainers, strict=True):
+            with mx.autograd.train_mode():  # training forward outside record(): no backward, no update
+                layer(x)
+            with mx.autograd.record():  # a recorded forward never followed by backward: no update either
+                layer(x * 2)
+            with mx.autograd.record():
+                loss = ((layer(x) - target) ** 2).mean()
+            loss.backward()
+            trainer.step(1)
+        assert_gluon_equal(native, ours)
+    assert int(ours.num_batches_tracked().asscalar()) == PARITY_STEPS
+    x = mx.nd.array(batches(shape, 1, seed=9)[0][0])  # eval: outside record(), running statistics
+    np.testing.assert_allclose(ours(x).asnumpy(), native(x).asnumpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.mxnet
+def test_gluon_update_timing() -> None:
+    """update="backward": no update without a backward; after one, visible at once (no race with MXNet's engine
+    threads, which run Function.backward after loss.backward() returns); update="forward": at the forward."""
+    mx = mxnet_module()
+    from multibn.layers.gluon import BatchNorm
+
+    native, ours = gluon_pair(mx, 3)
+    x = mx.nd.array(batches((6, 3), 1, seed=3)[0][0])
+    x.attach_grad()
+    for layer in (native, ours):
+        with mx.autograd.record():
+            loss = (layer(x) ** 3).sum()
+        assert np.array_equal(layer.running_mean.data().asnumpy(), np.zeros(3))
+        assert np.array_equal(layer.running_var.data().asnumpy(), np.ones(3))
+        loss.backward()
+    assert_gluon_equal(native, ours)
+    assert int(ours.num_batches_tracked().asscalar()) == 1
+    eager = BatchNorm(3, update="forward")
+    eager.initialize()
+    with mx.autograd.record():
+        eager(x)
+    for name in ("running_mean", "running_var"):
+        np.testing.assert_allclose(getattr(eager, name).data().asnumpy(), getattr(native, name).data().asnumpy(),
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+    with mx.autograd.train_mode():  # training forward outside record(): update="forward" still updates
+        eager(x)
+    assert int(eager.num_batches_tracked().asscalar()) == 2
+
+
+@pytest.mark.mxnet
+def test_gluon_gradients_when_input_needs_no_gradient() -> None:
+    mx = mxnet_module()
+    native, ours = gluon_pair(mx, 3)
+    x = mx.nd.array(batches((6, 3), 1, seed=5)[0][0])  # raw data: no attach_grad
+    for layer in (native, ours):
+        with mx.autograd.record():
+            loss = (layer(x) ** 3).sum()
+        loss.backward()
+    for name in ("gamma", "beta"):
+        np.testing.assert_allclose(getattr(ours, name).grad().asnumpy(), getattr(native, name).grad().asnumpy(),
+                                   rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.mxnet
+def test_gluon_gradient_accumulation_grad_req_add() -> None:
+    mx = mxnet_module()
+    native, ours = gluon_pair(mx, 3)
+    x = mx.nd.array(batches((6, 3), 1, seed=6)[0][0])
+    x.attach_grad()
+    for layer in (native, ours):
+        layer.collect_params().setattr("grad_req", "add")
+        layer.running_mean.grad_req = layer.running_var.grad_req = "null"
+        for _ in range(2):
+            with mx.autograd.record():
+                loss = (layer(x) ** 3).sum()
+            loss.backward()
+    for name in ("gamma", "beta"):
+        np.testing.assert_allclose(getattr(ours, name).grad().asnumpy(), getattr(native, name).grad().asnumpy(),
+                                   rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.mxnet
+def test_gluon_parameter_files_interchange(tmp_path: Any) -> None:
+    mx = mxnet_module()
+    from multibn.layers.gluon import BatchNorm
+
+    native, ours = gluon_pair(mx, 4)
+    x = mx.nd.array(batches((2, 4, 3, 3), 1)[0][0])
+    x.attach_grad()
+    for layer in (native, ours):
+        with mx.autograd.record():
+            y = layer(x)
+        y.backward()
+    assert ours.running_mean.grad_req == ours.running_var.grad_req == "null"
+    assert ours.gamma.grad_req == ours.beta.grad_req == "write"
+    native.save_parameters(str(tmp_path / "native.params"))
+    ours.save_parameters(str(tmp_path / "ours.params"))
+    assert sorted(mx.nd.load(str(tmp_path / "ours.params"))) == sorted(mx.nd.load(str(tmp_path / "native.params")))
+    loaded = BatchNorm(4, 4)
+    loaded.load_parameters(str(tmp_path / "native.params"))  # native -> multibn
+    back = mx.gluon.nn.BatchNorm(in_channels=4)
+    back.load_parameters(str(tmp_path / "ours.params"))  # multibn -> native
+    assert_gluon_equal(native, loaded, rtol=0, atol=0)
+    assert_gluon_equal(ours, back, rtol=0, atol=0)
+    np.testing.assert_allclose(loaded(x).asnumpy(), back(x).asnumpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 2D input\)"):
+        loaded(mx.nd.ones((2, 4)))
+
+
+# ---- the textbook LeNet with BN: one training step ---------------------------------------------------------------
+@pytest.mark.mxnet
+@pytest.mark.parametrize("update", ["forward", "backward"])
+def test_lenet_gluon(update: str) -> None:
+    mx = mxnet_module()
+    from mxnet.gluon import nn
+
+    from multibn.layers.gluon import BatchNorm
+
+    net = nn.Sequential()
+    net.add(
+        nn.Conv2D(6, kernel_size=5), BatchNorm(6, num_dims=4, update=update), nn.Activation("sigmoid"),
+        nn.AvgPool2D(pool_size=2, strides=2),
+        nn.Conv2D(16, kernel_size=5), BatchNorm(16, num_dims=4, update=update), nn.Activation("sigmoid"),
+        nn.AvgPool2D(pool_size=2, strides=2),
+        nn.Dense(120), BatchNorm(120, num_dims=2, update=update), nn.Activation("sigmoid"),
+        nn.Dense(84), BatchNorm(84, num_dims=2, update=update), nn.Activation("sigmoid"),
+        nn.Dense(10),
+    )
+    net.initialize(mx.init.Xavier())
+    trainer = mx.gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.9})
+    x, label = mx.nd.array(LENET_X), mx.nd.array(LENET_Y)
+    with mx.autograd.record():
+        loss = mx.gluon.loss.SoftmaxCrossEntropyLoss()(net(x), label).mean()
+    bn = net[1]
+    gamma_before, mean_before = bn.gamma.data().asnumpy(), bn.running_mean.data().asnumpy()
+    assert np.array_equal(mean_before, np.zeros(6)) == (update == "backward")
+    loss.backward()
+    trainer.step(1)
+    assert np.isfinite(loss.asscalar())
+    assert not np.array_equal(bn.gamma.data().asnumpy(), gamma_before)
+    assert not np.array_equal(bn.running_mean.data().asnumpy(), np.zeros(6))
+    assert int(net[12].num_batches_tracked().asscalar()) == 1
+    assert net(x).shape == (8, 10)  # eval (outside record())

@@ -17,12 +17,14 @@ import copy
 import importlib
 import importlib.util
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 
-from tests.helpers import need
+from tests.helpers import LENET_X, LENET_Y, PARITY_LR, PARITY_STEPS, batches, need
 
 pytestmark = pytest.mark.torch  # run in the full environment only (see conftest.same_in_current)
 
@@ -458,3 +460,144 @@ def test_inplace_relu_after_bn_as_native(functional: bool) -> None:
         grads.append((xi.grad, m.weight.grad, m.bias.grad))
     for got, want in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want, **TOL)
+
+
+# ---- parity with nn.BatchNorm1d/2d over SGD steps, state dicts, rank checks ---------------------------------------
+torch_cases = [
+    ("BatchNorm1d", (8, 3), 2, "torch", 0.1),
+    ("BatchNorm1d", (4, 3, 5), 3, "torch", 0.1),
+    ("BatchNorm1d", (8, 3), 2, "torch_cma", None),
+    ("BatchNorm2d", (4, 3, 3, 2), 4, "torch", 0.1),
+    ("BatchNorm2d", (4, 3, 3, 2), 4, "torch_cma", None),
+    ("BatchNorm2d", (4, 3, 3, 2), None, "torch", 0.3),
+]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(("native_name", "shape", "num_dims", "convention", "momentum"), torch_cases,
+                         ids=[f"{c[0]}-{len(c[1])}d-{c[3]}-{c[4]}" for c in torch_cases])
+def test_torch_parity_sgd(native_name: str, shape: tuple, num_dims: int | None, convention: str,
+                          momentum: float | None) -> None:
+    torch = need("torch")
+    from multibn.layers.torch import BatchNorm
+
+    torch.manual_seed(0)
+    native = getattr(torch.nn, native_name)(shape[1], momentum=momentum)
+    with torch.no_grad():
+        native.weight.uniform_(0.5, 1.5)
+        native.bias.normal_()
+    ours = BatchNorm(shape[1], num_dims, convention=convention,
+                     momentum=momentum if convention == "torch" else None)
+    ours.load_state_dict(native.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=PARITY_LR) for m in (native, ours)]
+    for x, target in batches(shape):
+        for layer, opt in zip((native, ours), opts, strict=True):
+            opt.zero_grad()
+            loss = ((layer(torch.from_numpy(x)) - torch.from_numpy(target)) ** 2).mean()
+            loss.backward()
+            opt.step()
+    want, got = native.state_dict(), ours.state_dict()
+    assert list(got) == list(want)
+    for key in want:
+        np.testing.assert_allclose(got[key].numpy(), want[key].numpy(), rtol=1e-5, atol=1e-6, err_msg=key)
+    assert int(ours.num_batches_tracked) == PARITY_STEPS
+    assert got["num_batches_tracked"].dtype == torch.long and got["num_batches_tracked"].shape == ()
+    native.eval()
+    ours.eval()
+    x = torch.from_numpy(batches(shape, 1, seed=9)[0][0])
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    np.testing.assert_allclose(ours(x).detach().numpy(), native(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in ours.state_dict().items())  # eval changes nothing
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(
+    ("native_name", "num_dims", "shape"),
+    [("BatchNorm1d", 2, (6, 4)), ("BatchNorm2d", 4, (2, 4, 3, 3)), ("BatchNorm3d", 5, (2, 4, 2, 2, 2))],
+)
+def test_torch_state_dict_round_trip(native_name: str, num_dims: int, shape: tuple) -> None:
+    torch = need("torch")
+    from multibn.layers.torch import BatchNorm
+
+    x = torch.from_numpy(batches(shape, 1)[0][0])
+    native = getattr(torch.nn, native_name)(4)
+    native(x)  # moves the running statistics
+    ours = BatchNorm(4, num_dims)
+    ours.load_state_dict(native.state_dict())  # native -> multibn
+    for _ in range(2):
+        ours(x)
+    back = getattr(torch.nn, native_name)(4)
+    back.load_state_dict(ours.state_dict())  # multibn -> native
+    for key, value in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    assert int(back.num_batches_tracked) == 3
+    back.eval()
+    ours.eval()
+    torch.testing.assert_close(ours(x), back(x), rtol=1e-5, atol=1e-5)
+    # a state dict from before num_batches_tracked existed (version 1) still loads, with the counter at 0
+    old = OrderedDict((k, v) for k, v in native.state_dict().items() if k != "num_batches_tracked")
+    old._metadata = {"": {"version": 1}}  # type: ignore[attr-defined]
+    fresh = BatchNorm(4, num_dims)
+    fresh.load_state_dict(old)
+    assert int(fresh.num_batches_tracked) == 0
+
+
+@pytest.mark.torch
+def test_torch_rank_check_and_options() -> None:
+    torch = need("torch")
+    from multibn.layers.torch import BatchNorm
+
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 2D input\)"):
+        BatchNorm(3, 4)(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"expected 2D input \(got 4D input\)"):
+        BatchNorm(3, 2)(torch.zeros(2, 3, 2, 2))
+    with pytest.raises(ValueError, match="num_dims"):
+        BatchNorm(3, 1)
+    any_rank = BatchNorm(3)
+    for shape in [(4, 3), (2, 3, 4), (2, 3, 2, 2), (2, 3, 2, 1, 2)]:
+        assert any_rank(torch.randn(shape)).shape == shape
+    # affine=False and track_running_stats=False, as nn.BatchNorm2d: eval then uses the batch statistics
+    ours = BatchNorm(3, 4, affine=False, track_running_stats=False)
+    native = torch.nn.BatchNorm2d(3, affine=False, track_running_stats=False)
+    assert ours.weight is None and ours.bias is None and ours.running_mean is None
+    assert set(ours.state_dict()) == set(native.state_dict()) == set()
+    x = torch.randn(2, 3, 2, 2) * 3 + 1
+    for mode in (True, False):
+        ours.train(mode)
+        native.train(mode)
+        torch.testing.assert_close(ours(x), native(x), rtol=1e-5, atol=1e-5)
+    # channels last, and the parameters follow .double()
+    nhwc = BatchNorm(3, 4, axis=-1).double()
+    y = nhwc(x.double().permute(0, 2, 3, 1))
+    torch.testing.assert_close(y.permute(0, 3, 1, 2), torch.nn.BatchNorm2d(3).double()(x.double()))
+    assert nhwc.running_mean.dtype == torch.float64
+
+
+# ---- the textbook LeNet with BN: one training step ---------------------------------------------------------------
+@pytest.mark.torch
+def test_lenet_torch() -> None:
+    torch = need("torch")
+    from torch import nn
+
+    from multibn.layers.torch import BatchNorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, kernel_size=5), BatchNorm(6, num_dims=4), nn.Sigmoid(), nn.AvgPool2d(2, 2),
+        nn.Conv2d(6, 16, kernel_size=5), BatchNorm(16, num_dims=4), nn.Sigmoid(), nn.AvgPool2d(2, 2),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 120), BatchNorm(120, num_dims=2), nn.Sigmoid(),
+        nn.Linear(120, 84), BatchNorm(84, num_dims=2), nn.Sigmoid(), nn.Linear(84, 10),
+    )
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.9)
+    loss = nn.functional.cross_entropy(net(torch.from_numpy(LENET_X)), torch.from_numpy(LENET_Y))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    after = net.state_dict()
+    for key in ("1.weight", "1.bias", "1.running_mean", "1.running_var", "13.weight", "13.running_var"):
+        assert not torch.equal(before[key], after[key]), key
+    assert int(after["5.num_batches_tracked"]) == 1
+    net.eval()
+    assert net(torch.from_numpy(LENET_X)).shape == (8, 10)
