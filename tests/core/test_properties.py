@@ -441,7 +441,7 @@ EMPTY_BACKENDS = ("numpy", "torch", "jax")
 
 @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 2), (2, 3, 0), (0, 3, 1, 2)])
 @pytest.mark.parametrize("convention", sorted(CONVENTIONS))
-@pytest.mark.parametrize("backend", EMPTY_BACKENDS)  # MXNet 1.x cannot hold zero-size arrays: see test_errors
+@pytest.mark.parametrize("backend", EMPTY_BACKENDS)  # MXNet 1.x cannot hold zero-size arrays: see core/test_inputs
 def test_empty_batch(backend: str, convention: str, shape: tuple[int, ...]) -> None:
     """An empty batch gives an empty y, leaves the running mean/var alone, and counts in num_batches_tracked
     only under torch/torch_cma (PyTorch's module); later CMA weights are 1/(t+1) after it."""
