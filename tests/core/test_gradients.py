@@ -22,7 +22,7 @@ import pytest
 import multibn
 from multibn import BNState
 from multibn.backends import get_backend
-from tests.helpers import jax_float64, mxnet_module, need, to_numpy
+from tests.helpers import jax_float64, mxnet_module, need, require, to_numpy
 
 REPO = Path(__file__).resolve().parents[2]
 AUTODIFF_BACKENDS = ("torch", "jax", "mxnet")
@@ -417,18 +417,15 @@ def test_fix_gamma_gives_zero_dgamma(backend: str, training: bool) -> None:
 
 @pytest.mark.parametrize("convention", ["torch", "mxnet"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("backend_name", AUTODIFF_BACKENDS)
-def test_vjp_equals_autodiff(backend_name: str, training: bool, convention: str) -> None:
+@pytest.mark.parametrize("backend", AUTODIFF_BACKENDS)
+def test_vjp_equals_autodiff(backend: str, training: bool, convention: str) -> None:
     """batch_norm_vjp on a backend's arrays equals that backend's autodiff through batch_norm."""
-    if backend_name == "mxnet":
-        mxnet_module()
-    else:
-        need(backend_name)
+    require(backend)
     p = make_problem((3, 2, 4), 1, seed=11)
-    got = vjp_grads(backend_name, p, training=training, convention=convention)
-    want = autodiff_grads(backend_name, p, training=training, convention=convention)
+    got = vjp_grads(backend, p, training=training, convention=convention)
+    want = autodiff_grads(backend, p, training=training, convention=convention)
     assert_grads_close(got, want, rtol=1e-6, atol=1e-7)
-    assert all(g.dtype == np.dtype(dtype_for(backend_name)) for g in got)
+    assert all(g.dtype == np.dtype(dtype_for(backend)) for g in got)
 
 
 def test_numpy_vjp_matches_reference_forward() -> None:
