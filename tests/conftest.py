@@ -39,8 +39,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def same_in_current(item: pytest.Item) -> bool:
     """Whether ``item`` exercises only what the current environment shares with the full one: a test of the torch
-    or mxnet backend (by its ``backend`` or ``fw`` parameter), or one marked ``torch``/``mxnet`` (a test of that framework's
-    layer or machinery). NumPy- and JAX-dependent tests, and the framework-free ones, run in both."""
+    or mxnet backend (by its ``backend`` or ``fw`` parameter), or one marked ``torch``/``mxnet`` (a test of that
+    framework's layer or machinery). NumPy- and JAX-dependent tests, and the framework-free ones, run in both."""
     callspec = getattr(item, "callspec", None)
     if callspec is not None and any(callspec.params.get(name) in SAME_IN_CURRENT for name in ("backend", "fw")):
         return True
