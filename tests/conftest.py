@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 if importlib.util.find_spec("torch") is not None:
     import torch
 
-from tests.helpers import ALL_BACKENDS, SAME_IN_CURRENT, TEST_ENV, _why_missing, missing
+from tests.helpers import ALL_BACKENDS, SAME_IN_CURRENT, _why_missing, left_to_full, missing
 
 settings.register_profile(
     "default", max_examples=25, derandomize=True, deadline=None, print_blob=True,
@@ -28,8 +28,6 @@ settings.register_profile(
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--slow", action="store_true", help="run tests marked slow and many more hypothesis examples")
-    parser.addoption("--all-in-current", action="store_true",
-                     help="in the current environment, run the torch/mxnet tests too (deselected by default)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,18 +40,18 @@ def same_in_current(item: pytest.Item) -> bool:
     or mxnet backend (by its ``backend`` or ``fw`` parameter), or one marked ``torch``/``mxnet`` (a test of that
     framework's layer or machinery). NumPy- and JAX-dependent tests, and the framework-free ones, run in both."""
     callspec = getattr(item, "callspec", None)
-    if callspec is not None and any(callspec.params.get(name) in SAME_IN_CURRENT for name in ("backend", "fw")):
+    if callspec is not None and any(left_to_full(str(callspec.params.get(name))) for name in ("backend", "fw")):
         return True
-    return any(item.get_closest_marker(name) is not None for name in SAME_IN_CURRENT)
+    return any(item.get_closest_marker(name) is not None and left_to_full(name) for name in SAME_IN_CURRENT)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if TEST_ENV == "current" and not config.getoption("--all-in-current"):
-        # The current environment pins the same torch as the full one and has no MXNet: what only those run is
-        # tested once, in the full environment (deselected here, counted in the summary).
-        keep = [item for item in items if not same_in_current(item)]
-        config.hook.pytest_deselected(items=[item for item in items if same_in_current(item)])
-        items[:] = keep
+    # The current environment pins the same torch as the full one and has no MXNet: what only those run is tested
+    # once, in the full environment (deselected here, counted in the summary; MULTIBN_ALL_IN_CURRENT=1 keeps them).
+    deselected = [item for item in items if same_in_current(item)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not same_in_current(item)]
     no_gpu = pytest.mark.skip(reason="gpu: needs a CUDA GPU, none here")
     if any("gpu" in item.keywords for item in items) and not _cuda():
         for item in items:

@@ -32,8 +32,15 @@ ABSENT_BY_DESIGN = {
     "current": frozenset({"mxnet", "flax", "keras", "onnx", "onnxruntime", "onnxscript"}),
 }
 #: Backends whose tests the current environment leaves to the full one: it pins the same torch, and has no MXNet
-#: (``pytest_collection_modifyitems`` in conftest.py deselects them there; see the Makefile's test-current).
+#: (``pytest_collection_modifyitems`` in conftest.py deselects them there; see the Makefile's test-current;
+#: MULTIBN_ALL_IN_CURRENT=1 keeps them).
 SAME_IN_CURRENT = frozenset({"torch", "mxnet"})
+
+
+def left_to_full(backend: str) -> bool:
+    """Whether this run leaves ``backend`` to the full environment: in the current one, torch (the same pin) and
+    MXNet (absent), unless MULTIBN_ALL_IN_CURRENT=1."""
+    return TEST_ENV == "current" and backend in SAME_IN_CURRENT and os.environ.get("MULTIBN_ALL_IN_CURRENT") != "1"
 
 
 def missing(module: str, why: str) -> None:
@@ -154,5 +161,5 @@ def to_numpy(a: object) -> np.ndarray:
 
 
 __all__ = ["ABSENT_BY_DESIGN", "ALL_BACKENDS", "LENET_X", "LENET_Y", "PARITY_LR", "PARITY_STEPS", "ROOT",
-           "SAME_IN_CURRENT", "TEST_ENV", "arr", "batches", "has", "installed", "jax_float64", "missing",
-           "mxnet_module", "need", "require", "to_numpy"]
+           "SAME_IN_CURRENT", "TEST_ENV", "arr", "batches", "has", "installed", "jax_float64", "left_to_full",
+           "missing", "mxnet_module", "need", "require", "to_numpy"]
