@@ -9,6 +9,12 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
+# JAX on the CPU as 4 host devices, for the collectives tests (sync, shard_map, device placement) to run in this
+# process: XLA reads the flag once, when JAX starts, so it is set before any test imports JAX.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"),
+                                                     "--xla_force_host_platform_device_count=4")))
+
 # Import torch before MXNet: importing MXNet drops torch's thread count (the adapter restores it only for a
 # torch already imported).
 if importlib.util.find_spec("torch") is not None:

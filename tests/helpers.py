@@ -146,6 +146,16 @@ def jax_float64(backend: str = "jax", dtype: str = "float64") -> Iterator[None]:
         yield
 
 
+def host_devices(n: int) -> list:
+    """At least ``n`` JAX CPU devices (conftest.py asks XLA for 4 before JAX starts), the first ``n``."""
+    jax = need("jax")
+    devices = jax.devices("cpu")
+    if len(devices) < n:
+        pytest.fail(f"needs {n} JAX host devices, JAX started with {len(devices)}: XLA_FLAGS="
+                    f"{os.environ.get('XLA_FLAGS')!r} was set after JAX started (tests/conftest.py sets it)")
+    return devices[:n]
+
+
 def arr(backend: str, a: object, dtype: str | None = "float32") -> object:
     """``a`` as an array of ``backend`` in ``dtype`` (via NumPy)."""
     return get_backend(backend).asarray(np.asarray(a, dtype=dtype))
@@ -161,5 +171,5 @@ def to_numpy(a: object) -> np.ndarray:
 
 
 __all__ = ["ABSENT_BY_DESIGN", "ALL_BACKENDS", "LENET_X", "LENET_Y", "PARITY_LR", "PARITY_STEPS", "ROOT",
-           "SAME_IN_CURRENT", "TEST_ENV", "arr", "batches", "has", "installed", "jax_float64", "left_to_full",
-           "missing", "mxnet_module", "need", "require", "to_numpy"]
+           "SAME_IN_CURRENT", "TEST_ENV", "arr", "batches", "has", "host_devices", "installed", "jax_float64",
+           "left_to_full", "missing", "mxnet_module", "need", "require", "to_numpy"]

@@ -1,11 +1,10 @@
-"""Worker processes for tests/backends/test_sync.py (importable by torch.multiprocessing's spawn, and by
-`python -m`)."""
+"""The workers of tests/backends/test_sync.py: torch.distributed processes (a module that torch.multiprocessing's
+spawn can import) and the JAX collectives run on 4 host devices."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -105,7 +104,7 @@ def jax_main(out: str) -> None:
     except ImportError:  # jax < 0.8
         from jax.experimental.shard_map import shard_map
 
-    jax.config.update("jax_enable_x64", True)
+    assert jax.config.jax_enable_x64  # the caller turns x64 on (tests.helpers.jax_float64)
     mesh = jax.make_mesh((4,), ("d",))
     x, g, gamma, beta = (jnp.asarray(a) for a in full_batch(8))
     state = multibn.init_state(CHANNELS, backend="jax", dtype="float64")
@@ -185,6 +184,3 @@ def jax_masked(out: str, mesh: object, shard_map: object) -> None:
     with open(os.path.join(out, "jax_masked.json"), "w") as f_:
         json.dump(err, f_)
 
-
-if __name__ == "__main__":
-    jax_main(sys.argv[1])

@@ -1,12 +1,9 @@
 """Synchronised BN equals single-process BN on the concatenated batch: torch.distributed (gloo, 2 and 3
-processes, loopback file store) and JAX collectives (4 host devices, in a subprocess)."""
+processes, loopback file store) and JAX collectives (4 host devices, in this process: see tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +11,7 @@ import pytest
 
 import multibn
 from tests.backends.sync_workers import CHANNELS, full_batch
-from tests.helpers import need, require
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import host_devices, jax_float64, need, require
 
 
 def single_process(counts: list[int]) -> dict[str, np.ndarray]:
@@ -61,10 +56,11 @@ def test_torch_sync_equals_concatenated_batch(counts: list[int], padded: bool, t
 
 
 def test_jax_sync_equals_concatenated_batch(tmp_path: Path) -> None:
-    need("jax")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    subprocess.run([sys.executable, "-m", "tests.backends.sync_workers", str(tmp_path)], cwd=ROOT, env=env, check=True,
-                   timeout=300)
+    host_devices(4)
+    from tests.backends.sync_workers import jax_main
+
+    with jax_float64():
+        jax_main(str(tmp_path))
     err = json.loads((tmp_path / "jax.json").read_text())
     assert err.pop("tracked") == 0
     assert max(err.values()) < 1e-10, err

@@ -4,7 +4,7 @@
   Conv -> BN -> Dense model and an MLP: the same variable tree at init, the same losses, parameters and
   ``batch_stats`` after SGD steps under ``jit``, ``value_and_grad`` and ``mutable=["batch_stats"]``, the same
   eval output; bfloat16 params with float32 ``batch_stats``; masks (when ``multibn.batch_norm`` has ``mask=``);
-  ``axis_name`` under ``shard_map`` on 4 host devices (a subprocess);
+  ``axis_name`` under ``shard_map`` on 4 host devices;
 * ``multibn.layers.nnx.BatchNorm`` swapped for ``flax.nnx.BatchNorm`` the same way, with ``nnx.jit``,
   ``nnx.value_and_grad`` and ``train()``/``eval()``;
 * ``multibn.layers.jax.BatchNorm``: float32 running statistics under bfloat16 params (against Flax over 1000
@@ -15,10 +15,6 @@ Flax's tests skip where Flax is not installed (the ``current`` environment).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +22,7 @@ import numpy as np
 import pytest
 
 import multibn
-from tests.helpers import LENET_X, LENET_Y, PARITY_LR, PARITY_STEPS, batches, need
+from tests.helpers import LENET_X, LENET_Y, PARITY_LR, PARITY_STEPS, batches, host_devices, need
 
 jax = need("jax")
 jnp = jax.numpy
@@ -304,41 +300,42 @@ def test_linen_mask_matches_flax(axis: Any) -> None:
 def test_linen_axis_name_under_shard_map_matches_flax(tmp_path: Path) -> None:
     """axis_name on 4 host devices with equal shards (where Flax's mean of per-device moments is exact): the
     outputs, gradients and running statistics of Flax's BatchNorm, and of BN over the whole batch."""
-    flax_linen()
-    script = textwrap.dedent("""
-        import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
-        from jax.sharding import PartitionSpec as P
-        from multibn.layers.flax import BatchNorm
-        try:
-            from jax import shard_map
-        except ImportError:
-            from jax.experimental.shard_map import shard_map
-        mesh = jax.make_mesh((4,), ("d",))
-        rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.normal(size=(16, 3)) * [1, 2, 3] + [0, 1, -2], jnp.float32)
-        w = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
-        def run(layer, name):
-            v = layer.init(jax.random.PRNGKey(0), x)
-            def loss(params, x, w):
-                y, upd = layer.apply({"params": params, "batch_stats": v["batch_stats"]}, x, mutable=["batch_stats"])
-                return jnp.sum(jnp.sin(y) * w), (y, upd)
-            grads = jax.grad(loss, argnums=(0, 1), has_aux=True)  # of replicated params: summed over devices
-            if name is None:
-                return jax.jit(grads)(v["params"], x, w)
-            f = shard_map(grads, mesh=mesh, in_specs=(P(), P("d"), P("d")), out_specs=((P(), P("d")), (P("d"), P())))
-            return jax.jit(f)(v["params"], x, w)
-        kw = dict(use_running_average=False, momentum=0.9)
-        got = run(BatchNorm(axis_name="d", **kw), "d")
-        want = run(nn.BatchNorm(axis_name="d", use_fast_variance=False, **kw), "d")
-        whole = run(nn.BatchNorm(use_fast_variance=False, **kw), None)
-        err = lambda a, b: max(float(jnp.max(jnp.abs(p - q))) for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-        print(err(got, want), err(got, whole))
-    """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True, timeout=300,
-                         capture_output=True, text=True).stdout
-    errors = [float(e) for e in out.split()]
+    nn = flax_linen()
+    host_devices(4)
+    from jax.sharding import PartitionSpec as P
+
+    from multibn.layers.flax import BatchNorm
+
+    try:
+        from jax import shard_map
+    except ImportError:  # jax < 0.8
+        from jax.experimental.shard_map import shard_map
+    mesh = jax.make_mesh((4,), ("d",))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 3)) * [1, 2, 3] + [0, 1, -2], jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+
+    def run(layer: Any, name: str | None) -> Any:
+        v = layer.init(jax.random.PRNGKey(0), x)
+
+        def loss(params: Any, x: Any, w: Any) -> Any:
+            y, upd = layer.apply({"params": params, "batch_stats": v["batch_stats"]}, x, mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(y) * w), (y, upd)
+
+        grads = jax.grad(loss, argnums=(0, 1), has_aux=True)  # of replicated params: summed over devices
+        if name is None:
+            return jax.jit(grads)(v["params"], x, w)
+        f = shard_map(grads, mesh=mesh, in_specs=(P(), P("d"), P("d")), out_specs=((P(), P("d")), (P("d"), P())))
+        return jax.jit(f)(v["params"], x, w)
+
+    def err(a: Any, b: Any) -> float:
+        return max(float(jnp.max(jnp.abs(p - q))) for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False))
+
+    kw = dict(use_running_average=False, momentum=0.9)
+    got = run(BatchNorm(axis_name="d", **kw), "d")
+    want = run(nn.BatchNorm(axis_name="d", use_fast_variance=False, **kw), "d")
+    whole = run(nn.BatchNorm(use_fast_variance=False, **kw), None)
+    errors = [err(got, want), err(got, whole)]
     assert max(errors) < 2e-5, errors
 
 
