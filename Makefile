@@ -1,6 +1,8 @@
 # Two environments, both built from pinned requirement files into .venvs/ (see README).
 #   make demo   - build the full environment and run the main job (the demo, then the quick conformance check)
-#   make test   - build both environments and run the whole test suite in each
+#   make test   - build both environments and run the test suite in each: the whole suite in full, what differs in
+#                 current (see test-current); the two builds, then the two suites, run side by side (2 jobs, each
+#                 one's output printed whole when it ends)
 #   make lint   - ruff
 PY ?= python3
 ENVS := full current
@@ -32,7 +34,10 @@ test-current: .venvs/current/.built
 	@echo "=== tests in the current environment (numpy 2, latest jax): NumPy, JAX and framework-free tests"
 	MULTIBN_TEST_ENV=current .venvs/current/bin/python -m pytest -q $(PYTEST_ARGS)
 
-test: lint test-full test-current
+test:
+	$(MAKE) --no-print-directory -j2 --output-sync=target envs
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-full test-current
 
 lint: .venvs/full/.built
 	.venvs/full/bin/ruff check .
