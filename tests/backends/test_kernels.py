@@ -16,7 +16,7 @@ import pytest
 import multibn
 from multibn.backends import get_backend
 from multibn.backends.base import Backend
-from tests.helpers import need, to_numpy
+from tests.helpers import jax_float64, need, to_numpy
 
 KERNELS = ("channel_sum", "channel_dev_sums", "scale_shift", "backward_sums", "backward_apply")
 #: (shape, channel axis)
@@ -88,11 +88,10 @@ def test_kernel_matches_generic(backend: str, chunk: None, shape: tuple, axis: i
     be = get_backend(backend)
     if not overridden(be):
         pytest.skip(f"the {backend} adapter overrides no kernel")
-    if backend == "jax" and dtype == "float64":
-        pytest.skip("float64 on jax needs x64")
-    d = _inputs(be, shape, axis, dtype, seed=sum(shape))
-    for kernel in overridden(be):
-        fast, generic = _call(be, type(be), kernel, d), _call(be, Backend, kernel, d)
+    with jax_float64(backend, dtype):  # float64 on jax: with x64 on for this test
+        d = _inputs(be, shape, axis, dtype, seed=sum(shape))
+        results = {kernel: (_call(be, type(be), kernel, d), _call(be, Backend, kernel, d)) for kernel in overridden(be)}
+    for kernel, (fast, generic) in results.items():
         for f, g in zip(fast, generic, strict=True):
             assert be.dtype_name(f) == be.dtype_name(g), kernel
             assert tuple(f.shape) == tuple(g.shape), kernel
