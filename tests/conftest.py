@@ -1,23 +1,26 @@
-"""Shared fixtures: one parametrised ``backend`` over all four adapters, hypothesis profiles, --slow."""
+"""Hooks and fixtures: one parametrised ``backend`` over all four adapters, hypothesis profiles, --slow, and what
+the current environment runs. The helpers tests import are in tests/helpers.py."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
-from collections.abc import Iterator
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
+
+# JAX on the CPU as 4 host devices, for the collectives tests (sync, shard_map, device placement) to run in this
+# process: XLA reads the flag once, when JAX starts, so it is set before any test imports JAX.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"),
+                                                     "--xla_force_host_platform_device_count=4")))
 
 # Import torch before MXNet: importing MXNet drops torch's thread count (the adapter restores it only for a
 # torch already imported).
 if importlib.util.find_spec("torch") is not None:
-    import torch  # noqa: F401
+    import torch
 
-import multibn
-from multibn.backends import ADAPTERS, get_backend
+from tests.helpers import ALL_BACKENDS, SAME_IN_CURRENT, _why_missing, left_to_full, missing
 
 settings.register_profile(
     "default", max_examples=25, derandomize=True, deadline=None, print_blob=True,
@@ -38,7 +41,28 @@ def pytest_configure(config: pytest.Config) -> None:
     settings.load_profile("slow" if slow else os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+def same_in_current(item: pytest.Item) -> bool:
+    """Whether ``item`` exercises only what the current environment shares with the full one: a test of the torch
+    or mxnet backend (by its ``backend`` or ``fw`` parameter), or one marked ``torch``/``mxnet`` (a test of that
+    framework's layer or machinery). NumPy- and JAX-dependent tests, and the framework-free ones, run in both."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and any(left_to_full(str(callspec.params.get(name))) for name in ("backend", "fw")):
+        return True
+    return any(item.get_closest_marker(name) is not None and left_to_full(name) for name in SAME_IN_CURRENT)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The current environment pins the same torch as the full one and has no MXNet: what only those run is tested
+    # once, in the full environment (deselected here, counted in the summary; MULTIBN_ALL_IN_CURRENT=1 keeps them).
+    deselected = [item for item in items if same_in_current(item)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not same_in_current(item)]
+    no_gpu = pytest.mark.skip(reason="gpu: needs a CUDA GPU, none here")
+    if any("gpu" in item.keywords for item in items) and not _cuda():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(no_gpu)
     if config.getoption("--slow") or os.environ.get("MULTIBN_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: run with --slow")
@@ -47,41 +71,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def _why_missing(name: str) -> str | None:
-    try:
-        get_backend(name)
-    except ImportError as e:
-        return f"the {name} backend is not installed in this environment ({e.__cause__ or e})"
-    return None
-
-
-ALL_BACKENDS = tuple(ADAPTERS)
-
-
-def require(*backends: str) -> None:
-    """Skip the test, with the reason, unless every named backend imports here."""
-    for name in backends:
-        why = _why_missing(name)
-        if why:
-            pytest.skip(why)
-
-
-@contextlib.contextmanager
-def jax_float64(backend: str, dtype: str = "float64") -> Iterator[None]:
-    """JAX keeps float64 only with x64 on: turn it on for the duration (thread-local, undone on exit)."""
-    if backend != "jax" or dtype != "float64":
-        yield
-        return
-    import jax
-
-    if hasattr(jax, "enable_x64"):
-        ctx = jax.enable_x64(True)
-    else:  # jax < 0.8
-        from jax.experimental import enable_x64
-
-        ctx = enable_x64()
-    with ctx:
-        yield
+def _cuda() -> bool:
+    return importlib.util.find_spec("torch") is not None and torch.cuda.is_available()
 
 
 @pytest.fixture(params=ALL_BACKENDS)
@@ -89,22 +80,5 @@ def backend(request: pytest.FixtureRequest) -> str:
     """Each backend name; skipped (with the reason) where its framework does not import."""
     why = _why_missing(request.param)
     if why:
-        pytest.skip(why)
+        missing(request.param, why)
     return request.param
-
-
-def arr(backend: str, a: object, dtype: str | None = "float32") -> object:
-    """``a`` as an array of ``backend`` in ``dtype`` (via NumPy)."""
-    return get_backend(backend).asarray(np.asarray(a, dtype=dtype))
-
-
-def to_numpy(a: object) -> np.ndarray:
-    """Any backend's array as a NumPy array (bfloat16 widened to float32)."""
-    if isinstance(a, (int, float, np.ndarray, np.generic)):
-        return np.asarray(a)
-    from multibn.backends import backend_name_of
-
-    return get_backend(backend_name_of(a)).to_numpy(a)
-
-
-__all__ = ["ALL_BACKENDS", "arr", "backend", "jax_float64", "multibn", "require", "to_numpy"]
