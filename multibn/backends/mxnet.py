@@ -137,7 +137,8 @@ HOST_MAX_ELEMENTS = 1 << 17
 
 def _from_host(a: np.ndarray, ctx: mx.Context) -> Array:
     """A new CPU NDArray holding ``a``, written through a host view: the array is new, so no engine operation can
-    be pending on it, and the write skips ``_sync_copyfrom``'s engine round trip (about 100 us against 15)."""
+    be pending on it, and the write skips ``_sync_copyfrom``'s engine round trip (a wait on the engine, which costs
+    more than the copy of a small array)."""
     out = mx.nd.empty(a.shape, ctx=ctx, dtype=a.dtype)
     np.copyto(_host_view(out, a.shape, np.dtype(a.dtype)), a)
     return out
@@ -194,7 +195,7 @@ class MXNetNamespace:
     @staticmethod
     def astype(x: Array, dtype: object, copy: bool = True) -> Array:
         # never a copy of an array already in ``dtype``: the algorithm writes to no array, and each copy is one
-        # more engine push (15-60 us)
+        # more engine push (a fixed cost per operator)
         return x.astype(dtype, copy=False)
 
     @staticmethod
@@ -326,8 +327,8 @@ class MXNetBackend(Backend):
 
     def custom_op(self, make_rule: Callable[[Backend], Rule]) -> Callable[..., tuple[Array, ...]]:
         """The op through ``mxnet.autograd.Function``; on small CPU arrays the same rule runs on the NumPy adapter
-        on host copies: MXNet pushes each operator to its engine at 15-60 us apiece, NumPy runs the whole small
-        batch norm in less. MXNet has no collectives: ``sync`` is always None here."""
+        on host copies: MXNet pushes each operator to its engine at a fixed cost apiece, and NumPy runs the whole
+        small batch norm in less than those pushes add up to. MXNet has no collectives: ``sync`` is always None here."""
         rule, host_rule = make_rule(self), make_rule(_backend("numpy"))
 
         def op(sync: None, *inputs: Array) -> tuple[Array, ...]:
@@ -344,14 +345,14 @@ class MXNetBackend(Backend):
         return op
 
     # ---- fast kernels -------------------------------------------------------------------------------------------
-    # MXNet 1.9's reductions over several axes and its broadcast operators are 5-30x slower than its BLAS and
-    # oneDNN kernels (the wheel is built without AVX). So, for float32/float64 x with the channel axis viewed as
-    # (P, C, Q): every per-channel sum is a matrix product with a ones vector (BLAS); the per-channel affine maps
-    # x * scale + shift and (x - mean) * b + c of float32 4-D data are oneDNN's inference-mode BatchNorm with
-    # moving_var + eps == 1 exactly, i.e. gamma * (x - moving_mean) + beta; everything else streams in chunks
-    # along P through reused buffers (``out=``). float16 x streams the same way through float32 buffers (a cast per
-    # chunk, then the generic kernels' operators in their order), so that no full-size float32 temporary exists.
-    # Under autograd.record the generic kernels run.
+    # MXNet 1.9's reductions over several axes and its broadcast operators are far slower than its BLAS and oneDNN
+    # kernels (generic kernels, and the wheel is built without AVX). So, for float32/float64 x with the channel axis
+    # viewed as (P, C, Q): every per-channel sum is a matrix product with a ones vector (BLAS); the per-channel affine
+    # maps x * scale + shift and (x - mean) * b + c of float32 4-D data are oneDNN's inference-mode BatchNorm with
+    # moving_var + eps == 1 exactly, i.e. gamma * (x - moving_mean) + beta; everything else streams in chunks along P
+    # through reused buffers (``out=``). float16 x streams the same way through float32 buffers (a cast per chunk, then
+    # the generic kernels' operators in their order), so that no full-size float32 temporary exists. Under
+    # autograd.record the generic kernels run.
     @_keeps_np
     def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
         v = _channel_view(x, axes, dtype)

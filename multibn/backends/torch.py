@@ -176,7 +176,7 @@ class TorchBackend(Backend):
     # viewed as (P, C, Q) (channel axis in the middle) and streamed in chunks of about _CHUNK elements along P, so
     # every temporary fits in cache and is reused; reductions run over the contiguous Q axis, then over P (faster
     # than torch's sum over several axes). float16/bfloat16 chunks are first converted into a float32 buffer
-    # (torch's mixed-dtype elementwise ops are up to 10x slower on CPU). Tensors that need autograd through the
+    # (torch's mixed-dtype elementwise ops take a slow generic loop on CPU). Tensors that need autograd through the
     # kernels (create_graph), strided tensors and graphs being compiled (torch.compile fuses the generic ops
     # itself) take the generic path.
     def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
@@ -254,10 +254,9 @@ class TorchBackend(Backend):
         return out
 
 
-#: elements per chunk: 16 MiB of float32, which stays in L3 between the ops of one chunk. 4 MiB chunks were 20 %
-#: faster on an idle 2-core EPYC, but every op is an OpenMP parallel region and, with other processes on the
-#: cores, each region's barrier can wait a scheduler tick: under load 4 MiB chunks took 356 ms against 149 ms
-#: (16 MiB) and 76 ms for F.batch_norm on (64, 64, 56, 56). Fewer, larger chunks are the robust choice.
+#: elements per chunk: 16 MiB of float32, which stays in L3 between the ops of one chunk. Every op is an OpenMP
+#: parallel region, and with other processes on the cores each region's barrier can wait a scheduler tick, so
+#: fewer, larger chunks (fewer barriers) are the robust choice, even where smaller ones win on an idle machine.
 _CHUNK = 1 << 22
 _SMALL = 1 << 16
 
@@ -309,8 +308,8 @@ def _reduce(v: torch.Tensor) -> torch.Tensor:
 def _reduce_squares(buf: torch.Tensor) -> torch.Tensor:
     """Sum of the squares of a (p, C, Q) scratch buffer over p and Q (the buffer may be overwritten). Q > 1: the
     square of the 2-norm of each run along Q, one reduction that reads the run once where ``square_`` then ``sum``
-    also wrote it (0.72-0.86 of the time on one thread; one more rounding per run, still exactly 0 for zeros);
-    Q = 1: squared in place and summed as :func:`_reduce` does (a norm across rows is several times slower)."""
+    also wrote it (less memory traffic; one more rounding per run, still exactly 0 for zeros); Q = 1: squared in
+    place and summed as :func:`_reduce` does (a norm across rows, a strided axis, is slower)."""
     if buf.shape[2] == 1:
         return _reduce(buf.square_())
     return torch.linalg.vector_norm(buf, dim=2).square_().sum(0)

@@ -33,10 +33,10 @@ from ..state import BNState
 #: process loading that symbol must import multibn first (which registers it)
 OP_TYPE = "multibn_batch_norm (registered by: import multibn)"
 #: contexts on which the operator runs the algorithm on the NumPy adapter over zero-copy views of its buffers: no
-#: MXNet engine push per array operation (each costs 15-60 us here). Elsewhere (GPU) it runs on MXNet's operators,
-#: waiting for them before its callback returns. On the CPU that second road is slower (LeNet step 1.85x native
-#: at batch 256, 3.2x at 32, against 1.6x and 1.8x) and unsafe for inputs in oneDNN's blocked layouts, which MXNet
-#: hands the callback as temporary copies (the layer's reshape avoids them; a hand-built symbol may not).
+#: MXNet engine push per array operation (each push is a fixed cost, paid per operator). Elsewhere (GPU) it runs on
+#: MXNet's operators, waiting for them before its callback returns. On the CPU that second road is slower (it pays
+#: the engine pushes the host road avoids) and unsafe for inputs in oneDNN's blocked layouts, which MXNet hands the
+#: callback as temporary copies (the layer's reshape avoids them; a hand-built symbol may not).
 HOST_DEVICES = ("cpu",)
 #: when the running statistics change: in the training forward, or in the backward (MXNet's CPU timing)
 UPDATES = ("forward", "backward")
