@@ -10,13 +10,14 @@ from .backends import available_backends
 from .conventions import CONVENTIONS, Convention
 from .convert import convert_state
 from .moments import ChannelMoments
-from .state import BNState
+from .state import BNState, RenormState
 
 __all__ = [
     "CONVENTIONS",
     "BNState",
     "ChannelMoments",
     "Convention",
+    "RenormState",
     "available_backends",
     "batch_norm",
     "batch_norm_vjp",

@@ -23,13 +23,14 @@ per-channel vectors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
 from .backends.base import Array, Backend
 from .conventions import Convention
-from .state import BNState
+from .state import BNState, RenormState
 
 
 class Layout(NamedTuple):
@@ -96,6 +97,35 @@ class Sync(NamedTuple):
     @property
     def count(self) -> int:
         return sum(self.counts)
+
+
+class Renorm(NamedTuple):
+    """Batch renormalisation (Ioffe, 2017; Keras's ``renorm_clipping``): the corrections ``r`` and ``d`` clipped to
+    ``[rmin, rmax]`` and ``[-dmax, dmax]``, None leaving that side unclipped."""
+
+    rmin: float | None = None
+    rmax: float | None = None
+    dmax: float | None = None
+
+
+def renorm_corrections(be: Backend, norm: Norm, renorm: Renorm, mean: Array, var: Array, renorm_mean: Array,
+                       renorm_std: Array) -> tuple[Array, Array]:
+    """``(r, d)`` for the batch ``mean`` and biased ``var``, constants for differentiation:
+    ``std = sqrt(var + eps)``, ``rstd = max(renorm_std, sqrt(eps))``, ``r = clip(std / rstd, rmin, rmax)``,
+    ``d = clip((mean - renorm_mean) / rstd, -dmax, dmax)``."""
+    xp = be.xp
+    rstd = xp.astype(renorm_std, mean.dtype, copy=False)
+    rstd = xp.where(rstd < math.sqrt(norm.eps), xp.zeros_like(rstd) + math.sqrt(norm.eps), rstd)
+    r = xp.sqrt(var + norm.eps) / rstd
+    d = (mean - xp.astype(renorm_mean, mean.dtype, copy=False)) / rstd
+    if renorm.rmin is not None:
+        r = xp.where(r < renorm.rmin, xp.zeros_like(r) + renorm.rmin, r)
+    if renorm.rmax is not None:
+        r = xp.where(r > renorm.rmax, xp.zeros_like(r) + renorm.rmax, r)
+    if renorm.dmax is not None:
+        d = xp.where(d > renorm.dmax, xp.zeros_like(d) + renorm.dmax, d)
+        d = xp.where(d < -renorm.dmax, xp.zeros_like(d) - renorm.dmax, d)
+    return r, d
 
 
 def per_channel_counts(be: Backend, n: Any) -> bool:
@@ -206,12 +236,17 @@ def effective_gamma(be: Backend, norm: Norm, gamma: Array, dt: Any) -> Array:
 
 
 def _normalize(
-    be: Backend, norm: Norm, lay: Layout, x: Array, gamma: Array, beta: Array, mean: Array, s: Array
+    be: Backend, norm: Norm, lay: Layout, x: Array, gamma: Array, beta: Array, mean: Array, s: Array,
+    r: Array | None = None, d: Array | None = None,
 ) -> Array:
-    """``y = x * scale + shift`` with ``scale = gamma * s`` and ``shift = beta - mean * scale``."""
+    """``y = x * scale + shift`` with ``scale = gamma * s`` and ``shift = beta - mean * scale``; under batch
+    renormalisation ``scale = gamma * r * s`` and ``shift = beta + gamma * d - mean * scale``."""
     xp = be.xp
-    scale = effective_gamma(be, norm, gamma, mean.dtype) * s
+    g = effective_gamma(be, norm, gamma, mean.dtype)
+    scale = g * s if r is None else g * r * s
     shift = xp.astype(beta, scale.dtype, copy=False) - mean * scale
+    if d is not None:
+        shift = shift + g * d
     return be.scale_shift(x, xp.reshape(scale, lay.bshape), xp.reshape(shift, lay.bshape))
 
 
@@ -255,10 +290,12 @@ class Rule(NamedTuple):
     kept: tuple[int, ...]  # the outputs that ``residuals`` reads: a backend need not keep y alive for a backward
 
 
-def train_rule(be: Backend, norm: Norm, axis: int) -> Rule:
-    """BN with batch statistics over every axis but ``axis``: inputs ``(x, gamma, beta[, mask])``, outputs
-    ``(y, mean, m2)`` (all three differentiable: the running update reads ``mean`` and ``m2``)."""
-    return Rule(partial(train_forward, be, norm, axis), partial(train_residuals, be, norm, axis),
+def train_rule(be: Backend, norm: Norm, axis: int, renorm: Renorm | None = None) -> Rule:
+    """BN with batch statistics over every axis but ``axis``: inputs ``(x, gamma, beta[, mask])``, and with
+    ``renorm`` also ``(renorm_mean, renorm_std)`` last; outputs ``(y, mean, m2)`` (all three differentiable: the
+    running update reads ``mean`` and ``m2``)."""
+    return Rule(partial(train_forward, be, norm, axis, renorm=renorm),
+                partial(train_residuals, be, norm, axis, renorm=renorm),
                 partial(train_backward, be, norm), partial(train_jvp, be, norm), 3, (1, 2))
 
 
@@ -279,18 +316,42 @@ class TrainResiduals(NamedTuple):
     mask: Array | None
     lay: Layout
     sync: Sync | None
+    r: Array | None  # batch renormalisation's corrections (None without it)
+    d: Array | None
+
+
+def _train_inputs(renorm: Renorm | None, inputs: tuple[Array, ...]) -> tuple[Array | None, tuple[Array, ...]]:
+    """``(mask, (renorm_mean, renorm_std))`` from the inputs after ``(x, gamma, beta)``."""
+    rest = inputs[3:]
+    stats = () if renorm is None else rest[-2:]
+    rest = rest if renorm is None else rest[:-2]
+    return (rest[0] if rest else None), stats
+
+
+def _corrections(be: Backend, norm: Norm, renorm: Renorm | None, renorm_stats: tuple[Array, ...], mean: Array,
+                 m2: Array, n: Any) -> tuple[Array | None, Array | None]:
+    """Batch renormalisation's ``(r, d)`` (None, None without it); an empty channel gets ``r = 1, d = 0``."""
+    if renorm is None:
+        return None, None
+    r, d = renorm_corrections(be, norm, renorm, mean, _per_count(be, m2, n), *renorm_stats)
+    if per_channel_counts(be, n):
+        r = be.xp.where(n > 0, r, be.xp.ones_like(r))
+        d = be.xp.where(n > 0, d, be.xp.zeros_like(d))
+    return r, d
 
 
 def train_forward(
-    be: Backend, norm: Norm, axis: int, sync: Sync | None, x: Array, gamma: Array, beta: Array,
-    mask: Array | None = None,
+    be: Backend, norm: Norm, axis: int, sync: Sync | None, x: Array, gamma: Array, beta: Array, *rest: Array,
+    renorm: Renorm | None = None,
 ) -> tuple[Array, Array, Array]:
     """``(y, mean, m2)`` for BN with batch statistics (of all replicas under ``sync``; of the elements where
-    ``mask`` is True, every element being normalised)."""
+    ``mask`` is True, every element being normalised); with ``renorm``, corrected by ``r`` and ``d``."""
+    mask, renorm_stats = _train_inputs(renorm, (x, gamma, beta, *rest))
     lay = Layout.of(x.shape, axis)
     st = batch_stats(be, x, lay, sync, mask)
     s = _inv_std_of(be, norm, st.m2, st.count)
-    return _normalize(be, norm, lay, x, gamma, beta, st.mean, s), st.mean, st.m2
+    r, d = _corrections(be, norm, renorm, renorm_stats, st.mean, st.m2, st.count)
+    return _normalize(be, norm, lay, x, gamma, beta, st.mean, s, r, d), st.mean, st.m2
 
 
 def _inv_std_of(be: Backend, norm: Norm, m2: Array, n: Any) -> Array:
@@ -304,11 +365,13 @@ def _inv_std_of(be: Backend, norm: Norm, m2: Array, n: Any) -> Array:
 
 
 def train_residuals(
-    be: Backend, norm: Norm, axis: int, sync: Sync | None, inputs: tuple[Array, ...], outputs: tuple[Array, ...]
+    be: Backend, norm: Norm, axis: int, sync: Sync | None, inputs: tuple[Array, ...], outputs: tuple[Array, ...],
+    *, renorm: Renorm | None = None,
 ) -> TrainResiduals:
-    """What the derivatives need: ``s`` from ``M2`` and the count (recounted from the mask, if any)."""
+    """What the derivatives need: ``s`` from ``M2`` and the count (recounted from the mask, if any), and batch
+    renormalisation's ``r`` and ``d``."""
     x, gamma = inputs[0], inputs[1]
-    mask = inputs[3] if len(inputs) > 3 else None
+    mask, renorm_stats = _train_inputs(renorm, inputs)
     _, mean, m2 = outputs
     lay = Layout.of(x.shape, axis)
     if mask is None:
@@ -317,7 +380,8 @@ def train_residuals(
         n = mask_count(be, lay, mask, mean.dtype)
         if sync is not None:
             n = be.all_reduce_sum(n, sync.group)
-    return TrainResiduals(x, gamma, mean, _inv_std_of(be, norm, m2, n), n, mask, lay, sync)
+    r, d = _corrections(be, norm, renorm, renorm_stats, mean, m2, n)
+    return TrainResiduals(x, gamma, mean, _inv_std_of(be, norm, m2, n), n, mask, lay, sync, r, d)
 
 
 def _all_reduce(be: Backend, sync: Sync | None, *vs: Array) -> tuple[Array, ...]:
@@ -334,20 +398,24 @@ def train_jvp(
     """Tangents ``(ty, tmean, tm2)`` for tangents ``(tx, tgamma, tbeta)``. With ``S1 = sum_R m tx`` and
     ``S2 = sum_R m tx (x - mean)`` (``m`` the mask, 1 without one; summed over the replicas under ``sync``):
     ``tmean = S1 / n``, ``tm2 = 2 S2``, ``ty = a tx + b (x - mean) + c`` with ``a = gamma s``,
-    ``b = tgamma s - gamma s^3 S2 / n``, ``c = tbeta - gamma s S1 / n``."""
+    ``b = tgamma s - gamma s^3 S2 / n``, ``c = tbeta - gamma s S1 / n``. Under batch renormalisation (``r``,
+    ``d`` constants) ``gamma r`` stands for ``gamma``, ``tgamma r`` for ``tgamma``, and ``c`` gains ``tgamma d``."""
     xp = be.xp
-    x, gamma, mean, s, n, mask, lay, sync = res
+    x, gamma, mean, s, n, mask, lay, sync, r, d = res
     tx, tg, tb = (_zeros_if_none(be, t, p) for t, p in zip(tangents, (x, gamma, gamma), strict=True))
     # once: every use of tx, and so its transpose (dx), accumulates in the stats dtype
     tx = xp.astype(tx, s.dtype, copy=False)
     txm = tx if mask is None else xp.where(mask, tx, xp.zeros_like(tx))
     s1, s2 = _all_reduce(be, sync, *be.backward_sums(txm, x, xp.reshape(mean, lay.bshape), lay.reduce_axes))
     g = effective_gamma(be, norm, gamma, mean.dtype)
-    a = g * s
     tg = xp.zeros_like(s) if norm.fix_gamma else xp.astype(tg, s.dtype, copy=False)
+    c = xp.astype(tb, s.dtype, copy=False)
+    if r is not None:
+        g, c, tg = g * r, c + tg * d, tg * r
+    a = g * s
     tmean = _per_count(be, s1, n)
     b = tg * s - (a * s * s) * _per_count(be, s2, n)
-    c = xp.astype(tb, s.dtype, copy=False) - a * tmean
+    c = c - a * tmean
     ty = xp.astype(_affine_map(be, lay, tx, x, mean, a, b, c), x.dtype, copy=False)
     return ty, tmean, 2 * s2
 
@@ -361,9 +429,11 @@ def train_backward(
     ``sync``): ``dx = a dy + m (b (x - mean) + c)`` with ``a = gamma s``, ``b = 2 dm2 - gamma s^3 T2 / n``,
     ``c = (dmean - gamma s T1) / n``; ``dgamma = s T2``, ``dbeta = T1`` (this replica's sums: the data-parallel
     gradient reduction combines them). The textbook form: ``dx = gamma s (dy - mean(dy) - xhat mean(dy xhat))``.
+    Under batch renormalisation (``r``, ``d`` constants): ``gamma r`` stands for ``gamma``, and
+    ``dgamma = r s T2 + d T1``.
     """
     xp = be.xp
-    x, gamma, mean, s, n, mask, lay, sync = res
+    x, gamma, mean, s, n, mask, lay, sync, r, d = res
     dy, dmean, dm2 = cotangents
     dy = _zeros_if_none(be, dy, x)
     sum_dy, sum_dy_xc = be.backward_sums(dy, x, xp.reshape(mean, lay.bshape), lay.reduce_axes)
@@ -373,7 +443,7 @@ def train_backward(
     dmean = next(it) if dmean is not None else None
     dm2 = next(it) if dm2 is not None else None
     g = effective_gamma(be, norm, gamma, mean.dtype)
-    a = g * s
+    a = g * s if r is None else g * r * s
     b = -(a * s * s) * _per_count(be, all_dy_xc, n)
     c = -a * all_dy
     if dm2 is not None:
@@ -381,7 +451,10 @@ def train_backward(
     if dmean is not None:
         c = c + dmean
     dx = _affine_map(be, lay, dy, x, mean, a, b, _per_count(be, c, n), mask)
-    dgamma = xp.zeros_like(sum_dy) if norm.fix_gamma else sum_dy_xc * s
+    if norm.fix_gamma:
+        dgamma = xp.zeros_like(sum_dy)
+    else:
+        dgamma = sum_dy_xc * s if r is None else sum_dy_xc * s * r + sum_dy * d
     return dx, xp.astype(dgamma, gamma.dtype, copy=False), xp.astype(sum_dy, gamma.dtype, copy=False)
 
 
@@ -454,7 +527,8 @@ def eval_backward(
 
 
 # ---- running statistics ---------------------------------------------------------------------------------------
-def update_state(be: Backend, conv: Convention, state: BNState, st: Stats) -> BNState:
+def update_state(be: Backend, conv: Convention, state: BNState | RenormState, st: Stats,
+                 renorm_momentum: float = 0.99) -> BNState | RenormState:
     """The state after one training batch with statistics ``st``.
 
     ``t = num_batches_tracked + 1``; ``stat_var = M2 / (n - 1)`` (unbiased conventions) or ``M2 / n``;
@@ -462,14 +536,20 @@ def update_state(be: Backend, conv: Convention, state: BNState, st: Stats) -> BN
     cumulative average. An empty batch changes no statistic (and counts only if the convention says so). Under a
     mask (per-channel counts) the same holds per channel: an empty channel keeps its statistics, a channel with
     one value keeps its unbiased variance, and the batch counts if any channel was not empty.
+
+    A :class:`~multibn.state.RenormState` (batch renormalisation, Keras's rules): the running standard deviation
+    moves instead of the variance, ``running_std <- keep * running_std + take * sqrt(stat_var + eps)``, and
+    ``running_var = max(running_std^2 - eps, 0)``; ``renorm_mean`` and ``renorm_std`` move towards the batch's
+    ``mean`` and ``sqrt(M2 / n + eps)`` with ``renorm_momentum`` weighing the old value.
     """
     xp = be.xp
-    rmean, rvar, tracked = state
+    renorm = isinstance(state, RenormState)
+    rmean, rvar, tracked = state[:3]
     t = tracked + 1
     n = st.count
     per_channel = per_channel_counts(be, n)
     if not per_channel and n == 0:
-        return BNState(rmean, rvar, t if conv.count_empty_batches else tracked)
+        return state._replace(num_batches_tracked=t if conv.count_empty_batches else tracked)
     dt = st.mean.dtype
     if per_channel:
         var = st.m2 / _nonzero(be, n - 1 if conv.unbiased_running_var else n)
@@ -481,11 +561,29 @@ def update_state(be: Backend, conv: Convention, state: BNState, st: Stats) -> BN
         keep = 1 - take
     else:
         keep, take = weights
-    new_mean = be.blend(keep, xp.astype(rmean, dt, copy=False), take, st.mean)
-    new_var = be.blend(keep, xp.astype(rvar, dt, copy=False), take, var)
-    if per_channel:
-        new_mean = xp.where(n > 0, new_mean, xp.astype(rmean, dt, copy=False))
-        new_var = xp.where(n > (1 if conv.unbiased_running_var else 0), new_var, xp.astype(rvar, dt, copy=False))
-        if not conv.count_empty_batches:
-            t = xp.where(xp.any(n > 0), t, tracked)
-    return BNState(xp.astype(new_mean, rmean.dtype, copy=False), xp.astype(new_var, rvar.dtype, copy=False), t)
+    var_seen = n > (1 if conv.unbiased_running_var else 0) if per_channel else None
+
+    def moved(old: Array, stat: Array, keep: Any, take: Any, seen: Array | None) -> Array:
+        old = xp.astype(old, dt, copy=False)
+        new = be.blend(keep, old, take, stat)
+        return new if seen is None else xp.where(seen, new, old)
+
+    seen = n > 0 if per_channel else None
+    new_mean = moved(rmean, st.mean, keep, take, seen)
+    if per_channel and not conv.count_empty_batches:
+        t = xp.where(xp.any(n > 0), t, tracked)
+    if not renorm:
+        new_var = moved(rvar, var, keep, take, var_seen)
+        return BNState(xp.astype(new_mean, rmean.dtype, copy=False), xp.astype(new_var, rvar.dtype, copy=False), t)
+    eps = conv.eps
+    new_std = moved(state.running_std, xp.sqrt(var + eps), keep, take, var_seen)
+    new_var = xp.where(var_seen, xp.clip(new_std * new_std - eps, min=0.0), xp.astype(rvar, dt, copy=False)) \
+        if per_channel else xp.clip(new_std * new_std - eps, min=0.0)
+    batch_std = xp.sqrt(_per_count(be, st.m2, n) + eps)
+    m = float(renorm_momentum)
+    return RenormState(
+        xp.astype(new_mean, rmean.dtype, copy=False), xp.astype(new_var, rvar.dtype, copy=False), t,
+        xp.astype(new_std, state.running_std.dtype, copy=False),
+        xp.astype(moved(state.renorm_mean, st.mean, m, 1.0 - m, seen), state.renorm_mean.dtype, copy=False),
+        xp.astype(moved(state.renorm_std, batch_std, m, 1.0 - m, seen), state.renorm_std.dtype, copy=False),
+    )

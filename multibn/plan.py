@@ -23,10 +23,45 @@ from .backends import backend_name_of, compiling, get_backend
 from .backends.base import FLOAT_DTYPES, Array, Backend
 from .compile_constants import ConstantCache, constant_float
 from .conventions import Convention, resolve_convention
-from .state import BNState
+from .state import BNState, RenormState
+from .variants import GhostView, check_renorm_momentum, check_virtual_batch_size, combinations_refused, parse_renorm
 
-_ARRAY_ARGS = ("x", "gamma", "beta", "state.running_mean", "state.running_var", "state.num_batches_tracked", "dy",
-               "mask")
+_STATE_FIELDS = {3: BNState, 6: RenormState}
+
+
+def _state_of(state: object) -> BNState | RenormState | None:
+    """``state`` as a :class:`BNState` or :class:`RenormState` (by its length); TypeError for anything else."""
+    if state is None:
+        return None
+    if not (isinstance(state, tuple) and len(state) in _STATE_FIELDS):
+        raise TypeError(
+            "state must be a multibn.BNState (running_mean, running_var, num_batches_tracked), a multibn.RenormState "
+            f"(the same and running_std, renorm_mean, renorm_std) or None, got {type(state).__name__}"
+        )
+    return _STATE_FIELDS[len(state)](*state)
+
+
+def _named_arrays(x: object, gamma: object, beta: object, state: BNState | RenormState | None, dy: object,
+                  mask: object) -> dict[str, object]:
+    named = {"x": x, "gamma": gamma, "beta": beta}
+    if state is not None:
+        named.update((f"state.{k}", v) for k, v in zip(state._fields, state, strict=True))
+    return {**named, "dy": dy, "mask": mask}
+
+
+class Variants(NamedTuple):
+    """The BN variants' arguments as given to :func:`multibn.batch_norm` (checked by :func:`build`)."""
+
+    renorm: object = None
+    renorm_momentum: object = 0.99
+    virtual_batch_size: object = None
+
+    def key(self) -> tuple:
+        renorm = tuple(sorted(self.renorm.items())) if isinstance(self.renorm, dict) else self.renorm
+        return (renorm, type(self.renorm_momentum), self.renorm_momentum, self.virtual_batch_size)
+
+
+NO_VARIANTS = Variants()
 
 
 # ---- argument helpers -----------------------------------------------------------------------------------------
@@ -159,13 +194,16 @@ def _single_value_error(conv: Convention, got: str) -> ValueError:
 
 
 # ---- the ops, one per (backend, normalisation settings, channel axis, mode) -------------------------------------
-def _make_op(be: Backend, eps: float, fix_gamma: bool, zero_var_guard: bool, axis: int, training: bool
+def _make_op(be: Backend, eps: float, fix_gamma: bool, zero_var_guard: bool, axis: int, training: bool,
+             renorm: bool, rmin: float | None, rmax: float | None, dmax: float | None
              ) -> Callable[..., tuple[Array, ...]]:
     """The backend's ``custom_op`` of the train or eval rule. It holds no shape: the rule takes the layout from
     ``x`` at each call."""
     norm = Norm(eps, fix_gamma, zero_var_guard)
-    make = alg.train_rule if training else alg.eval_rule
-    return be.custom_op(lambda b: make(b, norm, axis))
+    if not training:
+        return be.custom_op(lambda b: alg.eval_rule(b, norm, axis))
+    clip = alg.Renorm(rmin, rmax, dmax) if renorm else None
+    return be.custom_op(lambda b: alg.train_rule(b, norm, axis, clip))
 
 
 #: the ops made, keyed by plain constants (torch.compile rebuilds a NamedTuple argument wrongly); a bound far above
@@ -173,10 +211,13 @@ def _make_op(be: Backend, eps: float, fix_gamma: bool, zero_var_guard: bool, axi
 _OPS = ConstantCache(_make_op, 256)
 
 
-def op_for(be: Backend, norm: Norm, axis: int, training: bool) -> Callable[..., tuple[Array, ...]]:
+def op_for(be: Backend, norm: Norm, axis: int, training: bool, renorm: alg.Renorm | None = None
+           ) -> Callable[..., tuple[Array, ...]]:
     """BN's differentiable op ``op(sync, *inputs)`` for these settings (see :func:`multibn.algorithm.train_rule`)."""
     eps, fix_gamma, guard = norm
-    return _OPS.get(be, constant_float(eps), bool(fix_gamma), bool(guard), operator.index(axis), bool(training))
+    clip = renorm if renorm is not None and training else alg.Renorm()
+    return _OPS.get(be, constant_float(eps), bool(fix_gamma), bool(guard), operator.index(axis), bool(training),
+                    renorm is not None and training, *clip)
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------------
@@ -214,6 +255,9 @@ class Plan(NamedTuple):
     group: Any  # the framework's sync group (torch: None is the default process group)
     op: Callable[..., tuple[Array, ...]]
     convention: object  # the argument, held so that its id in the key stays this object's
+    renorm: alg.Renorm | None = None  # batch renormalisation (training)
+    renorm_momentum: float = 0.99
+    ghost: int | None = None  # the virtual batch size of ghost batch norm (training)
 
     def bind(self, x: Array, gamma: Array | None, beta: Array | None, state: BNState | None, dy: Array | None,
              mask: Array | None, device: object = None) -> Args:
@@ -239,8 +283,11 @@ class Plan(NamedTuple):
                                                                                strict=False)):
                 raise ValueError(f"mask must be broadcastable to the shape of x, {shape}, got shape {mshape}")
             mask = be.as_mask(mask, shape, device)
+        count = lay.count
+        if self.training and self.ghost is not None:
+            count //= GhostView.of(shape, self.axis, self.ghost).groups  # each sub-batch's
         if self.training and not self.synced and self.conv.single_value_raises:
-            if mask is None and lay.count == 1:
+            if mask is None and count == 1:
                 raise _single_value_error(self.conv, f"input size {shape}")
             if mask is not None and be.concrete(mask):  # the counts are read only when concrete
                 counts = be.to_numpy(alg.mask_count(be, lay, mask, be.dtype("float32")))
@@ -256,10 +303,11 @@ class Plan(NamedTuple):
             with be.quiet():
                 (y,) = self.op(None, a.x, a.gamma, a.beta, a.state.running_mean, a.state.running_var)
             return Result(y, a.state)
+        if self.ghost is not None:
+            return self._run_ghost(a)
         spec = self._sync_spec(a) if self.synced else None
-        inputs = (a.x, a.gamma, a.beta) if a.mask is None else (a.x, a.gamma, a.beta, a.mask)
         with be.quiet():
-            y, mean, m2 = self.op(spec, *inputs)
+            y, mean, m2 = self.op(spec, *self._train_inputs(a))
             if a.state is None:
                 return Result(y, None)
             with be.untracked():
@@ -268,16 +316,45 @@ class Plan(NamedTuple):
                 else:
                     count = alg.mask_count(be, a.lay, a.mask, mean.dtype)
                     count = count if spec is None else be.all_reduce_sum(count, spec.group)
-                return Result(y, alg.update_state(be, self.conv, a.state, alg.Stats(count, mean, m2)))
+                return Result(y, alg.update_state(be, self.conv, a.state, alg.Stats(count, mean, m2),
+                                                  self.renorm_momentum))
+
+    def _train_inputs(self, a: Args) -> tuple[Array, ...]:
+        """The train op's inputs: ``(x, gamma, beta[, mask][, renorm_mean, renorm_std])``."""
+        inputs = (a.x, a.gamma, a.beta) if a.mask is None else (a.x, a.gamma, a.beta, a.mask)
+        return inputs if self.renorm is None else (*inputs, a.state.renorm_mean, a.state.renorm_std)
+
+    def _run_ghost(self, a: Args) -> Result:
+        """Ghost batch norm: the op on the view of ``x`` whose channels are (sub-batch, channel) pairs
+        (:class:`multibn.variants.GhostView`), the result seen back, the running statistics moved once with the
+        sub-batches' mean statistics."""
+        be = self.be
+        view = GhostView.of(tuple(a.x.shape), self.axis, self.ghost)
+        xv = view.to_view(be, a.x)
+        with be.quiet():
+            yv, mean, m2 = self.op(None, xv, view.repeat(be, a.gamma), view.repeat(be, a.beta))
+            y = view.from_view(be, yv)
+            if a.state is None:
+                return Result(y, None)
+            with be.untracked():
+                st = view.averaged(be, alg.Stats(Layout.of(tuple(xv.shape), self.axis).count, mean, m2))
+                return Result(y, alg.update_state(be, self.conv, a.state, st))
 
     def vjp(self, a: Args) -> tuple[Array, Array, Array]:
         """``(dx, dgamma, dbeta)`` for bound arguments with ``dy``: the op's own backward, called directly."""
         be = self.be
         norm = Norm.of(self.conv)
+        if self.training and self.ghost is not None:
+            view = GhostView.of(tuple(a.x.shape), self.axis, self.ghost)
+            xv = view.to_view(be, a.x)
+            inner = self._replace(ghost=None).vjp(Args(xv, view.repeat(be, a.gamma), view.repeat(be, a.beta), None,
+                                                       view.to_view(be, a.dy), None,
+                                                       Layout.of(tuple(xv.shape), self.axis)))
+            return view.from_view(be, inner[0]), view.fold(be, inner[1]), view.fold(be, inner[2])
         with be.quiet():
             if self.training:
-                rule = alg.train_rule(be, norm, self.axis)
-                inputs = (a.x, a.gamma, a.beta) if a.mask is None else (a.x, a.gamma, a.beta, a.mask)
+                rule = alg.train_rule(be, norm, self.axis, self.renorm)
+                inputs = self._train_inputs(a)
                 st = alg.batch_stats(be, a.x, a.lay, mask=a.mask)
                 outputs = (None, st.mean, st.m2)  # the backward needs no y
             else:
@@ -328,23 +405,26 @@ def _convention_code(conv: Convention) -> int:
 def build(
     x: object, gamma: object, beta: object, state: object, dy: object, mask: object, *, training: bool,
     convention: str | Convention, momentum: float | None, eps: float | None, axis: int | None,
-    backend: str | None, device: object, sync: object,
+    backend: str | None, device: object, sync: object, variants: Variants = NO_VARIANTS,
 ) -> tuple[Plan, Args]:
     """Every check and conversion of a call, before any computation (a call that raises has changed nothing): the
     plan of its signature and its bound arguments."""
     conv = resolve_convention(convention, momentum, eps)
     if not isinstance(training, bool):
         raise TypeError(f"training must be True or False, got {type(training).__name__} {training!r}")
-    if state is not None:
-        if not (isinstance(state, tuple) and len(state) == 3):
-            raise TypeError(
-                "state must be a multibn.BNState (running_mean, running_var, num_batches_tracked) or None, "
-                f"got {type(state).__name__}"
-            )
-        state = BNState(*state)
-    named = dict(zip(_ARRAY_ARGS, (x, gamma, beta, *(state if state is not None else (None,) * 3), dy, mask),
-                     strict=True))
-    be = _pick_backend(backend, named)
+    state = _state_of(state)
+    renorm = parse_renorm(variants.renorm)
+    renorm_momentum = check_renorm_momentum(variants.renorm_momentum)
+    ghost = check_virtual_batch_size(variants.virtual_batch_size)
+    if training and renorm is not None and not isinstance(state, RenormState):
+        raise ValueError("renorm needs state to be a multibn.RenormState (running statistics and what batch "
+                         "renormalisation tracks): create one with multibn.init_state(num_features, renorm=True)")
+    if training and renorm is None and isinstance(state, RenormState):
+        raise ValueError("state is a multibn.RenormState but renorm is None: pass renorm={...} (Keras's "
+                         "renorm_clipping, {} for none) to train with batch renormalisation, or a multibn.BNState")
+    if training and (why := combinations_refused(renorm, ghost, mask is not None, synced(sync))):
+        raise ValueError(f"unsupported combination: {why}")
+    be = _pick_backend(backend, _named_arrays(x, gamma, beta, state, dy, mask))
     x = _to_backend(be, "x", x, device)
     xdt = _check_float(be, "x", x)
     if x.ndim < 2:
@@ -354,6 +434,8 @@ def build(
         raise ValueError(f"axis must be an int in [{-x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got "
                          f"{describe(axis)}")
     ax %= x.ndim
+    if ghost is not None and training and ax == 0:
+        raise ValueError("virtual_batch_size splits the batch axis 0, so the channel axis must not be 0")
     channels = x.shape[ax]
     pdt = "float64" if xdt == "float64" else "float32"
     if gamma is not None:
@@ -368,7 +450,12 @@ def build(
         tracked = _counter(be, state.num_batches_tracked, device if device is not None else be.device_of(rvar))
         _check_vector(be, "state.running_mean", rmean, channels, ax)
         _check_vector(be, "state.running_var", rvar, channels, ax)
-        state = BNState(rmean, rvar, tracked)
+        extra = []
+        for name in RenormState._fields[3:] if isinstance(state, RenormState) else ():
+            v = _to_backend(be, f"state.{name}", getattr(state, name), device, pdt)
+            _check_vector(be, f"state.{name}", v, channels, ax)
+            extra.append(v)
+        state = type(state)(rmean, rvar, tracked, *extra)
     elif not training:
         raise ValueError(
             "state is required when training=False (eval mode normalises with the running statistics); "
@@ -382,7 +469,8 @@ def build(
         dy = _to_backend(be, "dy", dy, device, xdt)
         _check_float(be, "dy", dy)
     plan = Plan(be, conv, training, ax, channels, be.device_of(x), pdt, is_synced, group,
-                op_for(be, Norm.of(conv), ax, training), convention)
+                op_for(be, Norm.of(conv), ax, training, renorm), convention, renorm, renorm_momentum,
+                ghost if training else None)
     return plan, plan.bind(x, gamma, beta, state, dy, mask, device)
 
 
@@ -416,28 +504,28 @@ def _plan_key(be: Backend, arrays: tuple[object, ...], state: object, settings: 
 def plan_call(
     x: object, gamma: object, beta: object, state: object, dy: object, mask: object, *, training: bool,
     convention: str | Convention, momentum: float | None, eps: float | None, axis: int | None,
-    backend: str | None, device: object, sync: object,
+    backend: str | None, device: object, sync: object, variants: Variants = NO_VARIANTS,
 ) -> tuple[Plan, Args]:
     """The plan of this call and its bound arguments: the kept plan of its signature (a hit), or :func:`build`'s
     (a miss: kept when the call converted nothing)."""
     if compiling():
         return build(x, gamma, beta, state, dy, mask, training=training, convention=convention, momentum=momentum,
-                     eps=eps, axis=axis, backend=backend, device=device, sync=sync)
+                     eps=eps, axis=axis, backend=backend, device=device, sync=sync, variants=variants)
     be = _PLAN_BACKENDS.get(type(x))
-    well_formed = state is None or (isinstance(state, tuple) and len(state) == 3)
+    well_formed = state is None or (isinstance(state, tuple) and len(state) in _STATE_FIELDS)
     key = None
     if well_formed:
         arrays = (x, gamma, beta, *(state if state is not None else (None, None, None)), dy, mask)
         settings = (training, convention, type(momentum), momentum, type(eps), eps, type(axis), axis, backend,
-                    sync if synced(sync) else None)
+                    sync if synced(sync) else None, variants.key())
         if be is not None:
             key = _plan_key(be, arrays, state, settings)
             plan = None if key is None else _PLANS.get(key)
             if plan is not None and (type(convention) is str or plan.convention is convention) and \
                     x.shape[plan.axis] == plan.channels:
-                return plan, plan.bind(x, gamma, beta, None if state is None else BNState(*state), dy, mask, device)
+                return plan, plan.bind(x, gamma, beta, _state_of(state), dy, mask, device)
     plan, args = build(x, gamma, beta, state, dy, mask, training=training, convention=convention, momentum=momentum,
-                       eps=eps, axis=axis, backend=backend, device=device, sync=sync)
+                       eps=eps, axis=axis, backend=backend, device=device, sync=sync, variants=variants)
     be = plan.be
     if well_formed and be.signature(()) is not None and all(a is None or be.is_array(a) for a in arrays):
         key = key or _plan_key(be, arrays, state, settings)

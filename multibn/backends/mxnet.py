@@ -226,6 +226,18 @@ class MXNetNamespace:
 
     @staticmethod
     @_keeps_np
+    def permute_dims(x: Array, axes: Sequence[int]) -> Array:
+        return mx.nd.transpose(x, axes=tuple(axes))
+
+    @staticmethod
+    def concat(arrays: Sequence[Array], axis: int = 0) -> Array:
+        arrays = list(arrays)
+        if isinstance(arrays[0], mx.np.ndarray):
+            return _as_np(mx.nd.concat(*map(_legacy, arrays), dim=axis))
+        return mx.nd.concat(*arrays, dim=axis)
+
+    @staticmethod
+    @_keeps_np
     def any(x: Array) -> Array:
         return mx.nd.max(x != 0).reshape((1,))
 
