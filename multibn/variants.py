@@ -99,7 +99,7 @@ class GhostView(NamedTuple):
 
     def fold(self, be: Backend, v: Array) -> Array:
         """A per-(sub-batch, channel) vector summed over the sub-batches."""
-        return be.xp.sum(be.xp.reshape(v, (self.groups, -1)), axis=0)
+        return be.xp.sum(be.xp.reshape(v, (self.groups, -1)), axis=(0,))
 
     def averaged(self, be: Backend, st: Stats) -> Stats:
         """The sub-batches' statistics as one summary whose mean and stored variance are the mean over the
