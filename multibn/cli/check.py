@@ -23,7 +23,17 @@ from importlib import metadata
 
 import numpy as np
 
-from ..conformance import Row, battery, check_case, compare_native, finish_keras, jax_x64, native_battery, start_keras
+from ..conformance import (
+    Row,
+    battery,
+    check_case,
+    compare_native,
+    finish_keras,
+    jax_x64,
+    native_battery,
+    start_keras,
+    variant_battery,
+)
 from ..conformance import reference as R
 from ..conventions import CONVENTIONS
 from ..progress import progress_bar
@@ -76,7 +86,7 @@ def _run(args: argparse.Namespace, conventions: list[str], asked: list[str]) -> 
     from ..backends import available_backends
 
     t0 = time.monotonic()
-    cases = battery(conventions, quick=args.quick)
+    cases = battery(conventions, quick=args.quick) + variant_battery(conventions)
     present = [b for b in asked if importlib.util.find_spec(b) is not None]
     natives = [] if args.no_native else native_battery(present, conventions, quick=args.quick)
     # Keras picks its backend at import: each Keras run is a subprocess, started first (it has the longest way to

@@ -8,7 +8,8 @@ per-element error bound, and with the frameworks' own batch norms:
 * :mod:`.compare`: two runs compared quantity by quantity (``y``, ``dx``, ``dgamma``, ``dbeta``, the running
   statistics, ``num_batches_tracked``; NaN and inf at the same places);
 * :mod:`.battery`: the fixed-seed battery and one case on every backend, against the reference and pairwise;
-* :mod:`.native`: the frameworks' own batch norms against multibn on the same framework.
+* :mod:`.native`: the frameworks' own batch norms against multibn on the same framework;
+* :mod:`.variants`: batch renormalisation and ghost batch norm, their float64 transcriptions and cases.
 
 Importing this package imports no framework.
 """
@@ -29,6 +30,7 @@ from .native import (
     start_keras,
 )
 from .runs import Run, backend_run, numpy_of, reference_run, to_backend
+from .variants import reference_variant_run, variant_battery
 
 __all__ = [
     "MXNET_NATIVE",
@@ -52,9 +54,11 @@ __all__ = [
     "native_torch",
     "numpy_of",
     "reference_run",
+    "reference_variant_run",
     "rows_of",
     "run_keras",
     "start_keras",
     "to_backend",
     "unsupported",
+    "variant_battery",
 ]

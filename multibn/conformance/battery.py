@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from .cases import UNSUPPORTED, Case, make_case, unsupported
 from .compare import Row, compare_runs, rows_of
 from .runs import Run, backend_run, reference_run
+from .variants import reference_variant_run
 
 
 def battery(conventions: Sequence[str], *, quick: bool) -> list[Case]:
@@ -57,7 +58,7 @@ def check_case(
 ) -> tuple[list[Row], dict[str, tuple[str, str]]]:
     """Every backend against the reference (and pairwise). Returns the rows and, for each backend that cannot run
     the case, ``(what, reason)`` from :data:`UNSUPPORTED`."""
-    ref = reference_run(case)
+    ref = reference_variant_run(case) if case.variant else reference_run(case)
     rows: list[Row] = []
     runs: dict[str, Run] = {}
     skipped: dict[str, tuple[str, str]] = {}

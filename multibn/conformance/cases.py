@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,6 +37,7 @@ class Case:
     momentum: float | None = None
     eps: float | None = None
     stateful: bool = True  # False: state=None (PyTorch's track_running_stats=False), training steps only
+    variant: dict = field(default_factory=dict)  # batch_norm's keywords of a BN variant (renorm=, virtual_batch_size=)
 
     @property
     def conv(self) -> Convention:
@@ -63,7 +64,8 @@ class Case:
         shapes = sorted({tuple(s.x.shape) for s in self.steps})
         modes = "".join("T" if s.training else "E" for s in self.steps)
         return (f"{self.name}: {self.conv_name} {self.dtype} shapes={shapes} axis={self.axis} steps={modes} "
-                f"momentum={self.momentum} eps={self.eps} stateful={self.stateful}")
+                f"momentum={self.momentum} eps={self.eps} stateful={self.stateful}"
+                + (f" variant={self.variant}" if self.variant else ""))
 
 
 def make_case(

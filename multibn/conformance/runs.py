@@ -106,9 +106,11 @@ def backend_run(case: Case, backend: str) -> Run:
 
     be = get_backend(backend)
     conv = case.conv
-    kw = dict(convention=case.convention, momentum=case.momentum, eps=case.eps, axis=case.axis, backend=backend)
+    kw = dict(convention=case.convention, momentum=case.momentum, eps=case.eps, axis=case.axis, backend=backend,
+              **case.variant)
     g, b = (to_backend(be, v, case.pdtype) for v in (case.gamma, case.beta))
-    state = init_state(case.channels, backend=backend, convention=conv, dtype=case.pdtype) if case.stateful else None
+    state = init_state(case.channels, backend=backend, convention=conv, dtype=case.pdtype,
+                       renorm="renorm" in case.variant) if case.stateful else None
     steps: list[dict[str, Any]] = []
     for i, step in enumerate(case.steps):
         step_kw = dict(kw, training=step.training)

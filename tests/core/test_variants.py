@@ -310,3 +310,17 @@ def test_renorm_state_in_eval_normalises_with_the_running_statistics() -> None:
     want, _ = multibn.batch_norm(x, state=multibn.BNState(*state[:3]), training=False)
     np.testing.assert_array_equal(y, want)
     assert same is state or all(a is b for a, b in zip(same, state, strict=True))
+
+
+# ---- the conformance battery's rows -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("convention", sorted(multibn.CONVENTIONS))
+def test_variant_battery_rows_pass_on_every_installed_backend(convention: str) -> None:
+    """``multibn check``'s variant rows: every installed backend against the float64 transcriptions, pairwise too."""
+    from multibn.conformance import check_case, variant_battery
+    from tests.helpers import installed
+
+    for case in variant_battery([convention]):
+        rows, _ = check_case(case, installed())
+        assert {r.quantity for r in rows} >= {"y", "dx", "dgamma", "dbeta", "running_mean", "running_var"}
+        failed = [(r.backend, r.case, r.quantity, r.detail) for r in rows if not r.ok]
+        assert not failed, failed
