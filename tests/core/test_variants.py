@@ -312,7 +312,7 @@ def test_renorm_state_in_eval_normalises_with_the_running_statistics() -> None:
     assert same is state or all(a is b for a, b in zip(same, state, strict=True))
 
 
-# ---- the conformance battery's rows -------------------------------------------------------------------------------------
+# ---- the conformance battery's rows ---------------------------------------------------------------------------
 @pytest.mark.parametrize("convention", sorted(multibn.CONVENTIONS))
 def test_variant_battery_rows_pass_on_every_installed_backend(convention: str) -> None:
     """``multibn check``'s variant rows: every installed backend against the float64 transcriptions, pairwise too."""
