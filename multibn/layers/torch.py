@@ -44,7 +44,7 @@ from . import _recompute, check_layer_args
 
 __all__ = [
     "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
-    "convert_batchnorm", "convert_sync_batchnorm", "recompute_statistics", "revert_batchnorm",
+    "NativeError", "convert_batchnorm", "convert_sync_batchnorm", "recompute_statistics", "revert_batchnorm",
 ]
 
 get_backend("torch")  # imports the adapter now: torch.compile must never trace an import inside the forward
