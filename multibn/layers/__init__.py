@@ -1,9 +1,11 @@
 """Batch-norm layers native to each framework, all running the one algorithm of :func:`multibn.batch_norm`.
 
 * :mod:`multibn.layers.torch`: ``BatchNorm``, a ``torch.nn.Module`` whose ``state_dict`` interchanges with
-  ``nn.BatchNorm1d/2d/3d``;
+  ``nn.BatchNorm1d/2d/3d``, and those names themselves (``BatchNorm1d/2d/3d``, ``LazyBatchNorm1d/2d/3d``: PyTorch's
+  signatures; ``from multibn.layers import torch as nn`` reaches the rest of ``torch.nn``);
 * :mod:`multibn.layers.gluon`: ``BatchNorm``, an MXNet Gluon block whose parameter files interchange with
-  ``mxnet.gluon.nn.BatchNorm`` (with MXNet's backward-time update of the running statistics on request);
+  ``mxnet.gluon.nn.BatchNorm``, whose signature it also takes (with MXNet's backward-time update of the running
+  statistics on request); ``from multibn.layers import gluon as nn`` reaches the rest of ``mxnet.gluon.nn``;
 * :mod:`multibn.layers.flax`: ``BatchNorm``, a ``flax.linen`` module that replaces ``flax.linen.BatchNorm``
   (same fields and variables, plus ``convention=``);
 * :mod:`multibn.layers.nnx`: ``BatchNorm``, a ``flax.nnx`` module that replaces ``flax.nnx.BatchNorm``;

@@ -108,9 +108,9 @@ class _GraphBatchNorm(mx.operator.CustomOp):
     the statistics of that moment, so several forwards before one backward chain their updates as in MXNet)."""
 
     def __init__(self, conv: Convention, axis: int, update: str, key: str, shapes: list, dtypes: list,
-                 host: bool) -> None:
+                 host: bool, global_stats: bool = False) -> None:
         super().__init__()
-        self.conv, self.update, self.key = conv, update, key
+        self.conv, self.update, self.key, self.global_stats = conv, update, key, global_stats
         self.lay = alg.Layout.of(tuple(shapes[0]), axis)
         self.shapes = [tuple(s) for s in shapes]
         self.dtypes = [np.dtype(mx.ndarray.ndarray._DTYPE_MX_TO_NP[d]) for d in dtypes]
@@ -174,7 +174,7 @@ class _GraphBatchNorm(mx.operator.CustomOp):
 
     def forward(self, is_train: bool, req: list, in_data: list, out_data: list, aux: list) -> None:
         inputs = tuple(self._arrays(in_data, (0, 1, 2)))
-        self.train = bool(is_train)
+        self.train = bool(is_train) and not self.global_stats  # use_global_stats: eval's maths in training too
         rule = self.rules[self.train]
         with self.be.quiet(), self._writing_to(out_data[0], req[0], 0):
             if self.train:
@@ -223,14 +223,20 @@ class _GraphBatchNormProp(mx.operator.CustomOpProp):
     """Inputs ``data, gamma, beta``; auxiliary states ``moving_mean, moving_var``; output ``output``.
 
     Attributes (strings in the graph): ``convention`` (JSON, :func:`convention_attr`), ``axis``, ``update``
-    (``"forward"`` or ``"backward"``) and ``key`` (which ``num_batches_tracked`` counter the node advances)."""
+    (``"forward"`` or ``"backward"``), ``key`` (which ``num_batches_tracked`` counter the node advances) and
+    ``use_global_stats`` (``"True"``: the running statistics normalise in training too, and never move, as
+    ``gluon.nn.BatchNorm(use_global_stats=True)``)."""
 
-    def __init__(self, convention: str, axis: str = "1", update: str = "forward", key: str = "") -> None:
+    def __init__(self, convention: str, axis: str = "1", update: str = "forward", key: str = "",
+                 use_global_stats: str = "False") -> None:
         super().__init__(need_top_grad=True)
         if update not in UPDATES:
             raise ValueError(f"update must be 'forward' or 'backward', got {update!r}")
+        if use_global_stats not in ("True", "False"):
+            raise ValueError(f"use_global_stats must be 'True' or 'False', got {use_global_stats!r}")
         self.conv = _convention_from_attr(convention)
         self.axis, self.update, self.key = int(axis), update, key
+        self.global_stats = use_global_stats == "True"
 
     def list_arguments(self) -> list[str]:
         return ["data", "gamma", "beta"]
@@ -255,6 +261,6 @@ class _GraphBatchNormProp(mx.operator.CustomOpProp):
 
     def create_operator(self, ctx: Any, shapes: list, dtypes: list) -> _GraphBatchNorm:
         host = ctx.device_type in HOST_DEVICES
-        return _GraphBatchNorm(self.conv, self.axis, self.update, self.key, shapes, dtypes, host)
+        return _GraphBatchNorm(self.conv, self.axis, self.update, self.key, shapes, dtypes, host, self.global_stats)
 
 

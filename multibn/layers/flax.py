@@ -21,7 +21,12 @@ unchanged. What differs: the statistics are always multibn's two-pass mean and v
 (``use_fast_variance`` is accepted and ignored, as is ``force_float32_reductions`` but for the dtype of the
 running statistics), the backward is multibn's analytic one, ``axis_name`` merges the replicas' statistics
 exactly (count-weighted) instead of averaging their moments, several feature axes cost a transpose unless they
-are the last ones, and ``convention=`` selects another framework's rules.
+are the last ones, and ``convention=`` selects another framework's rules. Integer and boolean input, rank-1
+input and feature axes that are all of the input's are taken as Flax takes them. One dtype differs on purpose: the
+running statistics stay in the dtype ``init`` made them (float32 unless ``force_float32_reductions=False``), where
+Flax's become float64 after an update with float64 input under x64; a state whose dtypes change between steps
+makes a jitted step retrace and a ``lax.scan``/``fori_loop`` carry fail. The update is computed in the input's
+precision and rounded once; ``param_dtype=jnp.float64, force_float32_reductions=False`` keeps float64 statistics.
 """
 
 from __future__ import annotations
@@ -66,8 +71,8 @@ def feature_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     for a in axes:
         if isinstance(a, bool) or not isinstance(a, int) or not -ndim <= a < ndim:
             raise ValueError(f"axis must be an int in [{-ndim}, {ndim}) for an input of rank {ndim}, got {axis!r}")
-    if not axes or len(axes) == ndim:
-        raise ValueError(f"axis={axis!r} must leave at least one axis to reduce over for an input of rank {ndim}")
+    if not axes:
+        raise ValueError(f"axis={axis!r} must name at least one feature axis")
     return tuple(sorted({a % ndim for a in axes}))
 
 
@@ -89,16 +94,30 @@ def normalize(
     conv: Convention, axes: tuple[int, ...], dtype: Any, sync: str | None, mask: jax.Array | None,
 ) -> tuple[jax.Array, BNState]:
     """``(y, new_stats)`` of :func:`multibn.batch_norm` with Flax's dtype rule: ``y`` in ``dtype``, or when that
-    is None in ``result_type(x, scale, bias)``, computed in at least that dtype (a bfloat16 ``x`` with float32
-    params gives a float32 ``y``, as in Flax). ``mask`` is passed only when given, and only in training (eval
-    normalises every position with the running statistics, as Flax does). Several feature ``axes`` are moved
-    last and flattened into one channel axis (params and statistics keep their shape ``x.shape[axes]``)."""
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise TypeError(f"x must have a floating dtype, got {jnp.result_type(x)}")
-    out = jnp.dtype(dtype) if dtype is not None else jnp.result_type(*(a for a in (x, scale, bias) if a is not None))
+    is None in ``result_type(x, scale, bias)`` promoted to at least float32 if it is not floating, computed in at
+    least that dtype (a bfloat16 ``x`` with float32 params gives a float32 ``y``, as in Flax; integer and boolean
+    ``x`` are cast to ``promote_types(x.dtype, float32)`` first, as Flax's statistics do). ``mask`` is passed
+    only when given, and only in training (eval normalises every position with the running statistics, as Flax
+    does). Several feature ``axes`` are moved last and flattened into one channel axis (params and statistics
+    keep their shape ``x.shape[axes]``). Feature axes that are all of ``x``'s (rank-1 input with ``axis=-1``)
+    leave one element per feature, as in Flax: a batch of one (a leading axis of size 1 is added, then removed)."""
+    given = jnp.result_type(x)
+    if jnp.issubdtype(given, jnp.integer) or jnp.issubdtype(given, jnp.bool_):
+        x = x.astype(jnp.promote_types(given, jnp.float32))
+    elif not jnp.issubdtype(given, jnp.floating):
+        raise TypeError(f"x must have a floating, integer or boolean dtype, got {given}")
+    out = jnp.dtype(dtype) if dtype is not None else jnp.result_type(
+        *(a for a in (jnp.zeros((), given), scale, bias) if a is not None))
+    if dtype is None and not jnp.issubdtype(out, jnp.inexact):
+        out = jnp.promote_types(jnp.float32, out)  # flax.linen.dtypes.canonicalize_dtype
     compute = jnp.promote_types(x.dtype, out)
     x = x.astype(compute) if x.dtype != compute else x
     mask = mask if training else None
+    if len(axes) == x.ndim:
+        y, new = normalize(x[None], scale, bias, stats, training=training, conv=conv,
+                           axes=tuple(a + 1 for a in axes), dtype=out, sync=sync,
+                           mask=None if mask is None else mask[None])
+        return y[0], new
     if len(axes) == 1:
         return _cast(_batch_norm(x, scale, bias, stats, training, conv, axes[0], sync, mask), out)
     # several feature axes: move them last and flatten them into one channel axis, then undo that

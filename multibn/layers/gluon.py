@@ -9,6 +9,12 @@ interchange with it::
     bn.initialize()
     bn.load_parameters("native_bn.params")
 
+It also takes ``gluon.nn.BatchNorm``'s arguments, as keywords (``BatchNorm()`` learns its channels from the first
+input, as Gluon's deferred ``in_channels=0``; the class docstring has the rule that tells the two forms apart), and
+every other name of ``mxnet.gluon.nn`` is reached through this module, so a model written against
+``from mxnet.gluon import nn`` runs on multibn's layer with that one import changed to
+``from multibn.layers import gluon as nn``.
+
 The mode comes from ``mx.autograd.is_training()`` (True inside ``autograd.record()``), as in Gluon.
 
 When the running statistics change (``update``):
@@ -31,6 +37,7 @@ NumPy interface (``npx.set_np()``) work too and give ``mx.np`` arrays.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
@@ -51,17 +58,34 @@ __all__ = ["BatchNorm", "recompute_statistics"]
 class BatchNorm(gluon.HybridBlock):
     """Batch normalisation over every axis of the input but ``axis``, with a multibn convention.
 
+    Two ways to call it, told apart by ``num_features``, the first positional argument: given, it is the textbook
+    ``BatchNorm(num_features, num_dims)``; not given, it is ``gluon.nn.BatchNorm``, whose arguments (``axis,
+    momentum, epsilon, center, scale, use_global_stats, beta_initializer, gamma_initializer,
+    running_mean_initializer, running_variance_initializer, in_channels``) are all accepted as keywords, with
+    Gluon's meanings and defaults, in both forms. So ``nn.BatchNorm()`` learns its channels at the first forward
+    (Gluon's deferred initialisation, ``in_channels=0``) and ``nn.BatchNorm(axis=3, epsilon=1e-3, center=False)``
+    works as in Gluon. Gluon's arguments are keywords only: ``gluon.nn.BatchNorm(1, 0.9)`` (axis, momentum given
+    by position) is refused with that hint, since the textbook form reads it as ``num_features=1``.
+
     Args:
-        num_features: channels C, the size of the input along ``axis`` (``in_channels`` of ``gluon.nn.BatchNorm``).
+        num_features: channels C, the size of the input along ``axis``; None (and ``in_channels`` 0): learnt from
+            the first input, as Gluon's ``in_channels=0``.
         num_dims: the input rank the layer accepts, as in the textbook ``BatchNorm(num_features, num_dims)``:
             2 for (N, C) input, 4 for (N, C, H, W) input (any rank >= 2 may be named); None accepts any rank >= 2.
             Checked on imperative calls (a hybridized graph knows no ranks).
+        axis, momentum, epsilon, beta_initializer, gamma_initializer, running_mean_initializer,
+            running_variance_initializer, in_channels: as in ``gluon.nn.BatchNorm`` (momentum weighs the old value
+            under the default convention; None keeps the convention's). ``in_channels`` is ``num_features``.
+        center: False keeps ``beta`` at its initial value (``grad_req='null'``); it is still added, as in Gluon.
+        scale: False fixes gamma to 1 (MXNet's ``fix_gamma``; ``gamma`` gets ``grad_req='null'``). MXNet also
+            writes 1 into the stored ``gamma`` at each forward; multibn leaves the stored value as it is.
+        use_global_stats: True normalises with the running statistics in training too (their gradients included)
+            and never moves them, as Gluon.
         convention: a name in :data:`multibn.CONVENTIONS` (default ``"gluon"``: momentum 0.9 on the old value,
             eps 1e-5, biased running variance) or a :class:`multibn.Convention`.
-        momentum, eps: override the convention's (None keeps them).
+        eps: ``epsilon`` by its multibn name (give one of the two).
         affine: learn ``gamma`` and ``beta``. False normalises with gamma 1 and beta 0; the two parameters
             stay (ones and zeros, ``grad_req='null'``) so that files keep ``gluon.nn.BatchNorm``'s layout.
-        axis: the channel axis of the input (1 by default; 3 or -1 for NHWC).
         update: ``"forward"`` or ``"backward"``, when the running statistics change (module docstring).
         prefix, params: as for every Gluon block.
 
@@ -72,46 +96,74 @@ class BatchNorm(gluon.HybridBlock):
 
     def __init__(
         self,
-        num_features: int,
+        num_features: int | None = None,
         num_dims: int | None = None,
         *,
-        convention: str | Convention = "gluon",
+        axis: int = 1,
         momentum: float | None = None,
+        epsilon: float | None = None,
+        center: bool = True,
+        scale: bool = True,
+        use_global_stats: bool = False,
+        beta_initializer: Any = "zeros",
+        gamma_initializer: Any = "ones",
+        running_mean_initializer: Any = "zeros",
+        running_variance_initializer: Any = "ones",
+        in_channels: int = 0,
+        convention: str | Convention = "gluon",
         eps: float | None = None,
         affine: bool = True,
-        axis: int = 1,
         update: str = "forward",
         prefix: str | None = None,
         params: Any = None,
     ) -> None:
         super().__init__(prefix=prefix, params=params)
-        check_layer_args(num_features, num_dims, axis)
+        if isinstance(num_dims, float):
+            raise TypeError(
+                f"num_dims must be None or an int (the input rank), got float {num_dims!r}; gluon.nn.BatchNorm's "
+                "positional arguments (axis, momentum, epsilon, ...) are keywords here: BatchNorm(axis=1, momentum=0.9)"
+            )
+        channels = _channels(num_features, in_channels)
+        check_layer_args(channels or 1, num_dims, axis)
         if update not in UPDATES:
             raise ValueError(f"update must be 'forward' or 'backward', got {update!r}")
-        self.convention = resolve_convention(convention, momentum, eps)
+        if epsilon is not None and eps is not None and epsilon != eps:
+            raise ValueError(f"epsilon and eps are the same argument: give one, got epsilon={epsilon!r}, eps={eps!r}")
+        conv = resolve_convention(convention, momentum, eps if epsilon is None else epsilon)
+        self.convention = conv if scale else dataclasses.replace(conv, fix_gamma=True)
         if num_dims is not None and not -num_dims <= axis < num_dims:
             raise ValueError(f"axis must be in [{-num_dims}, {num_dims}) for num_dims={num_dims}, got {axis}")
-        self.num_features = num_features
         self.num_dims = num_dims
         self.momentum = self.convention.momentum
         self.eps = self.convention.eps
         self.affine = affine
+        self.center, self.scale, self.use_global_stats = center, scale, bool(use_global_stats)
         self.axis = axis
         self.update = update
         self._key = uuid.uuid4().hex
         self._attrs = {"convention": convention_attr(self.convention), "axis": str(axis), "update": update,
-                       "key": self._key}
-        learn = "write" if affine else "null"
+                       "key": self._key, "use_global_stats": str(self.use_global_stats)}
+        shape = (channels,)  # (0,): deferred, the operator infers C from the first input
         with self.name_scope():
-            self.gamma = self.params.get("gamma", grad_req=learn, shape=(num_features,), init="ones",
-                                         allow_deferred_init=True, differentiable=affine)
-            self.beta = self.params.get("beta", grad_req=learn, shape=(num_features,), init="zeros",
-                                        allow_deferred_init=True, differentiable=affine)
-            self.running_mean = self._statistic("running_mean", "zeros")
-            self.running_var = self._statistic("running_var", "ones")
+            self.gamma = self.params.get(
+                "gamma", grad_req="write" if affine and scale else "null", shape=shape,
+                init=gamma_initializer if affine else "ones", allow_deferred_init=True,
+                differentiable=affine and scale)
+            self.beta = self.params.get(
+                "beta", grad_req="write" if affine and center else "null", shape=shape,
+                init=beta_initializer if affine else "zeros", allow_deferred_init=True,
+                differentiable=affine and center)
+            self.running_mean = self._statistic("running_mean", running_mean_initializer, shape)
+            self.running_var = self._statistic("running_var", running_variance_initializer, shape)
 
-    def _statistic(self, name: str, init: str) -> Any:
-        kw = {"grad_req": "null", "shape": (self.num_features,), "init": init, "allow_deferred_init": True,
+    @property
+    def num_features(self) -> int:
+        """C, the channels: 0 until a layer made without them has seen its first input (Gluon's ``in_channels``)."""
+        shape = self.gamma.shape
+        return int(shape[0]) if shape else 0
+
+    def _statistic(self, name: str, init: Any, shape: tuple[int]) -> Any:
+        kw = {"grad_req": "null", "shape": shape, "init": init, "allow_deferred_init": True,
               "differentiable": False}
         full = self.params.prefix + name
         if self.update == "backward" and self.params._get_impl(full) is None:
@@ -125,10 +177,13 @@ class BatchNorm(gluon.HybridBlock):
         super().cast(dtype)
 
     def __repr__(self) -> str:
+        gluon_args = "".join(f", {k}={v}" for k, v, default in (
+            ("center", self.center, True), ("scale", self.scale, True),
+            ("use_global_stats", self.use_global_stats, False)) if v != default)
         return (
             f"{type(self).__name__}({self.num_features}, num_dims={self.num_dims}, "
             f"convention={self.convention.name!r}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, axis={self.axis}, update={self.update!r})"
+            f"affine={self.affine}, axis={self.axis}, update={self.update!r}{gluon_args})"
         )
 
     def num_batches_tracked(self, ctx: Any = None) -> Any:
@@ -191,6 +246,20 @@ class _Statistic(gluon.Parameter):
     def list_data(self) -> list:
         self._settle()
         return super().list_data()
+
+
+def _channels(num_features: int | None, in_channels: int) -> int:
+    """C from the textbook's ``num_features`` or Gluon's ``in_channels`` (0: deferred); ValueError if they differ."""
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 0:
+        raise ValueError(
+            f"in_channels must be a non-negative int (0: learnt from the first input), got {in_channels!r}")
+    if num_features is None:
+        return in_channels
+    check_layer_args(num_features, None, 1)
+    if in_channels not in (0, num_features):
+        raise ValueError(f"num_features and in_channels are the same argument: give one, got num_features="
+                         f"{num_features!r}, in_channels={in_channels!r}")
+    return num_features
 
 
 def _is_np(a: Any) -> bool:
@@ -282,3 +351,14 @@ def _snapshot(block: Any) -> Callable[[], None]:
             a[:] = c
 
     return restore
+
+
+def __getattr__(name: str) -> Any:
+    """Every other name of ``mxnet.gluon.nn``, so that ``from multibn.layers import gluon as nn`` in place of
+    ``from mxnet.gluon import nn`` runs a model's code unchanged, its ``nn.BatchNorm`` being multibn's."""
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        return getattr(gluon.nn, name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r} (nor has mxnet.gluon.nn)") from None

@@ -10,6 +10,16 @@ the parameters and buffers may be changed after construction, as on the native l
     bn = BatchNorm(16, eps=1e-3, momentum=None) # as nn.BatchNorm2d(16, eps=1e-3, momentum=None): cumulative average
     model = convert_batchnorm(model)            # every nn.BatchNorm*d / nn.SyncBatchNorm of a model replaced
 
+``BatchNorm1d/2d/3d`` and ``LazyBatchNorm1d/2d/3d`` are PyTorch's classes by name: the same signature
+(``num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None, *,
+bias=True``), input-rank checks, error texts and repr, under the torch convention. Every other name of
+``torch.nn`` is reached through this module too, so a model written against ``from torch import nn`` runs on
+multibn's layers with that one import changed to ``from multibn.layers import torch as nn``. As the native layers,
+the forward raises PyTorch's texts for a tensor whose size is not the channel count (``running_mean should contain
+5 elements not 4``; a :class:`NativeError`, both ValueError and RuntimeError), for ``eps <= 0`` in training and for
+``torch.func.vmap`` of a layer that would update unbatched running statistics, and takes any momentum (outside
+[0, 1] the update extrapolates).
+
 The layer computes nothing itself: the forward calls :func:`multibn.batch_norm` (differentiable through its
 ``torch.autograd.Function``) and copies the returned running statistics into the buffers, in place.
 """
@@ -32,7 +42,10 @@ from ..moments import ChannelMoments, accumulator_dtype
 from ..state import BNState
 from . import _recompute, check_layer_args
 
-__all__ = ["BatchNorm", "convert_batchnorm", "convert_sync_batchnorm", "recompute_statistics", "revert_batchnorm"]
+__all__ = [
+    "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
+    "NativeError", "convert_batchnorm", "convert_sync_batchnorm", "recompute_statistics", "revert_batchnorm",
+]
 
 get_backend("torch")  # imports the adapter now: torch.compile must never trace an import inside the forward
 
@@ -55,6 +68,20 @@ _NO_TORCHSCRIPT = (
     "and the legacy torch.onnx.export(dynamo=False) built on them): its forward is Python code around a "
     "torch.autograd.Function. Use torch.export.export (and torch.onnx.export(..., dynamo=True)) or torch.compile, "
     "or turn the layers back into nn.BatchNorm*d with multibn.layers.torch.revert_batchnorm(model) first."
+)
+
+
+class NativeError(ValueError, RuntimeError):
+    """An error PyTorch's own batch norm raises as RuntimeError, with its text: a ValueError (multibn's rule) that
+    ``except RuntimeError`` written for the native layer also catches."""
+
+
+#: torch 2.13's message when a vmapped training layer would update unbatched running statistics in place
+VMAP_MESSAGE = (
+    "Batch norm got a batched tensor as input while the running_mean or running_var, which will be updated in "
+    "place, were not batched.\nIf you are using a module and do not need eval mode, please set "
+    "`track_running_stats` to be False.If you are using a prebuilt module and do not need eval mode, please see "
+    "the functorch website for resources on how to patch your module to work with vmap"
 )
 
 
@@ -212,6 +239,8 @@ class BatchNorm(nn.Module):
         # move in training with track_running_stats, and the counter counts those batches.
         batch = self.training or rmean is None
         update = self.training and self.track_running_stats
+        self._check_as_native(x, conv, rmean, rvar, batch, update and rmean is not None,
+                              uses_buffers=not batch or update)
         if update and rmean is None and counter is not None:
             with torch.no_grad():
                 counter.add_(1)  # nothing to average, but the native layer still counts the batch
@@ -234,6 +263,28 @@ class BatchNorm(nn.Module):
         return y
 
 
+    def _check_as_native(self, x: Tensor, conv: Convention, rmean: Tensor | None, rvar: Tensor | None, batch: bool,
+                         update: bool, *, uses_buffers: bool) -> None:
+        """The errors ``F.batch_norm`` raises for what ``nn.BatchNorm*d.forward`` passes it, with its texts: a
+        tensor of another size than the input's channel count C (the buffers, when passed, first), under PyTorch's
+        rules eps <= 0 in training, and a vmapped input whose unbatched buffers the update would write in place."""
+        if -x.dim() <= self.axis < x.dim():
+            c = x.shape[self.axis]
+            named = (("running_mean", rmean), ("running_var", rvar)) if uses_buffers else ()
+            for name, t in (*named, ("weight", self.weight), ("bias", self.bias)):
+                if t is not None and t.numel() != c:
+                    raise NativeError(f"{name} should contain {c} elements not {t.numel()}")
+        if batch and conv.single_value_raises and not conv.eps > 0:  # PyTorch's rules (torch, torch_cma)
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
+        if update and not torch.compiler.is_compiling() and _batched(x) and not _batched(rmean):
+            raise NativeError(VMAP_MESSAGE)
+
+
+def _batched(t: Tensor) -> bool:
+    """Whether ``t`` is a tensor batched by ``torch.func.vmap`` (as seen inside the vmapped function)."""
+    return bool(torch._C._functorch.is_batchedtensor(t))
+
+
 def _settings(conv: Convention, momentum: float | None, eps: float) -> Convention:
     """``conv`` with ``momentum`` and ``eps`` (None momentum: the cumulative average), validated."""
     if momentum is None and conv.momentum_weighs != "new":
@@ -242,7 +293,15 @@ def _settings(conv: Convention, momentum: float | None, eps: float) -> Conventio
             f"(torch, torch_cma); convention {conv.name!r} weighs the old value: give a float momentum"
         )
     same = (momentum, eps) == (conv.momentum, conv.eps)
-    return conv if same else dataclasses.replace(conv, momentum=momentum, eps=eps)
+    if same:
+        return conv
+    if momentum is not None and not 0.0 <= momentum <= 1.0:
+        # PyTorch checks no momentum: outside [0, 1], R <- (1 - m) R + m stat extrapolates. A Convention refuses such a
+        # momentum, so the copy is made with an in-range one and then given the layer's.
+        made = dataclasses.replace(conv, momentum=0.5, eps=eps)
+        object.__setattr__(made, "momentum", momentum)
+        return made
+    return dataclasses.replace(conv, momentum=momentum, eps=eps)
 
 
 #: conventions with live settings, made once each (torch.compile cannot trace the creation of a frozen dataclass);
@@ -269,6 +328,106 @@ def _distributed(sync: Any) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         return False
     return dist.get_world_size(None if sync is True else sync) > 1
+
+
+# ---- nn.BatchNorm1d/2d/3d and nn.LazyBatchNorm1d/2d/3d by name ----------------------------------------------
+class _NativeSignature(BatchNorm):
+    """:class:`BatchNorm` under the torch convention with ``nn.BatchNorm*d``'s signature, input-rank check, error
+    texts and repr: the subclasses are those classes by name (``state_dict`` keys and values interchange)."""
+
+    _native: type[nn.Module] = nn.BatchNorm1d  # the native class this one stands for
+    _ranks: tuple[int, ...] = (2, 3)
+
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+        track_running_stats: bool = True, device: Any = None, dtype: Any = None, *, bias: bool = True,
+    ) -> None:
+        super().__init__(num_features, _NATIVE_NUM_DIMS[self._native], eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype, bias=bias)
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() not in self._ranks:
+            expected = " or ".join(f"{r}D" for r in self._ranks)
+            raise ValueError(f"expected {expected} input (got {x.dim()}D input)")
+
+    def extra_repr(self) -> str:
+        return nn.modules.batchnorm._NormBase.extra_repr(self)  # the installed torch's text
+
+
+class BatchNorm1d(_NativeSignature):
+    """``nn.BatchNorm1d`` (same signature, checks and state) computed by :func:`multibn.batch_norm`:
+    (N, C) or (N, C, L) input, ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel."""
+
+    _native, _ranks = nn.BatchNorm1d, (2, 3)
+
+
+class BatchNorm2d(_NativeSignature):
+    """``nn.BatchNorm2d`` computed by :func:`multibn.batch_norm`: (N, C, H, W) input."""
+
+    _native, _ranks = nn.BatchNorm2d, (4,)
+
+
+class BatchNorm3d(_NativeSignature):
+    """``nn.BatchNorm3d`` computed by :func:`multibn.batch_norm`: (N, C, D, H, W) input."""
+
+    _native, _ranks = nn.BatchNorm3d, (5,)
+
+
+class _LazyNativeSignature(nn.modules.lazy.LazyModuleMixin, _NativeSignature):
+    """``nn.LazyBatchNorm*d``: ``num_features`` is the first input's ``shape[1]``; until then the parameters and
+    buffers are uninitialised, and the first forward turns the layer into ``cls_to_become``."""
+
+    def __init__(
+        self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
+        device: Any = None, dtype: Any = None, *, bias: bool = True,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        # as nn.LazyBatchNorm*d: made without tensors (which would soon be overwritten), then given uninitialised ones
+        super().__init__(1, eps, momentum, False, False, **factory, bias=False)
+        self.num_features = 0
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.parameter.UninitializedParameter(**factory)
+            if bias:
+                self.bias = nn.parameter.UninitializedParameter(**factory)
+        if track_running_stats:
+            self.running_mean = nn.parameter.UninitializedBuffer(**factory)
+            self.running_var = nn.parameter.UninitializedBuffer(**factory)
+            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=device)
+
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params() and self.num_features != 0:
+            super().reset_parameters()
+
+    def initialize_parameters(self, x: Tensor) -> None:  # type: ignore[override]
+        if self.has_uninitialized_params():
+            self.num_features = x.shape[1]
+            for t in (self.weight, self.bias, self.running_mean, self.running_var):
+                if t is not None:
+                    t.materialize((self.num_features,))
+            self.reset_parameters()
+
+
+class LazyBatchNorm1d(_LazyNativeSignature):
+    """``nn.LazyBatchNorm1d``: a :class:`BatchNorm1d` whose ``num_features`` comes from the first input."""
+
+    cls_to_become = BatchNorm1d
+    _native, _ranks = nn.BatchNorm1d, (2, 3)
+
+
+class LazyBatchNorm2d(_LazyNativeSignature):
+    """``nn.LazyBatchNorm2d``: a :class:`BatchNorm2d` whose ``num_features`` comes from the first input."""
+
+    cls_to_become = BatchNorm2d
+    _native, _ranks = nn.BatchNorm2d, (4,)
+
+
+class LazyBatchNorm3d(_LazyNativeSignature):
+    """``nn.LazyBatchNorm3d``: a :class:`BatchNorm3d` whose ``num_features`` comes from the first input."""
+
+    cls_to_become = BatchNorm3d
+    _native, _ranks = nn.BatchNorm3d, (5,)
 
 
 # ---- converting the layers of a model ------------------------------------------------------------------------
@@ -347,6 +506,8 @@ def _revert(module: nn.Module, path: str) -> nn.Module:
         raise ValueError(f"{where} has channel axis {module.axis}; nn.BatchNorm*d normalises over axis 1")
     rank = module.num_dims if module.num_dims is not None else module._last_ndim
     native = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank)
+    if isinstance(module, _NativeSignature):
+        native = module._native
     if module.sync:
         native = nn.SyncBatchNorm
     elif native is None:
@@ -496,3 +657,14 @@ def _all_reduce(local: dict[nn.Module, Stats], group: Any) -> dict[nn.Module, St
     totals = be.all_reduce_sum(counts, group).tolist()
     return {m: merge_stats(st, total, lambda a: be.all_reduce_sum(a, group))
             for (m, st), total in zip(local.items(), totals, strict=True)}
+
+
+def __getattr__(name: str) -> Any:
+    """Every other name of ``torch.nn``, so that ``from multibn.layers import torch as nn`` in place of
+    ``from torch import nn`` runs a model's code unchanged, its ``nn.BatchNorm*d`` being multibn's."""
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        return getattr(nn, name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r} (nor has torch.nn)") from None
