@@ -47,7 +47,7 @@ from ..api import batch_norm
 from ..backends import get_backend
 from ..conventions import Convention, check_momentum, resolve_convention
 from ..moments import ChannelMoments
-from ..state import BNState
+from ..state import BNState, RenormState
 from . import _recompute
 
 __all__ = ["BatchNorm", "recompute_statistics"]
@@ -92,8 +92,10 @@ def needs_counter(conv: Convention) -> bool:
 def normalize(
     x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, stats: BNState, *, training: bool,
     conv: Convention, axes: tuple[int, ...], dtype: Any, sync: str | None, mask: jax.Array | None,
+    variants: dict[str, Any] | None = None,
 ) -> tuple[jax.Array, BNState]:
-    """``(y, new_stats)`` of :func:`multibn.batch_norm` with Flax's dtype rule: ``y`` in ``dtype``, or when that
+    """``(y, new_stats)`` of :func:`multibn.batch_norm` (with the BN variants' keywords ``variants`` in training)
+    with Flax's dtype rule: ``y`` in ``dtype``, or when that
     is None in ``result_type(x, scale, bias)`` promoted to at least float32 if it is not floating, computed in at
     least that dtype (a bfloat16 ``x`` with float32 params gives a float32 ``y``, as in Flax; integer and boolean
     ``x`` are cast to ``promote_types(x.dtype, float32)`` first, as Flax's statistics do). ``mask`` is passed
@@ -116,10 +118,10 @@ def normalize(
     if len(axes) == x.ndim:
         y, new = normalize(x[None], scale, bias, stats, training=training, conv=conv,
                            axes=tuple(a + 1 for a in axes), dtype=out, sync=sync,
-                           mask=None if mask is None else mask[None])
+                           mask=None if mask is None else mask[None], variants=variants)
         return y[0], new
     if len(axes) == 1:
-        return _cast(_batch_norm(x, scale, bias, stats, training, conv, axes[0], sync, mask), out)
+        return _cast(_batch_norm(x, scale, bias, stats, training, conv, axes[0], sync, mask, variants), out)
     # several feature axes: move them last and flatten them into one channel axis, then undo that
     last = tuple(range(x.ndim - len(axes), x.ndim))
     moved = jnp.moveaxis(x, axes, last).shape
@@ -127,23 +129,36 @@ def normalize(
     def flat(a: jax.Array) -> jax.Array:
         return jnp.moveaxis(jnp.broadcast_to(a, x.shape), axes, last).reshape(*moved[: last[0]], -1)
 
-    flat_stats = BNState(stats.running_mean.reshape(-1), stats.running_var.reshape(-1), stats.num_batches_tracked)
+    shape = stats.running_mean.shape  # the per-feature statistics, flattened and back (the counter is 0-d)
+    flat_stats = type(stats)(*(a.reshape(-1) if a.ndim else a for a in stats))
     y, new = _batch_norm(
         flat(x), None if scale is None else scale.reshape(-1), None if bias is None else bias.reshape(-1),
-        flat_stats, training, conv, -1, sync, None if mask is None else flat(mask),
+        flat_stats, training, conv, -1, sync, None if mask is None else flat(mask), variants,
     )
     y = jnp.moveaxis(y.reshape(moved), last, axes)
-    return _cast((y, BNState(new.running_mean.reshape(stats.running_mean.shape),
-                             new.running_var.reshape(stats.running_var.shape), new.num_batches_tracked)), out)
+    return _cast((y, type(new)(*(a.reshape(shape) if a.ndim else a for a in new))), out)
 
 
 def _batch_norm(
     x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, stats: BNState, training: bool,
-    conv: Convention, axis: int, sync: str | None, mask: jax.Array | None,
+    conv: Convention, axis: int, sync: str | None, mask: jax.Array | None, variants: dict[str, Any] | None = None,
 ) -> tuple[jax.Array, BNState]:
-    extra = {"mask": mask} if mask is not None else {}  # mask= only when given: works before the core has it
+    extra = {"mask": mask} if mask is not None else {}  # mask= only when given
+    if training and variants:
+        extra.update(variants)
     return batch_norm(x, scale, bias, stats, training=training, convention=conv, axis=axis, backend="jax",
                       sync=sync if training else None, **extra)
+
+
+def variant_keywords(renorm: bool, renorm_clipping: dict[str, float] | None, renorm_momentum: float,
+                     virtual_batch_size: int | None) -> dict[str, Any]:
+    """A layer's BN-variant fields (Keras's names) as :func:`multibn.batch_norm`'s keywords."""
+    out: dict[str, Any] = {}
+    if renorm:
+        out = {"renorm": dict(renorm_clipping or {}), "renorm_momentum": renorm_momentum}
+    if virtual_batch_size:
+        out["virtual_batch_size"] = virtual_batch_size
+    return out
 
 
 def _cast(result: tuple[jax.Array, BNState], out: Any) -> tuple[jax.Array, BNState]:
@@ -159,6 +174,10 @@ class BatchNorm(nn.Module):
     ``use_fast_variance``, ``force_float32_reductions``), plus:
 
     Args:
+        renorm, renorm_clipping, renorm_momentum: batch renormalisation, with Keras's names and meanings
+            (:func:`multibn.batch_norm`'s ``renorm=``); ``batch_stats`` then also hold ``std``, ``renorm_mean``
+            and ``renorm_std`` (``mean``/``var`` stay the inference statistics).
+        virtual_batch_size: ghost batch norm in training, sub-batches of this many samples along axis 0.
         convention: a name in :data:`multibn.CONVENTIONS` or a :class:`multibn.Convention` (default ``"flax"``).
             It fixes what Flax has no field for: biased or unbiased running variance, ``fix_gamma``, the
             zero-variance guard. ``momentum`` is always Flax's (weight of the old value:
@@ -192,6 +211,10 @@ class BatchNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
     convention: str | Convention = "flax"
+    renorm: bool = False
+    renorm_clipping: dict[str, float] | None = None
+    renorm_momentum: float = 0.99
+    virtual_batch_size: int | None = None
 
     @nn.compact
     def __call__(
@@ -214,12 +237,21 @@ class BatchNorm(nn.Module):
         scale = self.param("scale", self.scale_init, shape, self.param_dtype) if self.use_scale else None
         bias = self.param("bias", self.bias_init, shape, self.param_dtype) if self.use_bias else None
         stats = BNState(ra_mean.value, ra_var.value, jnp.zeros((), jnp.int32) if counter is None else counter.value)
+        renorm_vars = ()
+        if self.renorm:
+            renorm_vars = tuple(self.variable("batch_stats", name, lambda s, v=v: jnp.full(s, v, stats_dtype), shape)
+                                for name, v in (("std", 1.0), ("renorm_mean", 0.0), ("renorm_std", 1.0)))
+            stats = RenormState(*stats, *(v.value for v in renorm_vars))
         initializing = self.is_initializing()
         y, new = normalize(
             x, scale, bias, stats, training=not use_running_average, conv=conv, axes=axes, dtype=self.dtype,
             sync=None if initializing else self.axis_name, mask=mask,
+            variants=variant_keywords(self.renorm, self.renorm_clipping, self.renorm_momentum,
+                                      self.virtual_batch_size),
         )
         if not use_running_average and not initializing:
+            for var, value in zip(renorm_vars, new[3:], strict=True):
+                var.value = value
             ra_mean.value, ra_var.value = new.running_mean, new.running_var
             if counter is not None:
                 counter.value = new.num_batches_tracked.astype(counter.value.dtype)

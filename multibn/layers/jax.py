@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from ..api import batch_norm, init_state
 from ..conventions import Convention, resolve_convention
-from ..state import BNState
+from ..state import BNState, RenormState
 from . import check_layer_args
 
 __all__ = ["BatchNorm"]
@@ -43,6 +43,9 @@ class BatchNorm:
         momentum, eps: override the convention's (None keeps them).
         affine: learnable ``scale`` (ones) and ``bias`` (zeros); False means scale 1 and bias 0, no params.
         axis: the channel axis of the input; None is the convention's (-1 for ``flax``/``keras``, else 1).
+        renorm, renorm_clipping, renorm_momentum: batch renormalisation, with Keras's names and meanings
+            (:func:`multibn.batch_norm`'s ``renorm=``): :meth:`init` then gives a :class:`multibn.RenormState`.
+        virtual_batch_size: ghost batch norm in training, sub-batches of this many samples along axis 0.
     """
 
     def __init__(
@@ -55,6 +58,10 @@ class BatchNorm:
         affine: bool = True,
         axis: int | None = None,
         axis_name: str | None = None,
+        renorm: bool = False,
+        renorm_clipping: dict[str, float] | None = None,
+        renorm_momentum: float = 0.99,
+        virtual_batch_size: int | None = None,
     ) -> None:
         check_layer_args(num_features, None, axis, axis_may_be_none=True)
         self.convention = resolve_convention(convention, momentum, eps)
@@ -64,21 +71,29 @@ class BatchNorm:
         self.affine = affine
         self.axis = self.convention.axis if axis is None else axis
         self.axis_name = axis_name  # synchronised BN over this mapped axis (shard_map, pmap) in training
+        self.renorm = bool(renorm)
+        self.renorm_clipping = dict(renorm_clipping or {})
+        self.renorm_momentum = renorm_momentum
+        self.virtual_batch_size = virtual_batch_size
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.num_features}, convention={self.convention.name!r}, eps={self.eps}, "
-            f"momentum={self.momentum}, affine={self.affine}, axis={self.axis}, axis_name={self.axis_name!r})"
+            f"momentum={self.momentum}, affine={self.affine}, axis={self.axis}, axis_name={self.axis_name!r}"
+            + (f", renorm=True, renorm_clipping={self.renorm_clipping}, renorm_momentum={self.renorm_momentum}"
+               if self.renorm else "")
+            + (f", virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size else "") + ")"
         )
 
-    def init(self, dtype: str = "float32") -> tuple[dict[str, Any], BNState]:
+    def init(self, dtype: str = "float32") -> tuple[dict[str, Any], BNState | RenormState]:
         """``(params, state)``: scale ones and bias zeros in ``dtype``; running mean 0, variance 1, counter 0.
 
         The running statistics are float32 (float64 for float64 params) whatever ``dtype``, as in Flax: in
         bfloat16 an update ``(1 - momentum) * (stat - R)`` below half an ulp of ``R`` would be lost.
         """
         stats_dtype = "float64" if str(jnp.dtype(dtype)) == "float64" else "float32"
-        state = init_state(self.num_features, backend="jax", convention=self.convention, dtype=stats_dtype)
+        state = init_state(self.num_features, backend="jax", convention=self.convention, dtype=stats_dtype,
+                           renorm=self.renorm)
         if not self.affine:
             return {}, state
         return {"scale": jnp.ones((self.num_features,), dtype), "bias": jnp.zeros((self.num_features,), dtype)}, state
@@ -92,9 +107,14 @@ class BatchNorm:
         ``{"scale", "bias"}`` (``{}`` without ``affine``): any other tree raises rather than default to 1 and 0.
         """
         self._check_params(params)
+        variants: dict[str, Any] = {}
+        if training and self.renorm:
+            variants = {"renorm": self.renorm_clipping, "renorm_momentum": self.renorm_momentum}
+        if training and self.virtual_batch_size:
+            variants["virtual_batch_size"] = self.virtual_batch_size
         return batch_norm(
             x, params.get("scale"), params.get("bias"), state, training=training, convention=self.convention,
-            axis=self.axis, backend="jax", sync=self.axis_name if training else None,
+            axis=self.axis, backend="jax", sync=self.axis_name if training else None, **variants,
         )
 
     __call__ = apply
