@@ -99,9 +99,9 @@ class ChannelMoments:
     number of channels, later ones must match. Arrays narrower than the accumulator dtype (integers, booleans,
     float32 and narrower under a float64 accumulator) are converted to it first, so that each array's summary
     holds its exact mean: the result is then that of the float64 concatenation whatever the split, also for data
-    whose mean is large against its spread; float64 arrays under a float32 accumulator are summarised in float64. ``merge(other)`` adds another
-    ``ChannelMoments`` (or an :class:`multibn.algorithm.Stats` summary), so that moments gathered separately, on
-    several workers say, combine exactly. The results are arrays of the input's backend:
+    whose mean is large against its spread; float64 arrays under a float32 accumulator are summarised in float64.
+    ``merge(other)`` adds another ``ChannelMoments`` (or an :class:`multibn.algorithm.Stats` summary), so that
+    moments gathered separately, on several workers say, combine exactly. The results are arrays of the input's backend:
 
     * ``count``: elements per channel seen so far (an int);
     * ``mean``: ``sum x / count``;

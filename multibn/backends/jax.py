@@ -66,6 +66,17 @@ class JaxBackend(Backend):
             return None  # under jit placement follows the inputs; a sharded array has no one device
         return next(iter(a.devices()))
 
+    def placement(self, x: Array) -> object:
+        # an uncommitted x (or a tracer) leaves its partners uncommitted too: JAX places them
+        return self.device_of(x) if getattr(x, "committed", False) else None
+
+    def device_clash(self, a: Array, ref: Array) -> tuple[object, object] | None:
+        # an uncommitted array (made without a device) follows the committed one, as in any JAX computation
+        if not (getattr(a, "committed", False) and getattr(ref, "committed", False)):
+            return None
+        da, dr = self.device_of(a), self.device_of(ref)
+        return None if da is None or dr is None or da == dr else (da, dr)
+
     def full(self, n: int, value: float, dtype: str, device: object = None) -> Array:
         return super().full(n, value, dtype, _device(device))
 
