@@ -17,6 +17,11 @@ import numpy as np
 from .base import Array, Backend, Rule
 
 
+def _committed(a: Array) -> bool:
+    """Whether ``a`` is a concrete array placed on its device explicitly (a tracer has no placement)."""
+    return not isinstance(a, jax.core.Tracer) and bool(getattr(a, "committed", False))
+
+
 def _device(device: object) -> object:
     """A ``jax.Device`` for ``"cpu"``, ``"gpu:1"``, ``"cuda:0"`` (platform, index); anything else as it is."""
     if not isinstance(device, str):
@@ -68,11 +73,11 @@ class JaxBackend(Backend):
 
     def placement(self, x: Array) -> object:
         # an uncommitted x (or a tracer) leaves its partners uncommitted too: JAX places them
-        return self.device_of(x) if getattr(x, "committed", False) else None
+        return self.device_of(x) if _committed(x) else None
 
     def device_clash(self, a: Array, ref: Array) -> tuple[object, object] | None:
         # an uncommitted array (made without a device) follows the committed one, as in any JAX computation
-        if not (getattr(a, "committed", False) and getattr(ref, "committed", False)):
+        if not (_committed(a) and _committed(ref)):
             return None
         da, dr = self.device_of(a), self.device_of(ref)
         return None if da is None or dr is None or da == dr else (da, dr)
