@@ -126,6 +126,9 @@ class ChannelMoments:
     # ---- feeding ----------------------------------------------------------------------------------------------
     def partial_fit(self, x: Any) -> ChannelMoments:
         """Add the elements of ``x`` (an array of any backend, or anything ``np.asarray`` takes); returns self."""
+        if isinstance(x, np.ma.MaskedArray):  # its mask would be ignored
+            raise TypeError("x is a numpy.ma.MaskedArray: ChannelMoments has no mask; pass the kept elements, e.g. "
+                            "one array per channel group, or np.ma.getdata(x) where nothing is masked")
         name = backend_name_of(x)
         if name is None:
             x, name = np.asarray(x), "numpy"

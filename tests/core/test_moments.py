@@ -213,3 +213,9 @@ def test_float32_data_with_a_large_mean_on_every_backend(backend: str) -> None:
             m.partial_fit(arr(backend, b, "float32"))
         var = to_numpy(m.var())
     np.testing.assert_allclose(var, np.var(x.astype(np.float64), axis=0), rtol=1e-9)
+
+
+def test_masked_arrays_are_refused_not_their_mask_ignored() -> None:
+    x = np.ma.MaskedArray(np.arange(6.0).reshape(3, 2), mask=[[0, 0], [0, 0], [1, 0]])
+    with pytest.raises(TypeError, match=r"x is a numpy\.ma\.MaskedArray"):
+        multibn.ChannelMoments().partial_fit(x)
