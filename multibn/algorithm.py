@@ -160,7 +160,8 @@ def _local_stats(be: Backend, x: Array, lay: Layout, mask: Array | None) -> Stat
     ``mean = c + S / n`` and ``M2 = Q - S^2 / n`` (the corrected two-pass algorithm: ``S`` repairs the rounding of
     ``mean0``). ``c`` is ``mean0``, or the channel's first element ``k`` where ``k`` lies within ``2^-16 |mean0|``
     of it: a constant channel then has ``c = k`` exactly, so ``S = Q = 0``, ``mean = k`` and ``M2 = 0`` exactly,
-    whatever the summation order or the rounding of ``/ n`` (XLA turns it into ``* (1 / n)``).
+    whatever the summation order or the rounding of ``/ n`` (XLA turns it into ``* (1 / n)``). Where ``mean0`` is
+    not finite, ``mean = mean0`` (PyTorch's running mean of inf for an inf in the batch).
     """
     xp = be.xp
     dt = be.dtype(stats_dtype(be, x))
@@ -182,7 +183,10 @@ def _local_stats(be: Backend, x: Array, lay: Layout, mask: Array | None) -> Stat
     s, q = be.channel_dev_sums(xm, xp.reshape(c, lay.bshape), lay.reduce_axes)
     s_n = _per_count(be, s, n)
     m2 = q - s * s_n
-    return Stats(n, c + s_n, xp.clip(m2, min=0.0))  # rounding may dip below 0; NaN stays
+    # a non-finite mean0 (an inf in the channel) is the mean, as in every framework's ``sum x / n``: the centre is
+    # then inf and ``x - c`` NaN. ``d - d == 0`` is the finiteness test every backend's namespace has
+    mean = xp.where(mean0 - mean0 == 0, c + s_n, mean0)
+    return Stats(n, mean, xp.clip(m2, min=0.0))  # rounding may dip below 0; NaN stays
 
 
 def mask_count(be: Backend, lay: Layout, mask: Array, dt: Any) -> Array:

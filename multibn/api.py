@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .backends import get_backend
 from .backends.base import FLOAT_DTYPES
 from .conventions import Convention, resolve_convention
@@ -34,7 +36,8 @@ def batch_norm(
 
     ``mask`` (training; a boolean array broadcastable to ``x``): the statistics, their running update and the
     backward use only the elements where it is True, with per-channel counts; every element is normalised (Flax's
-    semantics). A channel with no element keeps its running statistics and gives ``beta``.
+    semantics). A channel with no element keeps its running statistics and gives ``beta``. A ``numpy.ma``
+    masked ``x`` (numpy backend) means ``mask=~np.ma.getmaskarray(x)`` in training, and ``y`` keeps its mask.
 
     ``renorm`` (training): batch renormalisation (Ioffe, 2017) as Keras's ``BatchNormalization(renorm=True)``, the
     dict being Keras's ``renorm_clipping`` (keys ``rmin``, ``rmax``, ``dmax``; ``{}`` for none):
@@ -51,10 +54,12 @@ def batch_norm(
     ``torch.distributed.ProcessGroup``; on jax the name of a mapped axis (``shard_map``, ``pmap``). The
     running statistics then use the global count.
     """
+    x, mask, hidden = _unmask(x, mask, backend, training)
     plan, args = plan_call(x, gamma, beta, state, None, mask, training=training, convention=convention,
                            momentum=momentum, eps=eps, axis=axis, backend=backend, device=device, sync=sync,
                            variants=Variants(renorm, renorm_momentum, virtual_batch_size))
-    return tuple(plan.run(args))
+    y, new_state = plan.run(args)
+    return (y if hidden is None else np.ma.MaskedArray(y, mask=hidden.copy())), new_state
 
 
 def batch_norm_vjp(
@@ -68,12 +73,45 @@ def batch_norm_vjp(
     Training: ``dx = gamma * s * (dy - mean(dy) - xhat * mean(dy * xhat))``, ``dgamma = sum(dy * xhat)``,
     ``dbeta = sum(dy)`` (under ``mask``, the two means are over the masked-in elements and only those get the
     correction terms); eval: ``dx = dy * gamma * s``; ``dgamma = 0`` under ``fix_gamma``. The same
-    function every backend's autodiff calls; on NumPy it is how to train.
+    function every backend's autodiff calls; on NumPy it is how to train. A masked ``x`` as in :func:`batch_norm`
+    (``dx`` keeps its mask); a masked ``dy`` is 0 where masked.
     """
+    x, mask, hidden = _unmask(x, mask, backend, training)
+    if isinstance(dy, np.ma.MaskedArray):
+        dy = np.ma.filled(dy, 0)  # a masked gradient is no gradient
     plan, args = plan_call(x, gamma, beta, state, dy, mask, training=training, convention=convention,
                            momentum=momentum, eps=eps, axis=axis, backend=backend, device=device, sync=None,
                            variants=Variants(renorm, renorm_momentum, virtual_batch_size))
-    return plan.vjp(args)
+    dx, dgamma, dbeta = plan.vjp(args)
+    return (dx if hidden is None else np.ma.MaskedArray(dx, mask=hidden.copy())), dgamma, dbeta
+
+
+def _unmask(x: Any, mask: Any, backend: str | None, training: bool) -> tuple[Any, Any, np.ndarray | None]:
+    """A ``numpy.ma.MaskedArray`` x as ``(data, mask, hidden)``: in training, the elements it masks are left out of
+    the statistics, ``mask = ~np.ma.getmaskarray(x)`` (and with ``mask`` where one is given); ``hidden`` is x's
+    mask, which the output keeps. Anything else: ``(x, mask, None)``. Only the numpy backend returns masked
+    arrays: TypeError for another."""
+    if not isinstance(x, np.ma.MaskedArray):
+        return x, mask, None
+    if backend not in (None, "numpy"):
+        raise TypeError(
+            f"x is a numpy.ma.MaskedArray but backend={backend!r} returns no masked arrays; pass "
+            "np.ma.getdata(x) with mask=~np.ma.getmaskarray(x)"
+        )
+    hidden = np.ma.getmaskarray(x)
+    if training and hidden.any():
+        if mask is None:
+            mask = ~hidden
+        elif isinstance(mask, (np.ndarray, list, tuple)) and not isinstance(mask, np.ma.MaskedArray) and \
+                np.asarray(mask).dtype == np.bool_:
+            try:
+                mask = np.asarray(mask) & ~hidden
+            except ValueError:
+                raise ValueError(f"mask must be broadcastable to the shape of x, {hidden.shape}, got shape "
+                                 f"{np.shape(mask)}") from None
+        else:
+            raise TypeError(f"mask with a masked x must be a NumPy boolean array, got {type(mask).__name__}")
+    return np.ma.getdata(x), mask, hidden
 
 
 def init_state(

@@ -18,6 +18,7 @@ variance, under every convention (PyTorch's behaviour; MXNet, Flax and Keras wou
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,10 +64,16 @@ class Convention:
         return (1.0 - m, m) if self.momentum_weighs == "new" else (m, 1.0 - m)
 
 
+def _real(value: object) -> bool:
+    """A real number that is not a bool: Python's int and float, NumPy's integer and floating scalars."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # np.bool_ is no numbers.Real
+
+
 def check_momentum(momentum: float | None) -> float | None:
+    """``momentum`` as a float in [0, 1] (any real number type, NumPy's ``float32`` as PyTorch's layers take it)."""
     if momentum is None:
         return None
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+    if not _real(momentum):
         raise TypeError(f"momentum must be a float in [0, 1] or None, got {type(momentum).__name__} {momentum!r}")
     if not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
@@ -74,7 +81,8 @@ def check_momentum(momentum: float | None) -> float | None:
 
 
 def check_eps(eps: float) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    """``eps`` as a float >= 0 (any real number type)."""
+    if not _real(eps):
         raise TypeError(f"eps must be a non-negative float, got {type(eps).__name__} {eps!r}")
     if not float(eps) >= 0.0:  # also refuses NaN
         raise ValueError(f"eps must be >= 0, got {eps!r}")

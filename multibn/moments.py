@@ -69,6 +69,11 @@ def merge_summaries(*parts: Stats) -> Stats:
     return merge_stats(stacked, sum(p.count for p in nonempty), _Parts.sum)
 
 
+def _narrower(dt: str, than: str) -> bool:
+    """Whether the floating dtype ``dt`` holds fewer bits than ``than``."""
+    return np.dtype("float16" if dt == "bfloat16" else dt).itemsize < np.dtype(than).itemsize and dt != than
+
+
 def accumulator_dtype(backend: str, x: Array) -> str:
     """float64 where ``x``'s backend and device hold it: everywhere but JAX without ``jax_enable_x64`` and
     PyTorch on Apple's MPS; float32 there."""
@@ -91,10 +96,12 @@ class ChannelMoments:
             float64 wherever the backend and device hold it (not JAX without ``jax_enable_x64``, not MPS).
 
     ``partial_fit(x)`` (alias ``update``) adds an array; the first one fixes the backend, the device and the
-    number of channels, later ones must match. Integer and boolean arrays are converted to the accumulator
-    dtype first; floating ones are summarised in ``promote(x.dtype, float32)``. ``merge(other)`` adds another
-    ``ChannelMoments`` (or an :class:`multibn.algorithm.Stats` summary), so that moments gathered separately, on
-    several workers say, combine exactly. The results are arrays of the input's backend:
+    number of channels, later ones must match. Arrays narrower than the accumulator dtype (integers, booleans,
+    float32 and narrower under a float64 accumulator) are converted to it first, so that each array's summary
+    holds its exact mean: the result is then that of the float64 concatenation whatever the split, also for data
+    whose mean is large against its spread; float64 arrays under a float32 accumulator are summarised in float64.
+    ``merge(other)`` adds another ``ChannelMoments`` (or an :class:`multibn.algorithm.Stats` summary), so that
+    moments gathered separately, on several workers say, combine exactly. The results are arrays of the input's backend:
 
     * ``count``: elements per channel seen so far (an int);
     * ``mean``: ``sum x / count``;
@@ -119,6 +126,9 @@ class ChannelMoments:
     # ---- feeding ----------------------------------------------------------------------------------------------
     def partial_fit(self, x: Any) -> ChannelMoments:
         """Add the elements of ``x`` (an array of any backend, or anything ``np.asarray`` takes); returns self."""
+        if isinstance(x, np.ma.MaskedArray):  # its mask would be ignored
+            raise TypeError("x is a numpy.ma.MaskedArray: ChannelMoments has no mask; pass the kept elements, e.g. "
+                            "one array per channel group, or np.ma.getdata(x) where nothing is masked")
         name = backend_name_of(x)
         if name is None:
             x, name = np.asarray(x), "numpy"
@@ -129,7 +139,10 @@ class ChannelMoments:
             raise ValueError(f"axis {self.axis} is out of range for x of shape {tuple(x.shape)}")
         dtype = self._dtype_for(name, x)
         with be.untracked():  # statistics, not part of any autodiff graph (torch, MXNet)
-            if be.dtype_name(x) not in FLOAT_DTYPES:
+            if be.dtype_name(x) not in FLOAT_DTYPES or _narrower(be.dtype_name(x), dtype):
+                # summarised in the accumulator dtype: a float32 batch mean would be rounded to float32 before the
+                # float64 merge, an error of ulp(mean) / 2 each (1e-3 at mean 1e4), which the merge's
+                # n_k (mean_k - mean)^2 turns into a variance error that depends on the split
                 x = be.xp.astype(x, be.dtype(dtype))
             st = batch_stats(be, x, Layout.of(tuple(x.shape), self.axis))
             st = Stats(st.count, *(be.xp.astype(a, be.dtype(dtype)) for a in (st.mean, st.m2)))

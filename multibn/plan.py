@@ -11,7 +11,6 @@ channel axis and mode (:func:`op_for`), and serve every shape, momentum and conv
 from __future__ import annotations
 
 import operator
-import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -119,12 +118,27 @@ def _pick_backend(backend: str | None, named: dict[str, object]) -> Backend:
     return get_backend(found["x"])
 
 
+def _refuse_numpy_subclass(name: str, value: object) -> None:
+    """TypeError for the NumPy array subclasses whose arithmetic is not an array's: ``np.matrix`` (``*`` is a
+    matrix product) and ``np.ma.MaskedArray`` (here, its mask would be ignored; :func:`multibn.batch_norm` takes
+    a masked ``x`` itself)."""
+    if isinstance(value, np.matrix):
+        raise TypeError(f"{name} is a numpy.matrix, whose * is a matrix product; pass np.asarray({name})")
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy.ma.MaskedArray; only x may be masked (meaning mask=~np.ma.getmaskarray(x)), "
+            f"pass np.ma.getdata({name})"
+        )
+
+
 def _to_backend(be: Backend, name: str, value: object, device: object, dtype: str = "float32") -> Array:
     """``value`` as an array of ``be``: its own arrays as they are, NumPy arrays converted with their dtype,
     Python numbers and sequences converted to ``dtype`` (like ``torch.tensor`` of floats)."""
+    _refuse_numpy_subclass(name, value)
     if isinstance(value, np.ndarray) and not value.dtype.isnative:
         value = value.astype(value.dtype.newbyteorder("="))  # big-endian data (.npy, FITS): the same values
     if be.is_array(value):
+        be.check_layout(name, value)
         return value
     if isinstance(value, (str, bytes, dict, set)):
         raise TypeError(f"{name} must be an array or a sequence of numbers, got {type(value).__name__}")
@@ -139,7 +153,9 @@ def _to_backend(be: Backend, name: str, value: object, device: object, dtype: st
 
 def _counter(be: Backend, tracked: object, device: object) -> Array:
     """``num_batches_tracked`` as the backend's counter (a Python or NumPy integer is converted)."""
+    _refuse_numpy_subclass("state.num_batches_tracked", tracked)
     if be.is_array(tracked):
+        be.check_layout("state.num_batches_tracked", tracked)
         if not be.dtype_name(tracked).startswith(("int", "uint")):
             raise TypeError(
                 f"state.num_batches_tracked must be an integer array, got dtype {be.dtype_name(tracked)}"
@@ -175,6 +191,9 @@ def _check_vector(be: Backend, name: str, a: Array, channels: int, axis: int) ->
 
 def _as_mask(be: Backend, mask: object, device: object) -> Array:
     """``mask`` as a boolean array of the backend (or a NumPy one, converted when bound to ``x``)."""
+    _refuse_numpy_subclass("mask", mask)
+    if be.is_array(mask):
+        be.check_layout("mask", mask)
     if not be.is_array(mask):
         if isinstance(mask, (str, bytes, dict, set)):
             raise TypeError(f"mask must be a boolean array, got {type(mask).__name__}")
@@ -184,6 +203,18 @@ def _as_mask(be: Backend, mask: object, device: object) -> Array:
     elif be.dtype_name(mask) != "bool":
         raise TypeError(f"mask must be a boolean array, got dtype {be.dtype_name(mask)}")
     return mask
+
+
+def _check_device(be: Backend, name: str, a: Array | None, x: Array) -> None:
+    """ValueError naming ``name`` and both devices where ``a`` is on a device ``x``'s computation cannot use."""
+    if a is None or not be.is_array(a):
+        return
+    clash = be.device_clash(a, x)
+    if clash is not None:
+        raise ValueError(
+            f"{name} is on device {clash[0]} but x is on device {clash[1]}; every array of a call must be on x's "
+            f"device: move it there (e.g. {name}.to(x.device) on torch, jax.device_put on JAX)"
+        )
 
 
 def _single_value_error(conv: Convention, got: str) -> ValueError:
@@ -365,40 +396,69 @@ class Plan(NamedTuple):
 
     def _sync_spec(self, a: Args) -> alg.Sync:
         """Every replica's count, gathered with a small descriptor of its call; ValueError on every replica, before
-        any collective of the batch norm itself, where the replicas disagree on what must match."""
+        any collective of the batch norm itself, where the replicas disagree on what must match, naming it and
+        every replica's value."""
         be, conv = self.be, self.conv
-        described = _DESCRIPTOR_FIELDS
         mine = (a.lay.count, self.channels, FLOAT_DTYPES.index(be.dtype_name(a.x)), self.axis, a.x.ndim,
-                int(a.mask is not None), _convention_code(conv))
+                int(a.mask is not None), *_convention_ints(conv))
         every = be.gather_ints(mine, self.group)
-        for i, field in enumerate(described):
-            if field == "count":
-                continue  # replicas may hold any number of rows
+        differences = []
+        for i, field in enumerate(_DESCRIPTOR_FIELDS):
             values = [r[i] for r in every]
-            if any(v != values[0] for v in values):
-                shown = [FLOAT_DTYPES[v] if field == "dtype" else bool(v) if field == "mask" else v for v in values]
-                hint = f" (this replica's convention: {conv})" if field == "convention" else ""
-                raise ValueError(
-                    f"sync: the replicas disagree on {_DESCRIBED[field]}: "
-                    + ", ".join(f"replica {r} has {v}" for r, v in enumerate(shown)) + hint
-                )
+            if field == "count" or all(v == values[0] for v in values):
+                continue  # replicas may hold any number of rows
+            if field == "rules":  # only the rules that differ
+                shown = [", ".join(f"{k}={v!r}" for k, v in _rules_of(r[i]).items()
+                                   if any(_rules_of(o[i])[k] != v for o in every)) for r in every]
+            else:
+                shown = [_SHOWN[field](v) for v in values]
+            differences.append(f"{_DESCRIBED[field]}: " + ", ".join(f"replica {r} has {v}"
+                                                                     for r, v in enumerate(shown)))
+        if differences:
+            raise ValueError("sync: the replicas disagree on " + "; ".join(differences))
         spec = alg.Sync(self.group, () if a.mask is not None else tuple(r[0] for r in every))
         if a.mask is None and conv.single_value_raises and spec.count == 1:
             raise _single_value_error(conv, f"input size {tuple(a.x.shape)} on 1 value across the replicas")
         return spec
 
 
-_DESCRIPTOR_FIELDS = ("count", "channels", "dtype", "axis", "rank", "mask", "convention")
+_DESCRIPTOR_FIELDS = ("count", "channels", "dtype", "axis", "rank", "mask", "momentum", "eps", "rules")
 _DESCRIBED = {"count": "the element count per channel", "channels": "the channel count of x",
               "dtype": "the dtype of x", "axis": "the channel axis", "rank": "the rank of x",
-              "mask": "whether a mask is given", "convention": "the convention (its rules, momentum and eps)"}
+              "mask": "whether a mask is given", "momentum": "the convention's momentum",
+              "eps": "the convention's eps", "rules": "the convention's rules"}
+#: the convention's rules, one bit each in the descriptor
+_RULES = ("momentum_weighs", "unbiased_running_var", "fix_gamma", "zero_var_guard", "single_value_raises",
+          "count_empty_batches")
+_NO_MOMENTUM = -1  # the cumulative average: a negative int no float's bits give (their sign bit is 0 for >= 0)
 
 
-def _convention_code(conv: Convention) -> int:
-    """A number that equals another replica's exactly when the conventions' rules, momentum and eps are equal."""
-    fields = (conv.momentum, conv.momentum_weighs, conv.unbiased_running_var, conv.eps, conv.fix_gamma,
-              conv.zero_var_guard, conv.single_value_raises, conv.count_empty_batches)
-    return zlib.crc32(repr(fields).encode()) & 0x7FFFFFFF
+def _float_bits(v: float) -> int:
+    """A non-negative float as the int64 of its bits: equal exactly when the floats are."""
+    return int(np.float64(v).view(np.int64))
+
+
+def _from_bits(b: int) -> float | None:
+    return None if b == _NO_MOMENTUM else float(np.int64(b).view(np.float64))
+
+
+def _convention_ints(conv: Convention) -> tuple[int, int, int]:
+    """momentum, eps and the rules as ints, for the descriptor (the name is not compared: only what it does)."""
+    rules = sum(1 << i for i, k in enumerate(_RULES)
+                if (conv.momentum_weighs == "new" if k == "momentum_weighs" else getattr(conv, k)))
+    momentum = _NO_MOMENTUM if conv.momentum is None else _float_bits(conv.momentum)
+    return momentum, _float_bits(conv.eps), rules
+
+
+def _rules_of(bits: int) -> dict[str, object]:
+    return {k: (("new" if bits & 1 else "old") if k == "momentum_weighs" else bool(bits >> i & 1))
+            for i, k in enumerate(_RULES)}
+
+
+_SHOWN: dict[str, Callable[[int], object]] = {
+    "dtype": lambda v: FLOAT_DTYPES[v], "mask": lambda v: bool(v), "momentum": _from_bits, "eps": _from_bits,
+    "channels": int, "axis": int, "rank": int,
+}
 
 
 # ---- miss: check, convert, build ------------------------------------------------------------------------------
@@ -438,6 +498,8 @@ def build(
         raise ValueError("virtual_batch_size splits the batch axis 0, so the channel axis must not be 0")
     channels = x.shape[ax]
     pdt = "float64" if xdt == "float64" else "float32"
+    if device is None:
+        device = be.placement(x)  # NumPy arguments follow x
     if gamma is not None:
         gamma = _to_backend(be, "gamma", gamma, device, pdt)
         _check_vector(be, "gamma", gamma, channels, ax)
@@ -468,6 +530,10 @@ def build(
     if dy is not None:
         dy = _to_backend(be, "dy", dy, device, xdt)
         _check_float(be, "dy", dy)
+    for name, a in (("gamma", gamma), ("beta", beta), ("dy", dy), ("mask", mask),
+                    *(zip(("state.running_mean", "state.running_var", "state.num_batches_tracked"), state, strict=True)
+                      if state is not None else ())):
+        _check_device(be, name, a, x)
     plan = Plan(be, conv, training, ax, channels, be.device_of(x), pdt, is_synced, group,
                 op_for(be, Norm.of(conv), ax, training, renorm), convention, renorm, renorm_momentum,
                 ghost if training else None)
@@ -491,7 +557,8 @@ def _plan_key(be: Backend, arrays: tuple[object, ...], state: object, settings: 
         sig = be.signature(arrays)
         if sig is None:
             return None
-        shapes = (arrays[0].ndim, *(None if a is None else tuple(a.shape) for a in arrays[1:]))
+        # len(shape), not ndim: a nested tensor raises at .shape, so that it takes the full path and its error
+        shapes = (len(arrays[0].shape), *(None if a is None else tuple(a.shape) for a in arrays[1:]))
         convention = settings[1]
         conv = convention if type(convention) is str else id(convention)
         key = (sig, shapes, state is None, settings[0], conv, *settings[2:])

@@ -23,7 +23,8 @@ FRAMEWORK_WORDS = ("torch", "jax", "mxnet", "gluon", "flax", "nnx", "keras")
 
 
 def framework_free_modules() -> list[str]:
-    """Every module of multibn but the ``__main__`` entry points and those named after a framework (they import it by design)."""
+    """Every module of multibn but the ``__main__`` entry points and those named after a framework (they import
+    it by design)."""
     out = []
     for info in pkgutil.walk_packages(multibn.__path__, "multibn."):
         parts = info.name.split(".")[1:]

@@ -59,6 +59,20 @@ class Backend:
     def device_of(self, a: Array) -> Any:
         return array_api_compat.device(a)
 
+    def device_clash(self, a: Array, ref: Array) -> tuple[Any, Any] | None:
+        """``(device of a, device of ref)`` where ``a`` is on a device that ``ref``'s computation cannot use;
+        None where the two can be computed together."""
+        da, dr = self.device_of(a), self.device_of(ref)
+        return None if da == dr else (da, dr)
+
+    def placement(self, x: Array) -> Any:
+        """Where NumPy arguments of a call with ``x`` are converted to: ``x``'s device."""
+        return self.device_of(x)
+
+    def check_layout(self, name: str, a: Array) -> None:
+        """TypeError naming ``name`` for an array of a layout batch norm does not take (torch's sparse and nested
+        tensors); nothing for a dense array."""
+
     def signature(self, arrays: Sequence[object]) -> tuple | None:
         """What the checks of a call depend on besides shapes: a hashable summary of each array (None stays None)
         that equals another's only for arrays of the same type, dtype and device; None when calls on this backend

@@ -17,6 +17,11 @@ import numpy as np
 from .base import Array, Backend, Rule
 
 
+def _committed(a: Array) -> bool:
+    """Whether ``a`` is a concrete array placed on its device explicitly (a tracer has no placement)."""
+    return not isinstance(a, jax.core.Tracer) and bool(getattr(a, "committed", False))
+
+
 def _device(device: object) -> object:
     """A ``jax.Device`` for ``"cpu"``, ``"gpu:1"``, ``"cuda:0"`` (platform, index); anything else as it is."""
     if not isinstance(device, str):
@@ -65,6 +70,17 @@ class JaxBackend(Backend):
         if isinstance(a, jax.core.Tracer) or len(a.devices()) != 1:
             return None  # under jit placement follows the inputs; a sharded array has no one device
         return next(iter(a.devices()))
+
+    def placement(self, x: Array) -> object:
+        # an uncommitted x (or a tracer) leaves its partners uncommitted too: JAX places them
+        return self.device_of(x) if _committed(x) else None
+
+    def device_clash(self, a: Array, ref: Array) -> tuple[object, object] | None:
+        # an uncommitted array (made without a device) follows the committed one, as in any JAX computation
+        if not (_committed(a) and _committed(ref)):
+            return None
+        da, dr = self.device_of(a), self.device_of(ref)
+        return None if da is None or dr is None or da == dr else (da, dr)
 
     def full(self, n: int, value: float, dtype: str, device: object = None) -> Array:
         return super().full(n, value, dtype, _device(device))

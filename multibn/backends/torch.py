@@ -54,7 +54,19 @@ class TorchBackend(Backend):
         return torch.as_tensor(obj, dtype=None if dtype is None else self.dtype(dtype), device=device)
 
     def signature(self, arrays: Sequence[object]) -> tuple | None:
-        return tuple(None if a is None else (type(a), a.dtype, a.device) for a in arrays)
+        # the layout: a sparse tensor's type, dtype and device are a dense one's (a nested one raises at .shape)
+        return tuple(None if a is None else (type(a), a.dtype, a.device, a.layout) for a in arrays)
+
+    def check_layout(self, name: str, a: Array) -> None:
+        if a.is_nested:
+            raise TypeError(
+                f"{name} is a nested tensor; batch_norm takes dense tensors: pad it "
+                f"(torch.nested.to_padded_tensor) and pass mask= to leave the padding out of the statistics"
+            )
+        if a.layout != torch.strided:
+            raise TypeError(
+                f"{name} is a sparse tensor (layout {a.layout}); batch_norm takes dense tensors: pass {name}.to_dense()"
+            )
 
     def device_of(self, a: Array) -> Any:
         return a.device  # not array_api_compat.device: its cached type tests make torch.compile warn
