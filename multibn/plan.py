@@ -530,9 +530,9 @@ def build(
     if dy is not None:
         dy = _to_backend(be, "dy", dy, device, xdt)
         _check_float(be, "dy", dy)
+    fields = () if state is None else zip(state._fields, state, strict=True)
     for name, a in (("gamma", gamma), ("beta", beta), ("dy", dy), ("mask", mask),
-                    *(zip(("state.running_mean", "state.running_var", "state.num_batches_tracked"), state, strict=True)
-                      if state is not None else ())):
+                    *((f"state.{k}", v) for k, v in fields)):
         _check_device(be, name, a, x)
     plan = Plan(be, conv, training, ax, channels, be.device_of(x), pdt, is_synced, group,
                 op_for(be, Norm.of(conv), ax, training, renorm), convention, renorm, renorm_momentum,

@@ -28,8 +28,15 @@ from flax import nnx
 from jax.nn import initializers
 
 from ..conventions import Convention
-from ..state import BNState
-from .flax import check_axis_index_groups, feature_axes, flax_convention, needs_counter, normalize
+from ..state import BNState, RenormState
+from .flax import (
+    check_axis_index_groups,
+    feature_axes,
+    flax_convention,
+    needs_counter,
+    normalize,
+    variant_keywords,
+)
 
 __all__ = ["BatchNorm"]
 
@@ -39,9 +46,11 @@ class BatchNorm(nnx.Module):
 
     Arguments as in Flax (``num_features``, ``use_running_average``, ``axis``, ``momentum``, ``epsilon``,
     ``dtype``, ``param_dtype``, ``use_bias``, ``use_scale``, ``bias_init``, ``scale_init``, ``axis_name``,
-    ``axis_index_groups``, ``use_fast_variance``, ``rngs``) plus ``convention`` (default ``"flax"``), with the
-    meanings of :class:`multibn.layers.flax.BatchNorm`: ``momentum`` weighs the old value and ``momentum``/
-    ``epsilon`` None take the convention's (0.99 and 1e-5 for ``"flax"``); ``axis_index_groups`` must be None.
+    ``axis_index_groups``, ``use_fast_variance``, ``rngs``) plus ``convention`` (default ``"flax"``) and the BN
+    variants' ``renorm``, ``renorm_clipping``, ``renorm_momentum``, ``virtual_batch_size`` (batch statistics
+    ``std``, ``renorm_mean``, ``renorm_std`` under renorm), with the meanings of
+    :class:`multibn.layers.flax.BatchNorm`: ``momentum`` weighs the old value and ``momentum``/``epsilon`` None
+    take the convention's (0.99 and 1e-5 for ``"flax"``); ``axis_index_groups`` must be None.
     Training: ``y = scale * (x - mean) / sqrt(var + epsilon) + bias`` with the batch's mean and biased variance
     (over the elements where ``mask`` is True when given), and ``mean``/``var`` move; eval: the stored ones.
     """
@@ -64,6 +73,10 @@ class BatchNorm(nnx.Module):
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
         convention: str | Convention = "flax",
+        renorm: bool = False,
+        renorm_clipping: dict[str, float] | None = None,
+        renorm_momentum: float = 0.99,
+        virtual_batch_size: int | None = None,
         rngs: nnx.Rngs,
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
@@ -93,6 +106,12 @@ class BatchNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
         self.convention = convention
+        self.renorm, self.renorm_momentum, self.virtual_batch_size = bool(renorm), renorm_momentum, virtual_batch_size
+        self.renorm_clipping = nnx.data(dict(renorm_clipping or {}))
+        if renorm:
+            self.std = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+            self.renorm_mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+            self.renorm_std = nnx.BatchStat(jnp.ones(shape, jnp.float32))
 
     def __call__(
         self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None
@@ -108,12 +127,19 @@ class BatchNorm(nnx.Module):
         axes = feature_axes(self.axis, x.ndim)
         counter = self.num_batches_tracked
         stats = BNState(self.mean.value, self.var.value, jnp.zeros((), jnp.int32) if counter is None else counter.value)
+        renorm_vars = (self.std, self.renorm_mean, self.renorm_std) if self.renorm else ()
+        if renorm_vars:
+            stats = RenormState(*stats, *(v.value for v in renorm_vars))
         y, new = normalize(
             x, self.scale.value if self.scale is not None else None, self.bias.value if self.bias is not None else None,
             stats, training=not use_running_average, conv=conv, axes=axes, dtype=self.dtype,
             sync=self.axis_name, mask=mask,
+            variants=variant_keywords(self.renorm, self.renorm_clipping, self.renorm_momentum,
+                                      self.virtual_batch_size),
         )
         if not use_running_average:
+            for var, value in zip(renorm_vars, new[3:], strict=True):
+                var.value = value
             self.mean.value, self.var.value = new.running_mean, new.running_var
             if counter is not None:
                 counter.value = new.num_batches_tracked.astype(counter.value.dtype)
