@@ -288,6 +288,7 @@ def recompute_statistics(
         raise TypeError("recompute_statistics sets mutable=['batch_stats'] itself; do not pass mutable")
     be = get_backend("jax")
     unbiased: dict[str, bool] = {}
+    renorm_eps: dict[str, float] = {}  # the eps of renorm layers, whose std follows the recomputed var
 
     def stats_of(module: Any, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Stats:
         info = _unbiased(module)
@@ -304,6 +305,8 @@ def recompute_statistics(
             raise NotImplementedError(f"the batch-norm layer {path} has axis_name={module.axis_name!r}: "
                                       "recompute_statistics runs outside any mapped axis")
         unbiased[path] = info
+        if isinstance(module, BatchNorm) and module.renorm:
+            renorm_eps[path] = flax_convention(module.convention, module.momentum, module.epsilon).eps
         x = jnp.asarray(args[0] if args else kwargs["x"])
         axes = module.axis if isinstance(module.axis, Iterable) else (module.axis,)
         features = sorted({a % x.ndim for a in axes})
@@ -348,6 +351,8 @@ def recompute_statistics(
         var = _recompute.stored_variance(m.stats, unbiased[path])
         node["mean"] = jnp.asarray(m.mean.reshape(node["mean"].shape), node["mean"].dtype)
         node["var"] = jnp.asarray(var.reshape(node["var"].shape), node["var"].dtype)
+        if path in renorm_eps:  # renorm derives var from std: keep them agreeing
+            node["std"] = jnp.sqrt(node["var"] + renorm_eps[path]).astype(node["std"].dtype)
     _recompute.warn_unreached([p for p, m in moments.items() if m.count == 0])
     return freeze(out) if isinstance(variables, FrozenDict) else out
 

@@ -324,3 +324,47 @@ def test_variant_battery_rows_pass_on_every_installed_backend(convention: str) -
         assert {r.quantity for r in rows} >= {"y", "dx", "dgamma", "dbeta", "running_mean", "running_var"}
         failed = [(r.backend, r.case, r.quantity, r.detail) for r in rows if not r.ok]
         assert not failed, failed
+
+
+# ---- recompute_statistics on models with the variants ---------------------------------------------------------------
+@pytest.mark.torch
+def test_torch_recompute_statistics_with_renorm_and_ghost_layers() -> None:
+    """The exact statistics land in running_mean/running_var (running_std agreeing with them); what renorm
+    tracks for training is left as it was."""
+    torch = need("torch")
+    from multibn.layers.torch import BatchNorm, recompute_statistics
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(BatchNorm(3, renorm=True), BatchNorm(3, virtual_batch_size=4))
+    for _ in range(2):
+        model(torch.randn(8, 3) * 2 + 1)
+    before = {k: v.clone() for k, v in model[0].named_buffers()}
+    batches = [torch.randn(8, 3) * 3 - 1 for _ in range(3)]
+    recompute_statistics(model, batches, progress=False)
+    data = torch.cat(batches).double()
+    torch.testing.assert_close(model[0].running_mean, data.mean(0).float())
+    torch.testing.assert_close(model[0].running_var, data.var(0).float())
+    torch.testing.assert_close(model[0].running_std, torch.sqrt(model[0].running_var + model[0].eps))
+    for k in ("renorm_mean", "renorm_std", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(model[0], k), before[k])
+
+
+def test_flax_recompute_statistics_with_a_renorm_layer() -> None:
+    jax = need("jax")
+    need("flax", "the Flax layer")
+    from multibn.layers.flax import BatchNorm, recompute_statistics
+
+    model = BatchNorm(use_running_average=False, renorm=True)
+    x = jax.numpy.asarray(np.random.default_rng(10).standard_normal((8, 3)), jax.numpy.float32)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    _, updates = model.apply(variables, x * 2 + 1, mutable=["batch_stats"])
+    variables = {**variables, **updates}
+    batches = [np.random.default_rng(i).standard_normal((8, 3)).astype(np.float32) * 3 - 1 for i in range(3)]
+    out = recompute_statistics(model, variables, batches, progress=False)
+    data = np.concatenate(batches).astype(np.float64)
+    stats = out["batch_stats"]
+    np.testing.assert_allclose(stats["mean"], data.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], data.var(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["std"], np.sqrt(np.asarray(stats["var"]) + 1e-5), rtol=1e-6)
+    for k in ("renorm_mean", "renorm_std"):
+        np.testing.assert_array_equal(stats[k], variables["batch_stats"][k])

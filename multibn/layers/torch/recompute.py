@@ -59,8 +59,8 @@ def recompute_statistics(
         return model
     group = _recompute_group(sync)
     moments = {m: ChannelMoments(axis) for m, (_, axis, _) in layers.items()}
-    saved = {m: [b.detach().clone() if b is not None else None
-                 for b in (m.running_mean, m.running_var, getattr(m, "num_batches_tracked", None))] for m in layers}
+    # every buffer of each BN layer (a renorm layer's running_std, renorm_mean, renorm_std too)
+    saved = {m: {k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in layers}
     modes = [(m, m.training) for m in model.modules()]
 
     def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -84,16 +84,16 @@ def recompute_statistics(
             m.training = training
         with torch.no_grad():
             for m, bufs in saved.items():  # undo what the training-mode forwards did to the buffers
-                for live, old in zip((m.running_mean, m.running_var, getattr(m, "num_batches_tracked", None)),
-                                     bufs, strict=True):
-                    if live is not None:
-                        live.copy_(old)
+                for k, old in bufs.items():
+                    getattr(m, k).copy_(old)
     with torch.no_grad():
         for m, st in results.items():
             if st.count > 0:
                 _, _, unbiased = layers[m]
                 m.running_mean.copy_(st.mean)
                 m.running_var.copy_(_recompute.stored_variance(st, unbiased))
+                if getattr(m, "renorm", False):  # renorm derives running_var from running_std: keep them agreeing
+                    m.running_std.copy_(torch.sqrt(m.running_var + m.eps))
     _recompute.warn_unreached([layers[m][0] for m, st in results.items() if st.count == 0])
     return model
 
