@@ -7,6 +7,12 @@ backward run :mod:`multibn.algorithm` through the adapters: on the CPU the NumPy
 the node's buffers (:class:`_HostBackend`), elsewhere the MXNet adapter. The running statistics are the node's
 auxiliary states, updated in place like ``gluon.nn.BatchNorm``'s; ``num_batches_tracked`` is a per-layer counter
 kept here (:func:`counter_of`).
+
+The BN variants (:mod:`multibn.variants`): with batch renormalisation the node has three more auxiliary states,
+``running_std, renorm_mean, renorm_std`` (a :class:`multibn.RenormState` with the two above), the training forward
+runs the renorm rule on them and the update moves all five; ghost batch norm runs the training forward and
+backward on the :class:`~multibn.variants.GhostView` of ``x`` (gamma and beta repeated, their gradients folded).
+Eval is plain BN with the running statistics in both.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from ..backends.base import Array
 from ..backends.mxnet import _Destination, _host_view, _legacy, mx  # MXNet after the NumPy alias it needs
 from ..backends.numpy import NumpyBackend
 from ..conventions import Convention
-from ..state import BNState
+from ..state import BNState, RenormState
+from ..variants import GhostView, combinations_refused
 
 #: the registered name of the operator (``F.Custom(..., op_type=OP_TYPE)``); an exported symbol names it, so a
 #: process loading that symbol must import multibn first (which registers it)
@@ -62,6 +69,15 @@ def convention_attr(conv: Convention) -> str:
 
 def _convention_from_attr(text: str) -> Convention:
     return Convention(**json.loads(text))
+
+
+def renorm_attr(renorm: alg.Renorm | None) -> str:
+    """Batch renormalisation's clipping as the string attribute a graph node stores: "" for none, else JSON."""
+    return "" if renorm is None else json.dumps(renorm._asdict(), sort_keys=True)
+
+
+def _renorm_from_attr(text: str) -> alg.Renorm | None:
+    return None if not text else alg.Renorm(**json.loads(text))
 
 
 class _HostBackend(NumpyBackend):
@@ -108,16 +124,19 @@ class _GraphBatchNorm(mx.operator.CustomOp):
     the statistics of that moment, so several forwards before one backward chain their updates as in MXNet)."""
 
     def __init__(self, conv: Convention, axis: int, update: str, key: str, shapes: list, dtypes: list,
-                 host: bool, global_stats: bool = False) -> None:
+                 host: bool, global_stats: bool = False, renorm: alg.Renorm | None = None,
+                 renorm_momentum: float = 0.99, ghost: int | None = None) -> None:
         super().__init__()
         self.conv, self.update, self.key, self.global_stats = conv, update, key, global_stats
+        self.renorm, self.renorm_momentum, self.ghost = renorm, renorm_momentum, ghost
+        self.axis = axis
         self.lay = alg.Layout.of(tuple(shapes[0]), axis)
         self.shapes = [tuple(s) for s in shapes]
         self.dtypes = [np.dtype(mx.ndarray.ndarray._DTYPE_MX_TO_NP[d]) for d in dtypes]
         self.host = host
         self.be = _HOST if host else get_backend("mxnet")
         norm = alg.Norm.of(conv)
-        self.rules = {True: alg.train_rule(self.be, norm, axis), False: alg.eval_rule(self.be, norm, axis)}
+        self.rules = {True: alg.train_rule(self.be, norm, axis, renorm), False: alg.eval_rule(self.be, norm, axis)}
 
     def _arrays(self, arrays: Sequence[Array], index: Sequence[int]) -> list[Array]:
         if self.host:
@@ -149,20 +168,26 @@ class _GraphBatchNorm(mx.operator.CustomOp):
             return contextlib.nullcontext()
         return self.be.destination.writing_to(_host_view(dst, self.shapes[i], self.dtypes[i]))
 
-    def _state(self, aux: Sequence[Array]) -> BNState:
-        rmean, rvar = self._arrays(aux, (3, 4))
+    def _state(self, aux: Sequence[Array]) -> BNState | RenormState:
+        """The running statistics as the algorithm's state: the auxiliary states (3, 4: mean, var; with renorm
+        5, 6, 7: running_std, renorm_mean, renorm_std) and the layer's counter."""
+        rmean, rvar = self._arrays(aux[:2], (3, 4))
         t = counter_of(self.key)
-        return BNState(rmean, rvar, _host_view(t, (1,), np.dtype(np.int64)) if self.host else t.as_in_context(
+        state = BNState(rmean, rvar, _host_view(t, (1,), np.dtype(np.int64)) if self.host else t.as_in_context(
             rmean.context))
+        if self.renorm is None:
+            return state
+        return RenormState(*state, *self._arrays(aux[2:5], (5, 6, 7)))
 
     def _update(self, aux: Sequence[Array], stats: alg.Stats) -> None:
         # MXNet may run the backward nodes of two calls of one layer at once, on two threads, and does not order
         # their writes to the statistics: the read-update-write is made atomic here (and finished before the lock
         # is released on the MXNet path), so every update lands, applied to the statistics of its moment.
         with _UPDATE_LOCK:
-            new = alg.update_state(self.be, self.conv, self._state(aux), stats)
-            for dst, value, i in ((aux[0], new.running_mean, 3), (aux[1], new.running_var, 4)):
-                self._store(dst, "write", value, i)
+            new = alg.update_state(self.be, self.conv, self._state(aux), stats, self.renorm_momentum)
+            values = (new.running_mean, new.running_var, *new[3:])  # RenormState: running_std, renorm_mean, _std
+            for i, (dst, value) in enumerate(zip(aux, values, strict=True)):
+                self._store(dst, "write", value, 3 + i)
             if not self.host:
                 for dst in aux:
                     dst.wait_to_read()
@@ -176,8 +201,17 @@ class _GraphBatchNorm(mx.operator.CustomOp):
         inputs = tuple(self._arrays(in_data, (0, 1, 2)))
         self.train = bool(is_train) and not self.global_stats  # use_global_stats: eval's maths in training too
         rule = self.rules[self.train]
-        with self.be.quiet(), self._writing_to(out_data[0], req[0], 0):
-            if self.train:
+        ghost = self.train and self.ghost is not None  # the view's results have other shapes: no destination
+        with self.be.quiet(), self._writing_to(out_data[0], "null" if ghost else req[0], 0):
+            if self.train and self.ghost is not None:
+                y, stats = self._ghost_forward(rule, inputs)
+                if self.update == "forward":
+                    self._update(aux, stats)
+                else:
+                    self.stats = stats
+            elif self.train:
+                if self.renorm is not None:  # the renorm rule's last inputs: renorm_mean, renorm_std
+                    inputs += tuple(self._state(aux)[4:])
                 y, mean, m2 = outputs = tuple(rule.forward(None, *inputs))
                 self.residuals = rule.residuals(None, inputs, outputs)
                 stats = alg.Stats(self.lay.count, mean, m2)
@@ -196,6 +230,15 @@ class _GraphBatchNorm(mx.operator.CustomOp):
     def backward(self, req: list, out_grad: list, in_data: list, out_data: list, in_grad: list, aux: list) -> None:
         x, gamma = self._arrays(in_data[:2], (0, 1))
         (dy,) = self._arrays(out_grad[:1], (0,))
+        if self.train and self.ghost is not None:
+            with self.be.quiet():
+                grads = self._ghost_backward(x, gamma, dy)
+                if self.update == "backward":
+                    self._update(aux, self.stats)
+            for i, (dst, r, g) in enumerate(zip(in_grad, req, grads, strict=True)):
+                self._store(dst, r, g, i)
+            self._settle(in_grad)
+            return
         residuals = self.residuals._replace(x=x, gamma=gamma)  # the backward's own views of the inputs
         with self.be.quiet(), self._writing_to(in_grad[0], req[0], 0):
             if self.train:
@@ -207,6 +250,28 @@ class _GraphBatchNorm(mx.operator.CustomOp):
         for i, (dst, r, g) in enumerate(zip(in_grad, req, grads, strict=True)):
             self._store(dst, r, g, i)
         self._settle(in_grad)
+
+    def _ghost_forward(self, rule: alg.Rule, inputs: tuple[Array, ...]) -> tuple[Array, alg.Stats]:
+        """Ghost BN's training forward: plain BN of the view of ``x`` whose channels are (sub-batch, channel)
+        pairs, with gamma and beta repeated; ``y`` seen back, and the sub-batches' mean statistics."""
+        be = self.be
+        x, gamma, beta = inputs
+        view = GhostView.of(tuple(x.shape), self.axis, self.ghost)
+        xv = view.to_view(be, x)
+        vin = (xv, view.repeat(be, gamma), view.repeat(be, beta))
+        yv, mean, m2 = outputs = tuple(rule.forward(None, *vin))
+        self.residuals = rule.residuals(None, vin, outputs)
+        count = alg.Layout.of(tuple(xv.shape), self.axis).count
+        return view.from_view(be, yv), view.averaged(be, alg.Stats(count, mean, m2))
+
+    def _ghost_backward(self, x: Array, gamma: Array, dy: Array) -> tuple[Array, Array, Array]:
+        """Ghost BN's backward: the view's ``(dx, dgamma, dbeta)``, ``dx`` seen back and the parameters' gradients
+        summed over the sub-batches."""
+        be = self.be
+        view = GhostView.of(tuple(x.shape), self.axis, self.ghost)
+        residuals = self.residuals._replace(x=view.to_view(be, x), gamma=view.repeat(be, gamma))
+        dxv, dgv, dbv = self.rules[True].backward(residuals, (view.to_view(be, dy), None, None))[:3]
+        return view.from_view(be, dxv), view.fold(be, dgv), view.fold(be, dbv)
 
     def _settle(self, *groups: Sequence[Array]) -> None:
         """On the MXNet path, wait for the operators pushed here: MXNet may hand the callback temporary copies of
@@ -220,15 +285,18 @@ class _GraphBatchNorm(mx.operator.CustomOp):
 
 @mx.operator.register(OP_TYPE)
 class _GraphBatchNormProp(mx.operator.CustomOpProp):
-    """Inputs ``data, gamma, beta``; auxiliary states ``moving_mean, moving_var``; output ``output``.
+    """Inputs ``data, gamma, beta``; auxiliary states ``moving_mean, moving_var`` (and with renorm
+    ``running_std, renorm_mean, renorm_std``); output ``output``.
 
     Attributes (strings in the graph): ``convention`` (JSON, :func:`convention_attr`), ``axis``, ``update``
-    (``"forward"`` or ``"backward"``), ``key`` (which ``num_batches_tracked`` counter the node advances) and
+    (``"forward"`` or ``"backward"``), ``key`` (which ``num_batches_tracked`` counter the node advances),
     ``use_global_stats`` (``"True"``: the running statistics normalise in training too, and never move, as
-    ``gluon.nn.BatchNorm(use_global_stats=True)``)."""
+    ``gluon.nn.BatchNorm(use_global_stats=True)``), ``renorm`` (``""`` or the clipping as JSON,
+    :func:`renorm_attr`), ``renorm_momentum`` and ``virtual_batch_size`` (``"0"``: no ghost batch norm)."""
 
     def __init__(self, convention: str, axis: str = "1", update: str = "forward", key: str = "",
-                 use_global_stats: str = "False") -> None:
+                 use_global_stats: str = "False", renorm: str = "", renorm_momentum: str = "0.99",
+                 virtual_batch_size: str = "0") -> None:
         super().__init__(need_top_grad=True)
         if update not in UPDATES:
             raise ValueError(f"update must be 'forward' or 'backward', got {update!r}")
@@ -237,6 +305,11 @@ class _GraphBatchNormProp(mx.operator.CustomOpProp):
         self.conv = _convention_from_attr(convention)
         self.axis, self.update, self.key = int(axis), update, key
         self.global_stats = use_global_stats == "True"
+        self.renorm = _renorm_from_attr(renorm)
+        self.renorm_momentum = float(renorm_momentum)
+        self.ghost = int(virtual_batch_size) or None
+        if self.ghost is not None and self.renorm is not None:
+            raise ValueError(f"refused: {combinations_refused(self.renorm, self.ghost, False, False)}")
 
     def list_arguments(self) -> list[str]:
         return ["data", "gamma", "beta"]
@@ -245,22 +318,24 @@ class _GraphBatchNormProp(mx.operator.CustomOpProp):
         return ["output"]
 
     def list_auxiliary_states(self) -> list[str]:
-        return ["moving_mean", "moving_var"]
+        return ["moving_mean", "moving_var"] + (
+            ["running_std", "renorm_mean", "renorm_std"] if self.renorm is not None else [])
 
     def infer_shape(self, in_shape: list) -> tuple[list, list, list]:
         x = in_shape[0]
         c = (x[self.axis],)
-        return [x, c, c], [x], [c, c]
+        return [x, c, c], [x], [c] * len(self.list_auxiliary_states())
 
     def infer_type(self, in_type: list) -> tuple[list, list, list]:
         p = in_type[1] if in_type[1] is not None else np.float32
-        return [in_type[0], p, p], [in_type[0]], [p, p]
+        return [in_type[0], p, p], [in_type[0]], [p] * len(self.list_auxiliary_states())
 
     def declare_backward_dependency(self, out_grad: list, in_data: list, out_data: list) -> list:
         return [out_grad[0], in_data[0], in_data[1]]
 
     def create_operator(self, ctx: Any, shapes: list, dtypes: list) -> _GraphBatchNorm:
         host = ctx.device_type in HOST_DEVICES
-        return _GraphBatchNorm(self.conv, self.axis, self.update, self.key, shapes, dtypes, host, self.global_stats)
+        return _GraphBatchNorm(self.conv, self.axis, self.update, self.key, shapes, dtypes, host, self.global_stats,
+                               self.renorm, self.renorm_momentum, self.ghost)
 
 

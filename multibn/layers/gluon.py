@@ -33,6 +33,14 @@ MXNet adapter otherwise); the running statistics are the node's auxiliary states
 ``gluon.nn.BatchNorm``'s. Hybridized or not, in ``HybridSequential`` or any ``HybridBlock``; ``net.export()``
 writes that node, so a process that loads the exported symbol must ``import multibn`` first. Arrays of MXNet's
 NumPy interface (``npx.set_np()``) work too and give ``mx.np`` arrays.
+
+The BN variants take Keras's names, as the other layers: ``renorm=True`` (with ``renorm_clipping``,
+``renorm_momentum``) is batch renormalisation, its extra statistics kept as the parameters ``running_std``,
+``renorm_mean``, ``renorm_std`` (``grad_req='null'``, saved by ``save_parameters``); ``virtual_batch_size=k`` is
+ghost batch norm in training. Eval is plain BN with ``running_mean``/``running_var`` under both::
+
+    bn = BatchNorm(16, 4, renorm=True, renorm_clipping={"rmax": 3.0, "dmax": 5.0})
+    ghost = BatchNorm(16, 4, virtual_batch_size=8)
 """
 
 from __future__ import annotations
@@ -47,8 +55,9 @@ import numpy as np
 from ..backends.mxnet import mx  # MXNet after the NumPy alias it needs
 from ..conventions import Convention, resolve_convention
 from ..moments import ChannelMoments
+from ..variants import check_renorm_momentum, check_virtual_batch_size, combinations_refused, parse_renorm
 from . import _recompute, check_layer_args
-from ._gluon_op import OP_TYPE, UPDATES, convention_attr, counter_of
+from ._gluon_op import OP_TYPE, UPDATES, convention_attr, counter_of, renorm_attr
 
 autograd = mx.autograd
 gluon = mx.gluon
@@ -87,6 +96,13 @@ class BatchNorm(gluon.HybridBlock):
         affine: learn ``gamma`` and ``beta``. False normalises with gamma 1 and beta 0; the two parameters
             stay (ones and zeros, ``grad_req='null'``) so that files keep ``gluon.nn.BatchNorm``'s layout.
         update: ``"forward"`` or ``"backward"``, when the running statistics change (module docstring).
+        renorm, renorm_clipping, renorm_momentum: batch renormalisation, with Keras's names and meanings
+            (:func:`multibn.batch_norm`'s ``renorm=``); the layer then also keeps the parameters ``running_std``
+            (init 1), ``renorm_mean`` (0) and ``renorm_std`` (1), ``grad_req='null'``, which move with the running
+            statistics (``running_mean``/``running_var`` stay the inference statistics). Not with
+            ``use_global_stats`` (it needs the batch statistics and moving running ones).
+        virtual_batch_size: ghost batch norm in training, sub-batches of this many samples along axis 0 (it must
+            divide the batch, and the channel axis must not be 0); not with ``renorm`` nor ``use_global_stats``.
         prefix, params: as for every Gluon block.
 
     ``num_batches_tracked()`` counts the updates of the running statistics (it is not saved in parameter
@@ -114,6 +130,10 @@ class BatchNorm(gluon.HybridBlock):
         eps: float | None = None,
         affine: bool = True,
         update: str = "forward",
+        renorm: bool = False,
+        renorm_clipping: dict[str, float] | None = None,
+        renorm_momentum: float = 0.99,
+        virtual_batch_size: int | None = None,
         prefix: str | None = None,
         params: Any = None,
     ) -> None:
@@ -140,9 +160,14 @@ class BatchNorm(gluon.HybridBlock):
         self.center, self.scale, self.use_global_stats = center, scale, bool(use_global_stats)
         self.axis = axis
         self.update = update
+        self._set_variants(renorm, renorm_clipping, renorm_momentum, virtual_batch_size)
         self._key = uuid.uuid4().hex
         self._attrs = {"convention": convention_attr(self.convention), "axis": str(axis), "update": update,
                        "key": self._key, "use_global_stats": str(self.use_global_stats)}
+        if self.renorm:  # attributes only where set: graphs of plain layers stay as they were
+            self._attrs.update(renorm=renorm_attr(self._renorm), renorm_momentum=repr(self.renorm_momentum))
+        if self.virtual_batch_size:
+            self._attrs["virtual_batch_size"] = str(self.virtual_batch_size)
         shape = (channels,)  # (0,): deferred, the operator infers C from the first input
         with self.name_scope():
             self.gamma = self.params.get(
@@ -155,6 +180,30 @@ class BatchNorm(gluon.HybridBlock):
                 differentiable=affine and center)
             self.running_mean = self._statistic("running_mean", running_mean_initializer, shape)
             self.running_var = self._statistic("running_var", running_variance_initializer, shape)
+            if self.renorm:
+                self.running_std = self._statistic("running_std", "ones", shape)
+                self.renorm_mean = self._statistic("renorm_mean", "zeros", shape)
+                self.renorm_std = self._statistic("renorm_std", "ones", shape)
+
+    def _set_variants(self, renorm: bool, clipping: dict[str, float] | None, momentum: float, k: int | None) -> None:
+        """Check and keep the BN variants' arguments; ValueError/TypeError as :func:`multibn.batch_norm` for the
+        same values and combinations, and for either with ``use_global_stats``."""
+        if not isinstance(renorm, bool):
+            raise TypeError(f"renorm must be a bool (the clipping goes in renorm_clipping), got {renorm!r}")
+        self._renorm = parse_renorm({} if clipping is None else clipping) if renorm else None
+        self.renorm, self.renorm_clipping = renorm, dict(clipping or {})
+        self.renorm_momentum = check_renorm_momentum(momentum)
+        self.virtual_batch_size = check_virtual_batch_size(k)
+        if k is not None and self.axis == 0:
+            raise ValueError("virtual_batch_size splits the batch axis 0, so the channel axis must not be 0, got "
+                             "axis=0")
+        if why := combinations_refused(self._renorm, self.virtual_batch_size, False, False):
+            raise ValueError(f"refused: {why}")
+        if self.use_global_stats and (renorm or k is not None):
+            raise ValueError(
+                f"{'renorm=True' if renorm else f'virtual_batch_size={k}'} with use_global_stats=True: the variant "
+                "needs the batch statistics in training and running statistics that move, use_global_stats uses "
+                "neither (give one of the two)")
 
     @property
     def num_features(self) -> int:
@@ -179,7 +228,9 @@ class BatchNorm(gluon.HybridBlock):
     def __repr__(self) -> str:
         gluon_args = "".join(f", {k}={v}" for k, v, default in (
             ("center", self.center, True), ("scale", self.scale, True),
-            ("use_global_stats", self.use_global_stats, False)) if v != default)
+            ("use_global_stats", self.use_global_stats, False), ("renorm", self.renorm, False),
+            ("renorm_clipping", self.renorm_clipping, {}), ("renorm_momentum", self.renorm_momentum, 0.99),
+            ("virtual_batch_size", self.virtual_batch_size, None)) if v != default)
         return (
             f"{type(self).__name__}({self.num_features}, num_dims={self.num_dims}, "
             f"convention={self.convention.name!r}, eps={self.eps}, momentum={self.momentum}, "
@@ -198,21 +249,30 @@ class BatchNorm(gluon.HybridBlock):
     def forward(self, x: Any, *args: Any) -> Any:
         if isinstance(x, mx.nd.NDArray) and self.num_dims is not None and x.ndim != self.num_dims:
             raise ValueError(f"expected {self.num_dims}D input (got {x.ndim}D input)")
+        k = self.virtual_batch_size
+        if (k is not None and isinstance(x, mx.nd.NDArray) and autograd.is_training() and x.ndim
+                and x.shape[0] % k):  # before the graph runs: the operator's callback cannot raise cleanly
+            raise ValueError(f"virtual_batch_size={k} must divide the batch size, x.shape[0] = {x.shape[0]} "
+                             f"(x of shape {tuple(x.shape)})")
         return super().forward(x, *args)
 
-    def hybrid_forward(self, F: Any, x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: Any) -> Any:
+    def hybrid_forward(self, F: Any, x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: Any,
+                       running_std: Any = None, renorm_mean: Any = None, renorm_std: Any = None) -> Any:
         """One graph node (the registered operator ``multibn_batch_norm``) that runs :mod:`multibn.algorithm`:
         training or eval by ``autograd.is_training()`` at run time, as ``gluon.nn.BatchNorm``."""
+        arrays = [x, gamma, beta, running_mean, running_var]
+        if self.renorm:  # the renorm statistics: the node's last auxiliary states
+            arrays += [running_std, renorm_mean, renorm_std]
         np_arrays = _is_np(x)
         if np_arrays:  # MXNet's NumPy interface: the operator takes and gives legacy arrays on the same memory
-            x, gamma, beta, running_mean, running_var = (
-                a.as_nd_ndarray() for a in (x, gamma, beta, running_mean, running_var))
+            arrays = [a.as_nd_ndarray() for a in arrays]
+        x = arrays[0]
         # The operator's Python code must get x in MXNet's default layout. A convolution's output may be in one of
         # oneDNN's blocked layouts, which the operator's callback reads wrongly now and then; a reshape makes MXNet
         # reorder it first. The reshape is the identity (-2: every axis as it is), so that the operator's output
         # has the shape of x: no reshape back, which would copy y (and dy) in a hybridized graph.
         x = F.reshape(x, shape=(-2,))
-        y = F.Custom(x, gamma, beta, running_mean, running_var, op_type=OP_TYPE, name="fwd", **self._attrs)
+        y = F.Custom(x, *arrays[1:], op_type=OP_TYPE, name="fwd", **self._attrs)
         return y.as_np_ndarray() if np_arrays else y
 
 
@@ -331,8 +391,11 @@ def recompute_statistics(
     for b, (_, _, unbiased) in layers.items():
         m = moments[b]
         if m.count > 0:
+            var = _recompute.stored_variance(m.stats, unbiased)
             b.running_mean.set_data(m.mean.astype(b.running_mean.dtype))
-            b.running_var.set_data(_recompute.stored_variance(m.stats, unbiased).astype(b.running_var.dtype))
+            b.running_var.set_data(var.astype(b.running_var.dtype))
+            if getattr(b, "renorm", False) is True:  # renorm derives running_var from running_std: keep them agreeing
+                b.running_std.set_data(((var + b.eps) ** 0.5).astype(b.running_std.dtype))
     _recompute.warn_unreached([name for b, (name, _, _) in layers.items() if moments[b].count == 0])
     mx.nd.waitall()
     return net
