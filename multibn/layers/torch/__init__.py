@@ -33,6 +33,10 @@ from .convert import convert_batchnorm, convert_sync_batchnorm, revert_batchnorm
 from .dropin import BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .recompute import recompute_statistics
 
+for _cls in (BatchNorm, NativeError, BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d,
+             LazyBatchNorm3d):
+    _cls.__module__ = __name__  # the public home of the classes (reprs, pickles, type checks name it)
+
 __all__ = [
     "UNSET", "VMAP_MESSAGE", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d",
     "LazyBatchNorm2d", "LazyBatchNorm3d", "NativeError", "convert_batchnorm", "convert_sync_batchnorm",
