@@ -42,9 +42,7 @@ from flax.core import freeze, unfreeze
 from flax.core.frozen_dict import FrozenDict
 from jax.nn import initializers
 
-from ..algorithm import Layout, Stats, batch_stats
 from ..api import batch_norm
-from ..backends import get_backend
 from ..conventions import Convention, check_momentum, resolve_convention
 from ..moments import ChannelMoments
 from ..state import BNState, RenormState
@@ -286,11 +284,12 @@ def recompute_statistics(
         raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")
     if "mutable" in apply_kwargs:
         raise TypeError("recompute_statistics sets mutable=['batch_stats'] itself; do not pass mutable")
-    be = get_backend("jax")
     unbiased: dict[str, bool] = {}
     renorm_eps: dict[str, float] = {}  # the eps of renorm layers, whose std follows the recomputed var
 
-    def stats_of(module: Any, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Stats:
+    def rows_of(module: Any, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> jax.Array:
+        """The layer's input as (rows, channels): summarised on the host in float64 (whatever the split of the
+        data into batches, the merged statistics are then those of the data)."""
         info = _unbiased(module)
         use_ra = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
         if use_ra is None:
@@ -311,18 +310,16 @@ def recompute_statistics(
         axes = module.axis if isinstance(module.axis, Iterable) else (module.axis,)
         features = sorted({a % x.ndim for a in axes})
         others = [a for a in range(x.ndim) if a not in features]
-        x = x.transpose(*others, *features).reshape(-1, int(np.prod([x.shape[a] for a in features])))
-        st = batch_stats(be, x, Layout.of(tuple(x.shape), 1))
-        return Stats(jnp.asarray(st.count, jnp.int32), st.mean, st.m2)
+        return x.transpose(*others, *features).reshape(-1, int(np.prod([x.shape[a] for a in features])))
 
-    def capture(variables: Any, x: Any) -> dict[str, list[Stats]]:
-        captured: dict[str, list[Stats]] = {}
+    def capture(variables: Any, x: Any) -> dict[str, list[jax.Array]]:
+        captured: dict[str, list[jax.Array]] = {}
 
         def interceptor(next_fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                         context: Any) -> Any:
             if context.method_name == "__call__" and _unbiased(context.module) is not None:
                 path = "/".join(context.module.path)
-                captured.setdefault(path, []).append(stats_of(context.module, path, args, kwargs))
+                captured.setdefault(path, []).append(rows_of(context.module, path, args, kwargs))
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):
@@ -334,9 +331,9 @@ def recompute_statistics(
 
     def step(x: Any) -> None:
         for path, parts in jitted(variables, x).items():
-            acc = moments.setdefault(path, ChannelMoments(dtype="float64"))
-            for st in parts:
-                acc.merge(Stats(int(st.count), np.asarray(st.mean, np.float64), np.asarray(st.m2, np.float64)))
+            acc = moments.setdefault(path, ChannelMoments(axis=1, dtype="float64"))
+            for rows in parts:
+                acc.partial_fit(np.asarray(rows))
 
     _recompute.run(batches, num_batches, progress, step)
     out = unfreeze(variables)

@@ -597,3 +597,30 @@ def test_flax_a_batchnorm_that_is_the_whole_model() -> None:
     x = np.concatenate(batches).astype(np.float64)
     np.testing.assert_allclose(out["batch_stats"]["mean"], x.mean(axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["batch_stats"]["var"], x.var(axis=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("framework", ["torch", "flax"])
+def test_split_independent_on_data_with_a_large_mean(framework: str) -> None:
+    """float32 data of mean 1e4 and spread 1e-3 in batches of 7, 64 or 1000: the same variance, that of the data
+    (each batch was summarised in float32 before the merge: 6.4% / 1.9% / 0.065% off)."""
+    rng = np.random.default_rng(0)
+    data = (1e4 + 1e-3 * rng.standard_normal((7000, 3))).astype(np.float32)
+    want = data.astype(np.float64).var(0, ddof=1 if framework == "torch" else 0)
+    for batch in (7, 64, 1000):
+        batches = [data[i:i + batch] for i in range(0, len(data), batch)]
+        if framework == "torch":
+            torch = need("torch")
+            from multibn.layers.torch import BatchNorm, recompute_statistics
+
+            layer = BatchNorm(3)
+            recompute_statistics(layer, [torch.from_numpy(b) for b in batches], progress=False)
+            got = layer.running_var.numpy()
+        else:
+            jax = need("jax")
+            need("flax", "the Flax layer")
+            from multibn.layers.flax import BatchNorm, recompute_statistics
+
+            model = BatchNorm(use_running_average=False)
+            variables = model.init(jax.random.PRNGKey(0), jax.numpy.asarray(data[:8]))
+            got = np.asarray(recompute_statistics(model, variables, batches, progress=False)["batch_stats"]["var"])
+        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"batches of {batch}")
