@@ -10,7 +10,10 @@ import pytest
 
 from multibn import bench
 from multibn.cli import COMMANDS
-from tests.helpers import has, need
+from tests.helpers import has, need, only_tested_here, tested_here
+
+#: every installed backend (the default), but those this run leaves to the full environment
+BACKENDS = ["--backends", *only_tested_here()] if only_tested_here() else []
 
 FIELDS = {"backend", "impl", "case", "dtype", "pass", "median_ms", "iqr_ms", "runs", "ratio_to_native",
           "ratio_to_roofline"}
@@ -29,7 +32,7 @@ def test_bench_is_a_command() -> None:
 def test_bench_tiny_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     argv = ["--cases", "nchw_2x3x4x5,nc_8x4:float16,nhwc_2x4x5x3", "--reps", "2", "--warmup", "1", "--keras", "no",
-            "--quiet", "--json", str(out)]
+            "--quiet", "--json", str(out), *BACKENDS]
     have_plot = has("matplotlib")
     if have_plot:
         argv += ["--plot", str(tmp_path / "bench.png")]
@@ -75,7 +78,7 @@ def test_case_names() -> None:
 def test_bench_layer_pass_and_small_cases(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     assert _run(["--small", "--cases", "nc_8x4,nchw_2x3x4x5", "--reps", "2", "--warmup", "1", "--keras", "no",
-                 "--quiet", "--json", str(out)]) == 0
+                 "--quiet", "--json", str(out), *BACKENDS]) == 0
     records = json.loads(out.read_text())["records"]
     assert {r["pass"] for r in records} == {"fwd", "layer"}
     layer = [r for r in records if r["pass"] == "layer"]
@@ -107,7 +110,7 @@ MEM_FIELDS = {"backend", "impl", "case", "dtype", "pass", "peak_mib", "passes_mi
 def test_bench_mem_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """One fresh subprocess per implementation; x of 512 KiB, so y and dx alone raise the peak RSS."""
     out = tmp_path / "bench.json"
-    backends = "numpy,torch" if has("torch") else "numpy"
+    backends = ",".join(b for b in ("numpy", "torch") if b in tested_here())
     assert _run(["--backends", backends, "--cases", "nchw_8x16x32x32", "--passes", "fwd,mem", "--reps", "2",
                  "--warmup", "1", "--keras", "no", "--quiet", "--json", str(out)]) == 0
     assert "peak MiB" in capsys.readouterr().out
