@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +67,13 @@ def need(module: str, why: str = "a test dependency") -> ModuleType:
         cause = e if getattr(e, "name", None) else e.__cause__
         missing(getattr(cause, "name", None) or module, f"{why}: {e}")
         raise  # unreachable: missing() skips or fails
+
+
+def need_installed(module: str, why: str = "a test dependency") -> None:
+    """``need`` for a module the test runs in a subprocess and must not import here (Keras picks its backend at
+    import, TensorFlow by default): installed, or the rule above."""
+    if importlib.util.find_spec(module) is None:
+        missing(module, f"{why}: {module} is not installed")
 
 
 def has(module: str) -> bool:
@@ -184,4 +192,5 @@ def to_numpy(a: object) -> np.ndarray:
 
 __all__ = ["ABSENT_BY_DESIGN", "ALL_BACKENDS", "LENET_X", "LENET_Y", "PARITY_LR", "PARITY_STEPS", "ROOT",
            "SAME_IN_CURRENT", "TEST_ENV", "arr", "batches", "has", "host_devices", "installed", "jax_float64",
-           "left_to_full", "missing", "mxnet_module", "need", "only_tested_here", "require", "tested_here", "to_numpy"]
+           "left_to_full", "missing", "mxnet_module", "need", "need_installed", "only_tested_here", "require",
+           "tested_here", "to_numpy"]

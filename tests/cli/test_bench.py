@@ -10,7 +10,7 @@ import pytest
 
 from multibn import bench
 from multibn.cli import COMMANDS
-from tests.helpers import has, need, only_tested_here, tested_here
+from tests.helpers import has, need, need_installed, only_tested_here, tested_here
 
 #: every installed backend (the default), but those this run leaves to the full environment
 BACKENDS = ["--backends", *only_tested_here()] if only_tested_here() else []
@@ -58,7 +58,7 @@ def test_bench_tiny_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_bench_keras_subprocess(tmp_path: Path) -> None:
     need("torch")
-    need("keras")
+    need_installed("keras")  # imported by bench's subprocess, not here
     out = tmp_path / "bench.json"
     assert _run(["--backends", "torch", "--cases", "nc_8x4", "--passes", "fwd", "--reps", "2", "--warmup", "1",
                  "--quiet", "--json", str(out)]) == 0
