@@ -8,15 +8,16 @@ import sys
 from .api import batch_norm, batch_norm_vjp, init_state
 from .backends import available_backends
 from .conventions import CONVENTIONS, Convention
+from .convert import convert_state
 from .moments import ChannelMoments
-from .porting import convert_state
-from .state import BNState
+from .state import BNState, RenormState
 
 __all__ = [
     "CONVENTIONS",
     "BNState",
     "ChannelMoments",
     "Convention",
+    "RenormState",
     "available_backends",
     "batch_norm",
     "batch_norm_vjp",
@@ -26,4 +27,4 @@ __all__ = [
 __version__ = "0.1.0"
 
 if "mxnet" in sys.modules:  # register the Gluon layer's graph operator, which exported MXNet symbols name
-    from .backends import mxnet as _mxnet_adapter  # noqa: F401
+    from .layers import _gluon_op  # noqa: F401

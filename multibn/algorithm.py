@@ -23,17 +23,19 @@ per-channel vectors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from functools import cache, partial
+from functools import partial
 from typing import Any, NamedTuple
 
 from .backends.base import Array, Backend
 from .conventions import Convention
-from .state import BNState
+from .state import BNState, RenormState
 
 
 class Layout(NamedTuple):
-    """Where the channels are in ``x``: which axes are reduced and how per-channel vectors broadcast."""
+    """Where the channels are in ``x``: which axes are reduced and how per-channel vectors broadcast. Made from
+    ``x.shape`` at every call (sizes may be symbolic under ``torch.compile(dynamic=True)``), never kept."""
 
     axis: int
     channels: int
@@ -51,6 +53,24 @@ class Layout(NamedTuple):
             count *= shape[i]
         bshape = tuple(shape[ax] if i == ax else 1 for i in range(ndim))
         return cls(ax, shape[ax], reduce_axes, count, bshape)
+
+    def first_index(self) -> tuple[Any, ...]:
+        """The index of each channel's first element: ``x[lay.first_index()]`` has shape ``(channels,)``."""
+        return tuple(slice(None) if i == self.axis else 0 for i in range(len(self.bshape)))
+
+
+class Norm(NamedTuple):
+    """What the differentiable maps read of a convention: eps, whether gamma is fixed to 1, and the zero-variance
+    guard. The ops are made per ``Norm`` (and channel axis and mode), so that a momentum schedule, another
+    convention with the same normalisation, or a new shape makes no new op."""
+
+    eps: float
+    fix_gamma: bool
+    zero_var_guard: bool
+
+    @classmethod
+    def of(cls, conv: Convention) -> Norm:
+        return cls(conv.eps, conv.fix_gamma, conv.zero_var_guard)
 
 
 class Stats(NamedTuple):
@@ -79,22 +99,58 @@ class Sync(NamedTuple):
         return sum(self.counts)
 
 
+class Renorm(NamedTuple):
+    """Batch renormalisation (Ioffe, 2017; Keras's ``renorm_clipping``): the corrections ``r`` and ``d`` clipped to
+    ``[rmin, rmax]`` and ``[-dmax, dmax]``, None leaving that side unclipped."""
+
+    rmin: float | None = None
+    rmax: float | None = None
+    dmax: float | None = None
+
+
+def renorm_corrections(be: Backend, norm: Norm, renorm: Renorm, mean: Array, var: Array, renorm_mean: Array,
+                       renorm_std: Array) -> tuple[Array, Array]:
+    """``(r, d)`` for the batch ``mean`` and biased ``var``, constants for differentiation:
+    ``std = sqrt(var + eps)``, ``rstd = max(renorm_std, sqrt(eps))``, ``r = clip(std / rstd, rmin, rmax)``,
+    ``d = clip((mean - renorm_mean) / rstd, -dmax, dmax)``."""
+    xp = be.xp
+    rstd = xp.astype(renorm_std, mean.dtype, copy=False)
+    rstd = xp.where(rstd < math.sqrt(norm.eps), xp.zeros_like(rstd) + math.sqrt(norm.eps), rstd)
+    r = xp.sqrt(var + norm.eps) / rstd
+    d = (mean - xp.astype(renorm_mean, mean.dtype, copy=False)) / rstd
+    if renorm.rmin is not None:
+        r = xp.where(r < renorm.rmin, xp.zeros_like(r) + renorm.rmin, r)
+    if renorm.rmax is not None:
+        r = xp.where(r > renorm.rmax, xp.zeros_like(r) + renorm.rmax, r)
+    if renorm.dmax is not None:
+        d = xp.where(d > renorm.dmax, xp.zeros_like(d) + renorm.dmax, d)
+        d = xp.where(d < -renorm.dmax, xp.zeros_like(d) - renorm.dmax, d)
+    return r, d
+
+
+def per_channel_counts(be: Backend, n: Any) -> bool:
+    """Whether the count ``n`` is per channel (an array, under a mask) rather than one number for every channel
+    (an int, or a symbolic int under ``torch.compile``)."""
+    return be.is_array(n)
+
+
+def _scalar(n: Any) -> Any:
+    """An element count as a number to divide by: a Python int as a float (NumPy 1.x divides a float32 array by an
+    int over 65535 in float64, by a float in float32); a symbolic size as it is (``float()`` would specialise it)."""
+    return float(n) if isinstance(n, int) else n
+
+
 def _nonzero(be: Backend, n: Any) -> Any:
-    """``n`` with 0 replaced by 1, for ``sum / n`` where an empty channel has sum 0. An int count comes back as a
-    float: NumPy 1.x divides a float32 array by an int over 65535 in float64 (value-based casting), by a float in
-    float32."""
-    return float(max(n, 1)) if isinstance(n, int) else be.xp.where(n > 0, n, be.xp.ones_like(n))
+    """``n`` with 0 replaced by 1, for ``sum / n`` where an empty channel has sum 0. A symbolic count is never 0
+    (``torch.compile`` specialises sizes 0 and 1)."""
+    if per_channel_counts(be, n):
+        return be.xp.where(n > 0, n, be.xp.ones_like(n))
+    return _scalar(max(n, 1) if isinstance(n, int) else n)
 
 
 def _per_count(be: Backend, a: Array, n: Any) -> Array:
     """``a / n`` (0 where ``n == 0``)."""
     return a / _nonzero(be, n)
-
-
-@cache
-def _first_index(ndim: int, axis: int) -> tuple[Any, ...]:
-    """The index of each channel's first element: ``x[_first_index(x.ndim, axis)]`` has shape ``(channels,)``."""
-    return tuple(slice(None) if i == axis else 0 for i in range(ndim))
 
 
 def _local_stats(be: Backend, x: Array, lay: Layout, mask: Array | None) -> Stats:
@@ -113,8 +169,8 @@ def _local_stats(be: Backend, x: Array, lay: Layout, mask: Array | None) -> Stat
         if n == 0:
             zeros = xp.zeros((lay.channels,), dtype=dt, device=be.device_of(x))
             return Stats(0, zeros, zeros)
-        mean0 = be.channel_sum(x, lay.reduce_axes, dt) / float(n)
-        k = xp.astype(x[_first_index(len(lay.bshape), lay.axis)], dt, copy=False)
+        mean0 = be.channel_sum(x, lay.reduce_axes, dt) / _scalar(n)
+        k = xp.astype(x[lay.first_index()], dt, copy=False)
         c = xp.where(xp.abs(k - mean0) <= xp.abs(mean0) * 2.0**-16, k, mean0)
         xm = x
     else:
@@ -157,7 +213,7 @@ def merge_stats(part: Stats, total: Any, reduce_sum: Callable[[Array], Array]) -
     """
     if isinstance(total, int) and total == 0:
         return Stats(0, part.mean, part.m2)
-    weight = part.count / total if isinstance(total, int) else part.count / (total + (total == 0))
+    weight = part.count / _scalar(total) if isinstance(total, int) else part.count / (total + (total == 0))
     mean = reduce_sum(part.mean * weight)
     d = part.mean - mean
     return Stats(total, mean, reduce_sum(part.m2 + d * d * part.count))
@@ -172,20 +228,25 @@ def inv_std(be: Backend, var: Array, eps: float, guard: bool) -> Array:
     return be.reciprocal(xp.sqrt(var + eps))
 
 
-def effective_gamma(be: Backend, conv: Convention, gamma: Array, dt: Any) -> Array:
+def effective_gamma(be: Backend, norm: Norm, gamma: Array, dt: Any) -> Array:
     """gamma in the stats dtype, or ones under ``fix_gamma`` (MXNet: gamma is ignored)."""
-    if conv.fix_gamma:
+    if norm.fix_gamma:
         return be.xp.ones_like(be.xp.astype(gamma, dt, copy=False))
     return be.xp.astype(gamma, dt, copy=False)
 
 
 def _normalize(
-    be: Backend, conv: Convention, lay: Layout, x: Array, gamma: Array, beta: Array, mean: Array, s: Array
+    be: Backend, norm: Norm, lay: Layout, x: Array, gamma: Array, beta: Array, mean: Array, s: Array,
+    r: Array | None = None, d: Array | None = None,
 ) -> Array:
-    """``y = x * scale + shift`` with ``scale = gamma * s`` and ``shift = beta - mean * scale``."""
+    """``y = x * scale + shift`` with ``scale = gamma * s`` and ``shift = beta - mean * scale``; under batch
+    renormalisation ``scale = gamma * r * s`` and ``shift = beta + gamma * d - mean * scale``."""
     xp = be.xp
-    scale = effective_gamma(be, conv, gamma, mean.dtype) * s
+    g = effective_gamma(be, norm, gamma, mean.dtype)
+    scale = g * s if r is None else g * r * s
     shift = xp.astype(beta, scale.dtype, copy=False) - mean * scale
+    if d is not None:
+        shift = shift + g * d
     return be.scale_shift(x, xp.reshape(scale, lay.bshape), xp.reshape(shift, lay.bshape))
 
 
@@ -207,10 +268,12 @@ def _zeros_if_none(be: Backend, t: Array | None, like: Array) -> Array:
 
 # ---- the two differentiable maps ----------------------------------------------------------------------------------
 class Rule(NamedTuple):
-    """One differentiable BN map, as every backend's autodiff hook wires it.
+    """One differentiable BN map, as every backend's autodiff hook wires it. Its functions hold no shape: the layout
+    comes from ``x`` at each call, so one rule (and one op) serves every batch size and spatial size.
 
-    * ``forward(*inputs) -> outputs``;
-    * ``residuals(inputs, outputs)``: what the derivatives need, from the inputs and the outputs numbered in
+    * ``forward(sync, *inputs) -> outputs``; ``sync`` (a :class:`Sync`, or None) is the one argument that is not an
+      array: a backend passes it through as a constant;
+    * ``residuals(sync, inputs, outputs)``: what the derivatives need, from the inputs and the outputs numbered in
       ``kept`` (the others may be None), with per-channel work only, so that a backend may save just those inputs
       and outputs, and differentiate through them again;
     * ``backward(residuals, cotangents)``: the cotangents of the first ``n_diff`` inputs (VJP), one per output
@@ -220,26 +283,27 @@ class Rule(NamedTuple):
     """
 
     forward: Callable[..., tuple[Array, ...]]
-    residuals: Callable[[tuple[Array, ...], tuple[Array, ...]], tuple[Array, ...]]
-    backward: Callable[[tuple[Array, ...], tuple[Array | None, ...]], tuple[Array, ...]]
-    jvp: Callable[[tuple[Array, ...], tuple[Array | None, ...]], tuple[Array, ...]]
+    residuals: Callable[[Sync | None, tuple[Array, ...], tuple[Array, ...]], Any]
+    backward: Callable[[Any, tuple[Array | None, ...]], tuple[Array, ...]]
+    jvp: Callable[[Any, tuple[Array | None, ...]], tuple[Array, ...]]
     n_diff: int
     kept: tuple[int, ...]  # the outputs that ``residuals`` reads: a backend need not keep y alive for a backward
 
 
-def train_rule(be: Backend, conv: Convention, lay: Layout, sync: Sync | None = None) -> Rule:
-    """BN with batch statistics: inputs ``(x, gamma, beta[, mask])``, outputs ``(y, mean, m2)`` (all three
-    differentiable: the running update reads ``mean`` and ``m2``)."""
-    return Rule(partial(train_forward, be, conv, lay, sync=sync), partial(train_residuals, be, conv, lay, sync=sync),
-                partial(train_backward, be, conv, lay, sync=sync), partial(train_jvp, be, conv, lay, sync=sync), 3,
-                (1, 2))
+def train_rule(be: Backend, norm: Norm, axis: int, renorm: Renorm | None = None) -> Rule:
+    """BN with batch statistics over every axis but ``axis``: inputs ``(x, gamma, beta[, mask])``, and with
+    ``renorm`` also ``(renorm_mean, renorm_std)`` last; outputs ``(y, mean, m2)`` (all three differentiable: the
+    running update reads ``mean`` and ``m2``)."""
+    return Rule(partial(train_forward, be, norm, axis, renorm=renorm),
+                partial(train_residuals, be, norm, axis, renorm=renorm),
+                partial(train_backward, be, norm), partial(train_jvp, be, norm), 3, (1, 2))
 
 
-def eval_rule(be: Backend, conv: Convention, lay: Layout) -> Rule:
+def eval_rule(be: Backend, norm: Norm, axis: int) -> Rule:
     """BN with the running statistics: inputs ``(x, gamma, beta, running_mean, running_var)``, output ``(y,)``;
     all five inputs are differentiable (an affine map of each)."""
-    return Rule(partial(eval_forward, be, conv, lay), partial(eval_residuals, be, conv, lay),
-                partial(eval_backward, be, conv, lay), partial(eval_jvp, be, conv, lay), 5, ())
+    return Rule(partial(eval_forward, be, norm, axis), partial(eval_residuals, be, norm, axis),
+                partial(eval_backward, be, norm), partial(eval_jvp, be, norm), 5, ())
 
 
 # ---- training: batch statistics ----------------------------------------------------------------------------
@@ -250,44 +314,74 @@ class TrainResiduals(NamedTuple):
     s: Array  # 1 / sqrt(var + eps), per channel
     count: Any  # n, the (global) count per channel: an int, or an array under a mask
     mask: Array | None
+    lay: Layout
+    sync: Sync | None
+    r: Array | None  # batch renormalisation's corrections (None without it)
+    d: Array | None
+
+
+def _train_inputs(renorm: Renorm | None, inputs: tuple[Array, ...]) -> tuple[Array | None, tuple[Array, ...]]:
+    """``(mask, (renorm_mean, renorm_std))`` from the inputs after ``(x, gamma, beta)``."""
+    rest = inputs[3:]
+    stats = () if renorm is None else rest[-2:]
+    rest = rest if renorm is None else rest[:-2]
+    return (rest[0] if rest else None), stats
+
+
+def _corrections(be: Backend, norm: Norm, renorm: Renorm | None, renorm_stats: tuple[Array, ...], mean: Array,
+                 m2: Array, n: Any) -> tuple[Array | None, Array | None]:
+    """Batch renormalisation's ``(r, d)`` (None, None without it); an empty channel gets ``r = 1, d = 0``."""
+    if renorm is None:
+        return None, None
+    r, d = renorm_corrections(be, norm, renorm, mean, _per_count(be, m2, n), *renorm_stats)
+    if per_channel_counts(be, n):
+        r = be.xp.where(n > 0, r, be.xp.ones_like(r))
+        d = be.xp.where(n > 0, d, be.xp.zeros_like(d))
+    return r, d
 
 
 def train_forward(
-    be: Backend, conv: Convention, lay: Layout, x: Array, gamma: Array, beta: Array, mask: Array | None = None, *,
-    sync: Sync | None = None,
+    be: Backend, norm: Norm, axis: int, sync: Sync | None, x: Array, gamma: Array, beta: Array, *rest: Array,
+    renorm: Renorm | None = None,
 ) -> tuple[Array, Array, Array]:
     """``(y, mean, m2)`` for BN with batch statistics (of all replicas under ``sync``; of the elements where
-    ``mask`` is True, every element being normalised)."""
+    ``mask`` is True, every element being normalised); with ``renorm``, corrected by ``r`` and ``d``."""
+    mask, renorm_stats = _train_inputs(renorm, (x, gamma, beta, *rest))
+    lay = Layout.of(x.shape, axis)
     st = batch_stats(be, x, lay, sync, mask)
-    s = _inv_std_of(be, conv, st.m2, st.count)
-    return _normalize(be, conv, lay, x, gamma, beta, st.mean, s), st.mean, st.m2
+    s = _inv_std_of(be, norm, st.m2, st.count)
+    r, d = _corrections(be, norm, renorm, renorm_stats, st.mean, st.m2, st.count)
+    return _normalize(be, norm, lay, x, gamma, beta, st.mean, s, r, d), st.mean, st.m2
 
 
-def _inv_std_of(be: Backend, conv: Convention, m2: Array, n: Any) -> Array:
+def _inv_std_of(be: Backend, norm: Norm, m2: Array, n: Any) -> Array:
     """``s`` from ``M2`` and the count; 0 for an empty channel (its output is beta)."""
-    if isinstance(n, int):
+    if not per_channel_counts(be, n):
         if n == 0:
             return be.xp.zeros_like(m2)
-        return inv_std(be, m2 / float(n), conv.eps, conv.zero_var_guard)
-    s = inv_std(be, m2 / _nonzero(be, n), conv.eps, conv.zero_var_guard)
+        return inv_std(be, m2 / _scalar(n), norm.eps, norm.zero_var_guard)
+    s = inv_std(be, m2 / _nonzero(be, n), norm.eps, norm.zero_var_guard)
     return be.xp.where(n > 0, s, be.xp.zeros_like(s))
 
 
 def train_residuals(
-    be: Backend, conv: Convention, lay: Layout, inputs: tuple[Array, ...], outputs: tuple[Array, ...], *,
-    sync: Sync | None = None,
+    be: Backend, norm: Norm, axis: int, sync: Sync | None, inputs: tuple[Array, ...], outputs: tuple[Array, ...],
+    *, renorm: Renorm | None = None,
 ) -> TrainResiduals:
-    """What the derivatives need: ``s`` from ``M2`` and the count (recounted from the mask, if any)."""
+    """What the derivatives need: ``s`` from ``M2`` and the count (recounted from the mask, if any), and batch
+    renormalisation's ``r`` and ``d``."""
     x, gamma = inputs[0], inputs[1]
-    mask = inputs[3] if len(inputs) > 3 else None
+    mask, renorm_stats = _train_inputs(renorm, inputs)
     _, mean, m2 = outputs
+    lay = Layout.of(x.shape, axis)
     if mask is None:
         n = lay.count if sync is None else sync.count
     else:
         n = mask_count(be, lay, mask, mean.dtype)
         if sync is not None:
             n = be.all_reduce_sum(n, sync.group)
-    return TrainResiduals(x, gamma, mean, _inv_std_of(be, conv, m2, n), n, mask)
+    r, d = _corrections(be, norm, renorm, renorm_stats, mean, m2, n)
+    return TrainResiduals(x, gamma, mean, _inv_std_of(be, norm, m2, n), n, mask, lay, sync, r, d)
 
 
 def _all_reduce(be: Backend, sync: Sync | None, *vs: Array) -> tuple[Array, ...]:
@@ -299,33 +393,35 @@ def _all_reduce(be: Backend, sync: Sync | None, *vs: Array) -> tuple[Array, ...]
 
 
 def train_jvp(
-    be: Backend, conv: Convention, lay: Layout, res: TrainResiduals, tangents: tuple[Array | None, ...], *,
-    sync: Sync | None = None,
+    be: Backend, norm: Norm, res: TrainResiduals, tangents: tuple[Array | None, ...]
 ) -> tuple[Array, Array, Array]:
     """Tangents ``(ty, tmean, tm2)`` for tangents ``(tx, tgamma, tbeta)``. With ``S1 = sum_R m tx`` and
     ``S2 = sum_R m tx (x - mean)`` (``m`` the mask, 1 without one; summed over the replicas under ``sync``):
     ``tmean = S1 / n``, ``tm2 = 2 S2``, ``ty = a tx + b (x - mean) + c`` with ``a = gamma s``,
-    ``b = tgamma s - gamma s^3 S2 / n``, ``c = tbeta - gamma s S1 / n``."""
+    ``b = tgamma s - gamma s^3 S2 / n``, ``c = tbeta - gamma s S1 / n``. Under batch renormalisation (``r``,
+    ``d`` constants) ``gamma r`` stands for ``gamma``, ``tgamma r`` for ``tgamma``, and ``c`` gains ``tgamma d``."""
     xp = be.xp
-    x, gamma, mean, s, n, mask = res
+    x, gamma, mean, s, n, mask, lay, sync, r, d = res
     tx, tg, tb = (_zeros_if_none(be, t, p) for t, p in zip(tangents, (x, gamma, gamma), strict=True))
     # once: every use of tx, and so its transpose (dx), accumulates in the stats dtype
     tx = xp.astype(tx, s.dtype, copy=False)
     txm = tx if mask is None else xp.where(mask, tx, xp.zeros_like(tx))
     s1, s2 = _all_reduce(be, sync, *be.backward_sums(txm, x, xp.reshape(mean, lay.bshape), lay.reduce_axes))
-    g = effective_gamma(be, conv, gamma, mean.dtype)
+    g = effective_gamma(be, norm, gamma, mean.dtype)
+    tg = xp.zeros_like(s) if norm.fix_gamma else xp.astype(tg, s.dtype, copy=False)
+    c = xp.astype(tb, s.dtype, copy=False)
+    if r is not None:
+        g, c, tg = g * r, c + tg * d, tg * r
     a = g * s
-    tg = xp.zeros_like(s) if conv.fix_gamma else xp.astype(tg, s.dtype, copy=False)
     tmean = _per_count(be, s1, n)
     b = tg * s - (a * s * s) * _per_count(be, s2, n)
-    c = xp.astype(tb, s.dtype, copy=False) - a * tmean
+    c = c - a * tmean
     ty = xp.astype(_affine_map(be, lay, tx, x, mean, a, b, c), x.dtype, copy=False)
     return ty, tmean, 2 * s2
 
 
 def train_backward(
-    be: Backend, conv: Convention, lay: Layout, res: TrainResiduals, cotangents: tuple[Array | None, ...], *,
-    sync: Sync | None = None,
+    be: Backend, norm: Norm, res: TrainResiduals, cotangents: tuple[Array | None, ...]
 ) -> tuple[Array, Array, Array]:
     """``(dx, dgamma, dbeta)`` for cotangents ``(dy, dmean, dm2)``: the transpose of :func:`train_jvp`.
 
@@ -333,9 +429,11 @@ def train_backward(
     ``sync``): ``dx = a dy + m (b (x - mean) + c)`` with ``a = gamma s``, ``b = 2 dm2 - gamma s^3 T2 / n``,
     ``c = (dmean - gamma s T1) / n``; ``dgamma = s T2``, ``dbeta = T1`` (this replica's sums: the data-parallel
     gradient reduction combines them). The textbook form: ``dx = gamma s (dy - mean(dy) - xhat mean(dy xhat))``.
+    Under batch renormalisation (``r``, ``d`` constants): ``gamma r`` stands for ``gamma``, and
+    ``dgamma = r s T2 + d T1``.
     """
     xp = be.xp
-    x, gamma, mean, s, n, mask = res
+    x, gamma, mean, s, n, mask, lay, sync, r, d = res
     dy, dmean, dm2 = cotangents
     dy = _zeros_if_none(be, dy, x)
     sum_dy, sum_dy_xc = be.backward_sums(dy, x, xp.reshape(mean, lay.bshape), lay.reduce_axes)
@@ -344,8 +442,8 @@ def train_backward(
     it = iter(extra)
     dmean = next(it) if dmean is not None else None
     dm2 = next(it) if dm2 is not None else None
-    g = effective_gamma(be, conv, gamma, mean.dtype)
-    a = g * s
+    g = effective_gamma(be, norm, gamma, mean.dtype)
+    a = g * s if r is None else g * r * s
     b = -(a * s * s) * _per_count(be, all_dy_xc, n)
     c = -a * all_dy
     if dm2 is not None:
@@ -353,7 +451,10 @@ def train_backward(
     if dmean is not None:
         c = c + dmean
     dx = _affine_map(be, lay, dy, x, mean, a, b, _per_count(be, c, n), mask)
-    dgamma = xp.zeros_like(sum_dy) if conv.fix_gamma else sum_dy_xc * s
+    if norm.fix_gamma:
+        dgamma = xp.zeros_like(sum_dy)
+    else:
+        dgamma = sum_dy_xc * s if r is None else sum_dy_xc * s * r + sum_dy * d
     return dx, xp.astype(dgamma, gamma.dtype, copy=False), xp.astype(sum_dy, gamma.dtype, copy=False)
 
 
@@ -365,61 +466,60 @@ class EvalResiduals(NamedTuple):
     s: Array  # 1 / sqrt(running_var + eps)
     running_mean: Array
     running_var: Array
+    lay: Layout
 
 
 def eval_forward(
-    be: Backend, conv: Convention, lay: Layout, x: Array, gamma: Array, beta: Array, rmean: Array, rvar: Array
+    be: Backend, norm: Norm, axis: int, sync: None, x: Array, gamma: Array, beta: Array, rmean: Array, rvar: Array
 ) -> tuple[Array]:
     """``(y,)`` for BN with the running statistics (no zero-variance guard, as everywhere)."""
-    res = eval_residuals(be, conv, lay, (x, gamma, beta, rmean, rvar), ())
-    return (_normalize(be, conv, lay, x, gamma, beta, res.mean, res.s),)
+    res = eval_residuals(be, norm, axis, sync, (x, gamma, beta, rmean, rvar), ())
+    return (_normalize(be, norm, res.lay, x, gamma, beta, res.mean, res.s),)
 
 
 def eval_residuals(
-    be: Backend, conv: Convention, lay: Layout, inputs: tuple[Array, ...], outputs: tuple[Array, ...]
+    be: Backend, norm: Norm, axis: int, sync: None, inputs: tuple[Array, ...], outputs: tuple[Array, ...]
 ) -> EvalResiduals:
     x, gamma, _, rmean, rvar = inputs
     dt = be.dtype(stats_dtype(be, x))
-    s = inv_std(be, be.xp.astype(rvar, dt, copy=False), conv.eps, guard=False)
-    return EvalResiduals(x, gamma, be.xp.astype(rmean, dt, copy=False), s, rmean, rvar)
+    s = inv_std(be, be.xp.astype(rvar, dt, copy=False), norm.eps, guard=False)
+    return EvalResiduals(x, gamma, be.xp.astype(rmean, dt, copy=False), s, rmean, rvar, Layout.of(x.shape, axis))
 
 
-def eval_jvp(
-    be: Backend, conv: Convention, lay: Layout, res: EvalResiduals, tangents: tuple[Array | None, ...]
-) -> tuple[Array]:
+def eval_jvp(be: Backend, norm: Norm, res: EvalResiduals, tangents: tuple[Array | None, ...]) -> tuple[Array]:
     """``(ty,)`` for tangents of ``(x, gamma, beta, running_mean, running_var)``:
     ``ty = a tx + b (x - mean) + c`` with ``a = gamma s``, ``b = tgamma s - gamma s^3 tvar / 2``,
     ``c = tbeta - gamma s tmean``."""
     xp = be.xp
-    x, gamma, mean, s, rmean, rvar = res
+    x, gamma, mean, s, rmean, rvar, lay = res
     tx, tg, tb, tm, tv = (_zeros_if_none(be, t, p) for t, p in zip(tangents, (x, gamma, gamma, rmean, rvar),
                                                                     strict=True))
     tx = xp.astype(tx, s.dtype, copy=False)
-    a = effective_gamma(be, conv, gamma, mean.dtype) * s
-    tg = xp.zeros_like(s) if conv.fix_gamma else xp.astype(tg, s.dtype, copy=False)
+    a = effective_gamma(be, norm, gamma, mean.dtype) * s
+    tg = xp.zeros_like(s) if norm.fix_gamma else xp.astype(tg, s.dtype, copy=False)
     b = tg * s - (a * s * s) * xp.astype(tv, s.dtype, copy=False) / 2
     c = xp.astype(tb, s.dtype, copy=False) - a * xp.astype(tm, s.dtype, copy=False)
     return (xp.astype(_affine_map(be, lay, tx, x, mean, a, b, c), x.dtype, copy=False),)
 
 
 def eval_backward(
-    be: Backend, conv: Convention, lay: Layout, res: EvalResiduals, cotangents: tuple[Array | None, ...]
+    be: Backend, norm: Norm, res: EvalResiduals, cotangents: tuple[Array | None, ...]
 ) -> tuple[Array, Array, Array, Array, Array]:
     """``(dx, dgamma, dbeta, drunning_mean, drunning_var)``, the transpose of :func:`eval_jvp`: with
     ``T1 = sum_R dy``, ``T2 = sum_R dy (x - mean)``: ``dx = dy gamma s`` (finite wherever dy is, whatever x holds),
     ``dgamma = s T2``, ``dbeta = T1``, ``dmean = -gamma s T1``, ``dvar = -gamma s^3 T2 / 2`` (0 for an empty
     batch)."""
     xp = be.xp
-    x, gamma, mean, s, rmean, rvar = res
+    x, gamma, mean, s, rmean, rvar, lay = res
     dy = _zeros_if_none(be, cotangents[0], x)
     sum_dy, sum_dy_xc = be.backward_sums(dy, x, xp.reshape(mean, lay.bshape), lay.reduce_axes)
-    a = effective_gamma(be, conv, gamma, mean.dtype) * s
+    a = effective_gamma(be, norm, gamma, mean.dtype) * s
     dx = be.scale_shift(dy, xp.reshape(a, lay.bshape), xp.reshape(xp.zeros_like(a), lay.bshape))
     if lay.count == 0:
         zero = xp.zeros_like(sum_dy)
         dgamma, dmean, dvar = zero, zero, zero
     else:
-        dgamma = xp.zeros_like(sum_dy) if conv.fix_gamma else sum_dy_xc * s
+        dgamma = xp.zeros_like(sum_dy) if norm.fix_gamma else sum_dy_xc * s
         dmean = -a * sum_dy
         dvar = -(a * s * s) * sum_dy_xc / 2
     return (dx, xp.astype(dgamma, gamma.dtype, copy=False), xp.astype(sum_dy, gamma.dtype, copy=False),
@@ -427,7 +527,8 @@ def eval_backward(
 
 
 # ---- running statistics ---------------------------------------------------------------------------------------
-def update_state(be: Backend, conv: Convention, state: BNState, st: Stats) -> BNState:
+def update_state(be: Backend, conv: Convention, state: BNState | RenormState, st: Stats,
+                 renorm_momentum: float = 0.99) -> BNState | RenormState:
     """The state after one training batch with statistics ``st``.
 
     ``t = num_batches_tracked + 1``; ``stat_var = M2 / (n - 1)`` (unbiased conventions) or ``M2 / n``;
@@ -435,29 +536,54 @@ def update_state(be: Backend, conv: Convention, state: BNState, st: Stats) -> BN
     cumulative average. An empty batch changes no statistic (and counts only if the convention says so). Under a
     mask (per-channel counts) the same holds per channel: an empty channel keeps its statistics, a channel with
     one value keeps its unbiased variance, and the batch counts if any channel was not empty.
+
+    A :class:`~multibn.state.RenormState` (batch renormalisation, Keras's rules): the running standard deviation
+    moves instead of the variance, ``running_std <- keep * running_std + take * sqrt(stat_var + eps)``, and
+    ``running_var = max(running_std^2 - eps, 0)``; ``renorm_mean`` and ``renorm_std`` move towards the batch's
+    ``mean`` and ``sqrt(M2 / n + eps)`` with ``renorm_momentum`` weighing the old value.
     """
     xp = be.xp
-    rmean, rvar, tracked = state
+    renorm = isinstance(state, RenormState)
+    rmean, rvar, tracked = state[:3]
     t = tracked + 1
     n = st.count
-    if isinstance(n, int) and n == 0:
-        return BNState(rmean, rvar, t if conv.count_empty_batches else tracked)
+    per_channel = per_channel_counts(be, n)
+    if not per_channel and n == 0:
+        return state._replace(num_batches_tracked=t if conv.count_empty_batches else tracked)
     dt = st.mean.dtype
-    if isinstance(n, int):
-        var = st.m2 / float(n - 1 if conv.unbiased_running_var else n)
-    else:
+    if per_channel:
         var = st.m2 / _nonzero(be, n - 1 if conv.unbiased_running_var else n)
+    else:
+        var = st.m2 / _scalar(n - 1 if conv.unbiased_running_var else n)
     weights = conv.update_weights()
     if weights is None:
         take = 1 / xp.astype(t, dt, copy=False)
         keep = 1 - take
     else:
         keep, take = weights
-    new_mean = be.blend(keep, xp.astype(rmean, dt, copy=False), take, st.mean)
-    new_var = be.blend(keep, xp.astype(rvar, dt, copy=False), take, var)
-    if not isinstance(n, int):
-        new_mean = xp.where(n > 0, new_mean, xp.astype(rmean, dt, copy=False))
-        new_var = xp.where(n > (1 if conv.unbiased_running_var else 0), new_var, xp.astype(rvar, dt, copy=False))
-        if not conv.count_empty_batches:
-            t = xp.where(xp.any(n > 0), t, tracked)
-    return BNState(xp.astype(new_mean, rmean.dtype, copy=False), xp.astype(new_var, rvar.dtype, copy=False), t)
+    var_seen = n > (1 if conv.unbiased_running_var else 0) if per_channel else None
+
+    def moved(old: Array, stat: Array, keep: Any, take: Any, seen: Array | None) -> Array:
+        old = xp.astype(old, dt, copy=False)
+        new = be.blend(keep, old, take, stat)
+        return new if seen is None else xp.where(seen, new, old)
+
+    seen = n > 0 if per_channel else None
+    new_mean = moved(rmean, st.mean, keep, take, seen)
+    if per_channel and not conv.count_empty_batches:
+        t = xp.where(xp.any(n > 0), t, tracked)
+    if not renorm:
+        new_var = moved(rvar, var, keep, take, var_seen)
+        return BNState(xp.astype(new_mean, rmean.dtype, copy=False), xp.astype(new_var, rvar.dtype, copy=False), t)
+    eps = conv.eps
+    new_std = moved(state.running_std, xp.sqrt(var + eps), keep, take, var_seen)
+    new_var = xp.where(var_seen, xp.clip(new_std * new_std - eps, min=0.0), xp.astype(rvar, dt, copy=False)) \
+        if per_channel else xp.clip(new_std * new_std - eps, min=0.0)
+    batch_std = xp.sqrt(_per_count(be, st.m2, n) + eps)
+    m = float(renorm_momentum)
+    return RenormState(
+        xp.astype(new_mean, rmean.dtype, copy=False), xp.astype(new_var, rvar.dtype, copy=False), t,
+        xp.astype(new_std, state.running_std.dtype, copy=False),
+        xp.astype(moved(state.renorm_mean, st.mean, m, 1.0 - m, seen), state.renorm_mean.dtype, copy=False),
+        xp.astype(moved(state.renorm_std, batch_std, m, 1.0 - m, seen), state.renorm_std.dtype, copy=False),
+    )

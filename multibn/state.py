@@ -15,3 +15,17 @@ class BNState(NamedTuple):
     running_mean: Any
     running_var: Any
     num_batches_tracked: Any
+
+
+class RenormState(NamedTuple):
+    """:class:`BNState` and what batch renormalisation tracks besides, per channel: the running standard deviation
+    (``running_var`` is derived from it, ``max(running_std^2 - eps, 0)``, as in Keras), and the moving
+    ``renorm_mean`` and ``renorm_std`` that the corrections ``r`` and ``d`` compare the batch with.
+    ``running_mean``/``running_var`` stay the inference statistics, as in a :class:`BNState`."""
+
+    running_mean: Any
+    running_var: Any
+    num_batches_tracked: Any
+    running_std: Any
+    renorm_mean: Any
+    renorm_std: Any

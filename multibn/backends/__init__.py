@@ -21,10 +21,11 @@ ADAPTERS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
-@cache
 def get_backend(name: str) -> Backend:
-    """The adapter called ``name``; ValueError if there is none, ImportError if its framework is missing."""
-    if name in _LOADED:  # a plain dict before the functools cache: torch.compile traces through this lookup
+    """The adapter called ``name``, made once; ValueError if there is none, ImportError if its framework is
+    missing. (A plain dict, not ``functools.cache``: torch.compile traces through this lookup and warns about
+    caches.)"""
+    if name in _LOADED:
         return _LOADED[name]
     if not isinstance(name, str) or name not in ADAPTERS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, ADAPTERS))} or None, got {name!r}")
@@ -57,6 +58,13 @@ def backend_name_of(obj: object) -> str | None:
     if mx is not None and isinstance(obj, mx.nd.NDArray):
         return "mxnet"
     return None
+
+
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the caller: then no plan is looked up or kept (Dynamo guards on the
+    arguments itself, and a guard on a cache's contents would recompile whenever an eager call fills it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
 
 
 @cache

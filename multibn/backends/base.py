@@ -16,7 +16,6 @@ The batch-norm maths lives in :mod:`multibn.algorithm`; it calls only
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -33,7 +32,6 @@ class Backend:
     """One framework. Subclasses set the class attributes and implement the conversions."""
 
     name: ClassVar[str]
-    extra: ClassVar[str]  # the pip extra that installs the framework: ``pip install multibn[<extra>]``
     xp: Any
 
     # ---- arrays: identity, conversion, dtypes --------------------------------------------------------
@@ -62,9 +60,9 @@ class Backend:
         return array_api_compat.device(a)
 
     def signature(self, arrays: Sequence[object]) -> tuple | None:
-        """What the checks of a call depend on: a hashable summary of each array (None stays None) that equals
-        another's only for arrays of the same type, shape, dtype and device; None when calls on this backend are
-        not to be cached (the default). It may raise for an object that is not an array of this backend."""
+        """What the checks of a call depend on besides shapes: a hashable summary of each array (None stays None)
+        that equals another's only for arrays of the same type, dtype and device; None when calls on this backend
+        are not to be cached (the default). It may raise for an object that is not an array of this backend."""
         return None
 
     def full(self, n: int, value: float, dtype: str, device: object = None) -> Array:
@@ -104,11 +102,12 @@ class Backend:
         return 1 / a
 
     # ---- autodiff hook --------------------------------------------------------------------------------
-    def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
-        """``op(*inputs) -> outputs`` whose derivatives are ``rule``'s (a :class:`multibn.algorithm.Rule`):
-        its ``backward`` for reverse mode, its ``jvp`` for forward mode. The generic version has no autodiff: it
-        just runs the forward."""
-        return rule.forward
+    def custom_op(self, make_rule: Callable[[Backend], Rule]) -> Callable[..., tuple[Array, ...]]:
+        """``op(sync, *inputs) -> outputs`` whose derivatives are those of ``make_rule(self)`` (a
+        :class:`multibn.algorithm.Rule`): its ``backward`` for reverse mode, its ``jvp`` for forward mode; ``sync``
+        is passed through as a constant. ``make_rule`` takes a backend so that an adapter may run the same rule on
+        another (MXNet runs small arrays on NumPy). The generic version has no autodiff: it runs the forward."""
+        return make_rule(self).forward
 
     # ---- synchronised BN: the framework's collectives ------------------------------------------------------
     def sync_group(self, sync: object) -> object:
@@ -117,8 +116,8 @@ class Backend:
             f"sync is supported on the torch (torch.distributed) and jax (axis names) backends, not on {self.name}"
         )
 
-    def replica_counts(self, count: int, group: object) -> tuple[int, ...]:
-        """Every replica's element count per channel, in replica order."""
+    def gather_ints(self, values: tuple[int, ...], group: object) -> tuple[tuple[int, ...], ...]:
+        """Every replica's ``values`` (a few Python ints describing its call), in replica order."""
         raise NotImplementedError
 
     def all_reduce_sum(self, a: Array, group: object) -> Array:
@@ -154,35 +153,3 @@ class Backend:
         d = xp.astype(x, a.dtype, copy=False) - mean
         return xp.astype(xp.astype(dy, a.dtype, copy=False) * a + d * b + c, x.dtype, copy=False)
 
-
-# ---- helpers for fast kernels that stream x in chunks --------------------------------------------------------------
-def channel_view_shape(shape: Sequence[int], axes: Sequence[int]) -> tuple[int, int, int] | None:
-    """``(P, C, Q)``: ``x`` seen with its one kept axis in the middle, when every other axis is reduced."""
-    if len(axes) != len(shape) - 1:
-        return None
-    ax = next(i for i in range(len(shape)) if i not in axes)
-    return math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:])
-
-
-def chunk_slices(view_shape: Sequence[int], elements: int) -> tuple[int, list[slice]]:
-    """Rows along P per chunk of about ``elements`` elements (at least one row), and the chunks' slices."""
-    p, c, q = view_shape
-    k = max(1, elements // max(1, c * q))
-    return min(k, p), [slice(i, i + k) for i in range(0, p, k)]
-
-
-#: rows added one after the other by :func:`sum_rows` before their sums are added the same way
-ROW_BLOCK = 64
-
-
-def sum_rows(a: Array) -> Array:
-    """Sum of a (p, C) array (NumPy or torch) over p: in blocks of ROW_BLOCK rows, then over the blocks' sums the
-    same way. NumPy adds the rows of a non-contiguous axis one after the other (error growing with p: a constant
-    channel of 200k float32 values got a mean off by 1e-3); blocks bound it by about 64 + log64(p) units of roundoff,
-    in one pass, and torch's blocked sum over (4096, 1024) took 0.64 ms on one thread against 1.06 ms for its plain
-    sum over the outer axis."""
-    m = a.shape[0] // ROW_BLOCK * ROW_BLOCK
-    if m == 0:
-        return a.sum(0)
-    blocks = sum_rows(a[:m].reshape(-1, ROW_BLOCK, a.shape[1]).sum(1))
-    return blocks + a[m:].sum(0) if m < a.shape[0] else blocks

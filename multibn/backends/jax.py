@@ -6,7 +6,9 @@ truncate it silently. ``num_batches_tracked`` is int32 unless x64 is on.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +36,6 @@ def _rows(x: Array, center: Array | None, axes: Sequence[int]) -> tuple[Array, A
 
 class JaxBackend(Backend):
     name = "jax"
-    extra = "jax"
     xp = jnp
 
     def is_array(self, obj: object) -> bool:
@@ -78,8 +79,8 @@ class JaxBackend(Backend):
             )
         return sync
 
-    def replica_counts(self, count: int, group: object) -> tuple[int, ...]:
-        return (count,) * jax.lax.psum(1, group)  # shards of one array have equal shapes
+    def gather_ints(self, values: tuple[int, ...], group: object) -> tuple[tuple[int, ...], ...]:
+        return (values,) * jax.lax.psum(1, group)  # one program on shards of one array: every replica's are equal
 
     def all_reduce_sum(self, a: Array, group: object) -> Array:
         return jax.lax.psum(a, group)
@@ -87,18 +88,17 @@ class JaxBackend(Backend):
     def concrete(self, a: Array) -> bool:
         return not isinstance(a, jax.core.Tracer)
 
-    # ---- kernels: XLA:CPU reduces a (rows, C) array over its rows much faster than the same data as (N, H, W, C)
-    # over three axes (jax 0.7: (64, 56, 56, 64) 18 against 41 ms per sum), and two sums of one producer become one
-    # multi-output loop that runs several times slower than the two sums apart (jax 0.10: 16 against 4.7 ms for
-    # S and Q on (64, 56, 56, 64)); an optimisation barrier on two per-channel vectors keeps them apart. Primal only:
-    # no derivative differentiates these kernels (the op's derivatives are its rule's).
+    # ---- kernels: XLA:CPU reduces a (rows, C) array over its rows faster than the same data as (N, H, W, C) over
+    # three axes, and two sums of one producer become one multi-output loop that runs slower than the two sums
+    # apart; an optimisation barrier on two per-channel vectors keeps them apart. Primal only: no derivative
+    # differentiates these kernels (the op's derivatives are its rule's).
     def channel_sum(self, x: Array, axes: Sequence[int], dtype: object) -> Array:
         x, _, axes = _rows(x, None, axes)
         return jnp.sum(x.astype(dtype), axis=axes)
 
     def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
         x, center, axes = _rows(x, center, axes)
-        if x.ndim - 1 in axes:  # channels first: one variadic reduction is fastest (7-13 against 29-37 ms)
+        if x.ndim - 1 in axes:  # channels first: one variadic reduction, both sums in one pass over x, is fastest
             d = x.astype(center.dtype) - center
             zero = jnp.zeros((), center.dtype)
             return jax.lax.reduce((d, d * d), (zero, zero), lambda a, b: (a[0] + b[0], a[1] + b[1]), axes)
@@ -112,18 +112,20 @@ class JaxBackend(Backend):
         g = dy.reshape(x.shape).astype(mean.dtype)  # a tangent or cotangent of x: x's shape
         return jnp.sum(g, axis=axes), jnp.sum(g * (x.astype(mean.dtype) - mean), axis=axes)
 
-    def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
-        """A ``jax.custom_jvp`` with ``rule.jvp``: forward mode directly, reverse mode by JAX's transposition of
-        that linear rule (which also sums the cotangents of parameters replicated over ``shard_map`` axes), and
-        every higher order by differentiating the rule, which calls the op itself again."""
+    def custom_op(self, make_rule: Callable[[Backend], Rule]) -> Callable[..., tuple[Array, ...]]:
+        """A ``jax.custom_jvp`` with the rule's ``jvp`` (``sync`` a static argument): forward mode directly,
+        reverse mode by JAX's transposition of that linear rule (which also sums the cotangents of parameters
+        replicated over ``shard_map`` axes), and every higher order by differentiating the rule, which calls the op
+        itself again."""
+        rule = make_rule(self)
 
-        @jax.custom_jvp
-        def op(*inputs: Array) -> tuple[Array, ...]:
-            return tuple(rule.forward(*inputs))
+        @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+        def op(sync: Any, *inputs: Array) -> tuple[Array, ...]:
+            return tuple(rule.forward(sync, *inputs))
 
         @op.defjvp
-        def op_jvp(primals: tuple[Array, ...], tangents: tuple[Array, ...]) -> tuple[tuple, tuple]:
-            outputs = op(*primals)
-            return outputs, tuple(rule.jvp(rule.residuals(primals, outputs), tangents[: rule.n_diff]))
+        def op_jvp(sync: Any, primals: tuple[Array, ...], tangents: tuple[Array, ...]) -> tuple[tuple, tuple]:
+            outputs = op(sync, *primals)
+            return outputs, tuple(rule.jvp(rule.residuals(sync, primals, outputs), tangents[: rule.n_diff]))
 
         return op

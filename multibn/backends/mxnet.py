@@ -33,8 +33,8 @@ with warnings.catch_warnings():  # MXNet 1.9 warns about NumPy/SciPy/distutils A
 if _torch is not None and _torch_threads is not None:
     _torch.set_num_threads(_torch_threads)
 
-from .base import Array, Backend, Rule, channel_view_shape, chunk_slices  # noqa: E402
-from .numpy import NumpyBackend  # noqa: E402
+from ._chunks import accumulate, channel_view_shape, chunks, scratch  # noqa: E402
+from .base import Array, Backend, Rule  # noqa: E402
 
 
 class _BatchNormFunction(mx.autograd.Function):
@@ -50,8 +50,8 @@ class _BatchNormFunction(mx.autograd.Function):
         self._rule = rule
 
     def forward(self, *inputs: Array) -> tuple[Array, ...]:
-        outputs = tuple(self._rule.forward(*inputs))
-        residuals = self._rule.residuals(inputs, outputs)
+        outputs = tuple(self._rule.forward(None, *inputs))
+        residuals = self._rule.residuals(None, inputs, outputs)
         # outputs among the residuals (mean) are detached: their autograd entry points at this node, which holds
         # this function, so keeping them as they are would keep the node, and the copy of x, alive for good
         self.residuals = type(residuals)(*(r.copy() if any(r is a for a in inputs) else
@@ -118,8 +118,8 @@ class _HostFunction(_BatchNormFunction):
         self.ctx = inputs[0].context
         host = tuple(a.asnumpy() for a in inputs)
         with _backend("numpy").quiet():  # inf and NaN arise silently, as on MXNet
-            outputs = tuple(self._rule.forward(*host))
-            self.residuals = self._rule.residuals(host, outputs)
+            outputs = tuple(self._rule.forward(None, *host))
+            self.residuals = self._rule.residuals(None, host, outputs)
         self.consts = inputs[self._rule.n_diff:]
         return tuple(_from_host(o, self.ctx) for o in outputs)
 
@@ -135,22 +135,10 @@ _DTYPE_NAMES = {t: np.dtype(t).name for t in (np.float16, np.float32, np.float64
 HOST_MAX_ELEMENTS = 1 << 17
 
 
-def _on_host(rule: Rule) -> Rule | None:
-    """``rule``, whose functions are partials of the algorithm over this adapter, re-bound to the NumPy adapter;
-    None if they are not (or are synchronised: NumPy has no collectives)."""
-    names = ("forward", "residuals", "backward", "jvp")
-    fns = [getattr(rule, n) for n in names]
-    if not all(isinstance(f, functools.partial) and f.args and isinstance(f.args[0], MXNetBackend)
-               and f.keywords.get("sync") is None for f in fns):
-        return None
-    numpy_be = _backend("numpy")
-    return rule._replace(**{n: functools.partial(f.func, numpy_be, *f.args[1:], **f.keywords)
-                            for n, f in zip(names, fns, strict=True)})
-
-
 def _from_host(a: np.ndarray, ctx: mx.Context) -> Array:
     """A new CPU NDArray holding ``a``, written through a host view: the array is new, so no engine operation can
-    be pending on it, and the write skips ``_sync_copyfrom``'s engine round trip (about 100 us against 15)."""
+    be pending on it, and the write skips ``_sync_copyfrom``'s engine round trip (a wait on the engine, which costs
+    more than the copy of a small array)."""
     out = mx.nd.empty(a.shape, ctx=ctx, dtype=a.dtype)
     np.copyto(_host_view(out, a.shape, np.dtype(a.dtype)), a)
     return out
@@ -207,7 +195,7 @@ class MXNetNamespace:
     @staticmethod
     def astype(x: Array, dtype: object, copy: bool = True) -> Array:
         # never a copy of an array already in ``dtype``: the algorithm writes to no array, and each copy is one
-        # more engine push (15-60 us)
+        # more engine push (a fixed cost per operator)
         return x.astype(dtype, copy=False)
 
     @staticmethod
@@ -235,6 +223,18 @@ class MXNetNamespace:
     @_keeps_np
     def abs(x: Array) -> Array:
         return mx.nd.abs(x)
+
+    @staticmethod
+    @_keeps_np
+    def permute_dims(x: Array, axes: Sequence[int]) -> Array:
+        return mx.nd.transpose(x, axes=tuple(axes))
+
+    @staticmethod
+    def concat(arrays: Sequence[Array], axis: int = 0) -> Array:
+        arrays = list(arrays)
+        if isinstance(arrays[0], mx.np.ndarray):
+            return _as_np(mx.nd.concat(*map(_legacy, arrays), dim=axis))
+        return mx.nd.concat(*arrays, dim=axis)
 
     @staticmethod
     @_keeps_np
@@ -294,7 +294,6 @@ class _Destination:
 
 class MXNetBackend(Backend):
     name = "mxnet"
-    extra = "mxnet"
     xp = MXNetNamespace()
 
     #: where ``backward_apply`` on the fast path writes its result (dx into ``x.grad``), when one is named
@@ -338,19 +337,18 @@ class MXNetBackend(Backend):
     def untracked(self) -> contextlib.AbstractContextManager:
         return mx.autograd.pause()
 
-    def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
-        """The op through ``mxnet.autograd.Function``; on small CPU arrays the same algorithm runs on the NumPy
-        adapter (the rule re-bound to it) on host copies: MXNet pushes each operator to its engine at 15-60 us
-        apiece, NumPy runs the whole small batch norm in less."""
-        host_rule = _on_host(rule)
+    def custom_op(self, make_rule: Callable[[Backend], Rule]) -> Callable[..., tuple[Array, ...]]:
+        """The op through ``mxnet.autograd.Function``; on small CPU arrays the same rule runs on the NumPy adapter
+        on host copies: MXNet pushes each operator to its engine at a fixed cost apiece, and NumPy runs the whole
+        small batch norm in less than those pushes add up to. MXNet has no collectives: ``sync`` is always None here."""
+        rule, host_rule = make_rule(self), make_rule(_backend("numpy"))
 
-        def op(*inputs: Array) -> tuple[Array, ...]:
+        def op(sync: None, *inputs: Array) -> tuple[Array, ...]:
             np_arrays = isinstance(inputs[0], mx.np.ndarray)
             if np_arrays:
                 inputs = tuple(map(_legacy, inputs))
             x = inputs[0]
-            if (host_rule is not None and len(inputs) == rule.n_diff and x.size <= HOST_MAX_ELEMENTS
-                    and x.context.device_type == "cpu"):
+            if len(inputs) == rule.n_diff and x.size <= HOST_MAX_ELEMENTS and x.context.device_type == "cpu":
                 outputs = _HostFunction(host_rule)(*inputs)
             else:
                 outputs = _BatchNormFunction(rule)(*inputs)
@@ -359,44 +357,44 @@ class MXNetBackend(Backend):
         return op
 
     # ---- fast kernels -------------------------------------------------------------------------------------------
-    # MXNet 1.9's reductions over several axes and its broadcast operators are 5-30x slower than its BLAS and
-    # oneDNN kernels (the wheel is built without AVX). So, for float32/float64 x with the channel axis viewed as
-    # (P, C, Q): every per-channel sum is a matrix product with a ones vector (BLAS); the per-channel affine maps
-    # x * scale + shift and (x - mean) * b + c of float32 4-D data are oneDNN's inference-mode BatchNorm with
-    # moving_var + eps == 1 exactly, i.e. gamma * (x - moving_mean) + beta; everything else streams in chunks
-    # along P through reused buffers (``out=``). float16 x streams the same way through float32 buffers (a cast per
-    # chunk, then the generic kernels' operators in their order), so that no full-size float32 temporary exists.
-    # Under autograd.record the generic kernels run.
+    # MXNet 1.9's reductions over several axes and its broadcast operators are far slower than its BLAS and oneDNN
+    # kernels (generic kernels, and the wheel is built without AVX). So, for float32/float64 x with the channel axis
+    # viewed as (P, C, Q): every per-channel sum is a matrix product with a ones vector (BLAS); the per-channel affine
+    # maps x * scale + shift and (x - mean) * b + c of float32 4-D data are oneDNN's inference-mode BatchNorm with
+    # moving_var + eps == 1 exactly, i.e. gamma * (x - moving_mean) + beta; everything else streams in chunks along P
+    # through reused buffers (``out=``). float16 x streams the same way through float32 buffers (a cast per chunk, then
+    # the generic kernels' operators in their order), so that no full-size float32 temporary exists. Under
+    # autograd.record the generic kernels run.
     @_keeps_np
     def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
-        v = _pcq(x, axes, dtype)
+        v = _channel_view(x, axes, dtype)
         if v is None:
             return super().channel_sum(x, axes, dtype)
         if v.dtype == dtype:
             return _rsum(v)
         acc = None
         for (xc,), buf in _chunks(v, dtype=dtype):
-            acc = _accumulate(acc, _rsum(_cast(xc, buf)))
+            acc = accumulate(acc, _rsum(_cast(xc, buf)))
         return acc
 
     @_keeps_np
     def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
-        v = _pcq(x, axes, center.dtype)
+        v = _channel_view(x, axes, center.dtype)
         if v is None:
             return super().channel_dev_sums(x, center, axes)
         m = center.reshape((1, -1, 1))
         s1 = s2 = None
         for (xc,), buf in _chunks(v, dtype=center.dtype):
             _sub(xc, m, buf)
-            s1 = _accumulate(s1, _rsum(buf))
+            s1 = accumulate(s1, _rsum(buf))
             mx.nd.elemwise_mul(buf, buf, out=buf)  # the square, twice as fast as mx.nd.square
-            s2 = _accumulate(s2, _rsum(buf))
+            s2 = accumulate(s2, _rsum(buf))
         return s1, s2
 
     @_keeps_np
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if scale.shape[i] == 1) if x.ndim == scale.ndim else ()
-        v = _pcq(x, axes, scale.dtype)
+        v = _channel_view(x, axes, scale.dtype)
         if v is None:
             return super().scale_shift(x, scale, shift)
         same = v.dtype == scale.dtype
@@ -414,7 +412,7 @@ class MXNetBackend(Backend):
 
     @_keeps_np
     def backward_sums(self, dy: Array, x: Array, mean: Array, axes: Sequence[int]) -> tuple[Array, Array]:
-        v, g = _pcq(x, axes, mean.dtype), _pcq(dy, axes, mean.dtype)
+        v, g = _channel_view(x, axes, mean.dtype), _channel_view(dy, axes, mean.dtype)
         if v is None or g is None or dy.shape != x.shape:
             return super().backward_sums(dy, x, mean, axes)
         m = mean.reshape((1, -1, 1))
@@ -424,16 +422,16 @@ class MXNetBackend(Backend):
         for (xc, gc), buf in _chunks(v, g, dtype=mean.dtype):
             if gbuf is not None:
                 gc = _cast(gc, gbuf[: gc.shape[0]])
-                s1 = _accumulate(s1, _rsum(gc))
+                s1 = accumulate(s1, _rsum(gc))
             _sub(xc, m, buf)
             mx.nd.elemwise_mul(buf, gc, out=buf)
-            s2 = _accumulate(s2, _rsum(buf))
+            s2 = accumulate(s2, _rsum(buf))
         return s1, s2
 
     @_keeps_np
     def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if mean.shape[i] == 1)
-        v, g = _pcq(x, axes, a.dtype), _pcq(dy, axes, a.dtype)
+        v, g = _channel_view(x, axes, a.dtype), _channel_view(dy, axes, a.dtype)
         if v is None or g is None or dy.shape != x.shape:
             return super().backward_apply(dy, x, mean, a, b, c)
         dst = self.destination.take(x)
@@ -476,7 +474,7 @@ _CHUNK = 1 << 20
 _AFFINE_EPS = 2.0**-10
 
 
-def _pcq(x: Array, axes: Sequence[int], dtype: Any) -> Array | None:
+def _channel_view(x: Array, axes: Sequence[int], dtype: Any) -> Array | None:
     """x as a (P, C, Q) view, C the one axis not reduced; None when the fast path does not apply: ``dtype`` (the
     dtype of the computation) float32 or float64 and x in it, or x float16 with ``dtype`` float32."""
     shape = channel_view_shape(x.shape, axes)
@@ -536,68 +534,20 @@ def _rsum(v: Array) -> Array:
     return mx.nd.dot(mx.nd.ones((1, p), ctx=ctx, dtype=dt), rows.reshape((p, c))).reshape((c,))
 
 
-def _accumulate(acc: Array | None, part: Array) -> Array:
-    return part if acc is None else acc + part
+def _empty(v: Array, dtype: Any = None) -> Callable[[tuple[int, ...]], Array]:
+    return lambda shape: mx.nd.empty(shape, ctx=v.context, dtype=v.dtype if dtype is None else dtype)
 
 
 def _buffer(v: Array, dtype: Any = None) -> Array:
     """A scratch buffer for one chunk of the (P, C, Q) array ``v`` (in ``dtype``, default that of ``v``)."""
-    rows, _ = chunk_slices(v.shape, _CHUNK)
-    return mx.nd.empty((rows, *v.shape[1:]), ctx=v.context, dtype=v.dtype if dtype is None else dtype)
+    return scratch(v.shape, _CHUNK, _empty(v, dtype))
 
 
 def _chunks(*vs: Array, dtype: Any = None, need_buf: bool = True
             ) -> Iterator[tuple[tuple[Array, ...], Array | None]]:
     """Chunks along P of (P, C, Q) arrays of one shape, each time with a reused buffer of the chunk's shape (in
     ``dtype``, default that of the first array)."""
-    v = vs[0]
-    _, slices = chunk_slices(v.shape, _CHUNK)
-    buf = _buffer(v, dtype) if need_buf else None
-    for sl in slices:
-        chunk = tuple(t[sl] for t in vs)
-        n = chunk[0].shape[0]
-        yield chunk, (buf if buf is None or n == buf.shape[0] else buf[:n])
-
-
-# ---- the graph operator: one batch-norm node for hybridized Gluon blocks and exported symbols -------------------
-#: the registered name of the operator (``F.Custom(..., op_type=OP_TYPE)``); an exported symbol names it, so a
-#: process loading that symbol must import multibn first (which registers it)
-OP_TYPE = "multibn_batch_norm (registered by: import multibn)"
-#: contexts on which the operator runs the algorithm on the NumPy adapter over zero-copy views of its buffers: no
-#: MXNet engine push per array operation (each costs 15-60 us here). Elsewhere (GPU) it runs on MXNet's operators,
-#: waiting for them before its callback returns. On the CPU that second road is slower (LeNet step 1.85x native
-#: at batch 256, 3.2x at 32, against 1.6x and 1.8x) and unsafe for inputs in oneDNN's blocked layouts, which MXNet
-#: hands the callback as temporary copies (the layer's reshape avoids them; a hand-built symbol may not).
-HOST_DEVICES = ("cpu",)
-_UPDATES = ("forward", "backward")
-_counters: dict[str, Array] = {}
-_UPDATE_LOCK = threading.Lock()
-
-
-def counter_of(key: str) -> Array:
-    """The ``num_batches_tracked`` of the operator nodes that carry ``key``: an int64 NDArray of shape (1,) on the
-    CPU, shared by them (and advanced in their callbacks, which MXNet runs asynchronously)."""
-    if key not in _counters:
-        counter = mx.nd.zeros((1,), ctx=mx.cpu(), dtype="int64")
-        counter.wait_to_read()  # allocated and zeroed before a callback writes to it
-        _counters[key] = counter
-    return _counters[key]
-
-
-def convention_attr(conv: Any) -> str:
-    """A convention as the string attribute a graph node stores (JSON of its fields)."""
-    import dataclasses
-    import json
-
-    return json.dumps({k: v for k, v in dataclasses.asdict(conv).items() if k != "reproduces"}, sort_keys=True)
-
-
-def _convention_from_attr(text: str) -> Any:
-    import json
-
-    from ..conventions import Convention
-
-    return Convention(**json.loads(text))
+    return chunks(vs, _CHUNK, _empty(vs[0], dtype) if need_buf else None)
 
 
 def _legacy(a: Array) -> Array:
@@ -610,212 +560,14 @@ _GetData = mx.base._LIB.MXNDArrayGetData
 
 def _host_view(a: Array, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """A NumPy array on the memory of the CPU NDArray ``a``, without a copy and without a round trip through MXNet's
-    engine (each costs about as much as the whole batch norm of a small tensor). Only for the operator's own
-    buffers, which are ready when its callback runs and in MXNet's default layout (the layer reshapes x so that
-    MXNet converts oneDNN's blocked layouts before the operator)."""
+    engine (each costs about as much as the whole batch norm of a small tensor). Only for arrays no engine
+    operation is pending on, in MXNet's default layout: new arrays, and the Gluon graph operator's own buffers
+    (:mod:`multibn.layers._gluon_op`), which are ready when its callback runs (the layer reshapes x so that MXNet
+    converts oneDNN's blocked layouts before the operator)."""
     ptr = ctypes.c_void_p()
     mx.base.check_call(_GetData(a.handle, ctypes.byref(ptr)))
     n = int(np.prod(shape)) * dtype.itemsize
     return np.frombuffer((ctypes.c_char * n).from_address(ptr.value), dtype=dtype).reshape(shape)
-
-
-class _HostBackend(NumpyBackend):
-    """The NumPy adapter for the graph operator: the full-size result of a call (y, dx) goes straight into the buffer
-    MXNet gave the operator for it (a host view, named by ``destination``) instead of a new array then copied.
-    The NumPy kernels run on chunks of rows along the first axis and each chunk is copied into the destination while
-    in cache: the same operations on every element, a chunk-size temporary instead of a full-size one."""
-
-    #: where the full-size ``scale_shift`` or ``backward_apply`` writes (a host view of MXNet's buffer), when named
-    destination: _Destination = _Destination()
-
-    def _into(self, x: np.ndarray, per_channel: np.ndarray, kernel: Callable[..., np.ndarray], *args: np.ndarray
-              ) -> np.ndarray | None:
-        """``kernel`` over chunks of rows of the full-size ``args`` (x among them) into the destination; None when
-        there is none for ``x`` (or the channels are along the first axis, so that rows cannot be chunked)."""
-        if x.ndim < 2 or per_channel.shape[0] != 1:
-            return None
-        view = self.destination.take(x)
-        if view is None:
-            return None
-        _, slices = chunk_slices((x.shape[0], 1, x.size // x.shape[0]), HOST_CHUNK)
-        for sl in slices:
-            np.copyto(view[sl], kernel(*(a[sl] if a.shape == x.shape else a for a in args)))
-        return view
-
-    def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
-        out = self._into(x, scale, super().scale_shift, x, scale, shift)
-        return super().scale_shift(x, scale, shift) if out is None else out
-
-    def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
-        out = self._into(x, mean, super().backward_apply, dy, x, mean, a, b, c) if dy.shape == x.shape else None
-        return super().backward_apply(dy, x, mean, a, b, c) if out is None else out
-
-
-#: elements per chunk of the graph operator's results on the host (1 MiB of float32: small temporaries)
-HOST_CHUNK = 1 << 18
-_HOST = _HostBackend()
-
-
-class _GraphBatchNorm(mx.operator.CustomOp):
-    """The batch-norm node: ``forward`` and ``backward`` run :mod:`multibn.algorithm` (train or eval, by MXNet's
-    ``is_train``), the running statistics are the node's auxiliary states, written in place at the forward or, under
-    ``update="backward"``, at the backward (MXNet's CPU timing: each backward applies the update of its forward to
-    the statistics of that moment, so several forwards before one backward chain their updates as in MXNet)."""
-
-    def __init__(self, conv: Any, axis: int, update: str, key: str, shapes: list, dtypes: list, host: bool) -> None:
-        super().__init__()
-        from .. import algorithm as alg
-
-        self._alg = alg
-        self.conv, self.update, self.key = conv, update, key
-        self.lay = alg.Layout.of(tuple(shapes[0]), axis)
-        self.shapes = [tuple(s) for s in shapes]
-        self.dtypes = [np.dtype(mx.ndarray.ndarray._DTYPE_MX_TO_NP[d]) for d in dtypes]
-        self.host = host
-        self.be = _HOST if host else _backend("mxnet")
-        self.rules = {True: alg.train_rule(self.be, conv, self.lay), False: alg.eval_rule(self.be, conv, self.lay)}
-
-    def _arrays(self, arrays: Sequence[Array], index: Sequence[int]) -> list[Array]:
-        if self.host:
-            return [_host_view(a, self.shapes[i], self.dtypes[i]) for a, i in zip(arrays, index, strict=True)]
-        return [_legacy(a) for a in arrays]
-
-    def _store(self, dst: Array, req: str, value: Array, i: int) -> None:
-        if req == "null":
-            return
-        if self.host:
-            view = _host_view(dst, self.shapes[i], self.dtypes[i])
-            if value.ctypes.data == view.ctypes.data and value.shape == view.shape and value.dtype == view.dtype:
-                return  # written in place by the kernel (``_writing_to``)
-            if req == "add":
-                view += value
-            else:
-                np.copyto(view, value, casting="unsafe")
-            return
-        dst = _legacy(dst)
-        if req == "add":
-            mx.nd.elemwise_add(dst, value.astype(dst.dtype, copy=False), out=dst)
-        else:
-            value.astype(dst.dtype, copy=False).copyto(dst)
-
-    def _writing_to(self, dst: Array, req: str, i: int) -> contextlib.AbstractContextManager:
-        """On the host, a context in which the kernels write the full-size result into ``dst`` itself (request
-        "write" or "inplace"; MXNet's buffer is in the default layout and ready in the callback)."""
-        if not self.host or req not in ("write", "inplace"):
-            return contextlib.nullcontext()
-        return self.be.destination.writing_to(_host_view(dst, self.shapes[i], self.dtypes[i]))
-
-    def _state(self, aux: Sequence[Array]) -> Any:
-        from ..state import BNState
-
-        rmean, rvar = self._arrays(aux, (3, 4))
-        t = counter_of(self.key)
-        return BNState(rmean, rvar, _host_view(t, (1,), np.dtype(np.int64)) if self.host else t.as_in_context(
-            rmean.context))
-
-    def _update(self, aux: Sequence[Array], stats: Any) -> None:
-        # MXNet may run the backward nodes of two calls of one layer at once, on two threads, and does not order
-        # their writes to the statistics: the read-update-write is made atomic here (and finished before the lock
-        # is released on the MXNet path), so every update lands, applied to the statistics of its moment.
-        alg = self._alg
-        with _UPDATE_LOCK:
-            new = alg.update_state(self.be, self.conv, self._state(aux), stats)
-            for dst, value, i in ((aux[0], new.running_mean, 3), (aux[1], new.running_var, 4)):
-                self._store(dst, "write", value, i)
-            if not self.host:
-                for dst in aux:
-                    dst.wait_to_read()
-            t = counter_of(self.key)  # an MXNet batch is never empty: update_state counted it
-            if self.host:
-                _host_view(t, (1,), np.dtype(np.int64))[0] += 1
-            else:
-                t[:] += 1
-
-    def forward(self, is_train: bool, req: list, in_data: list, out_data: list, aux: list) -> None:
-        alg = self._alg
-        inputs = tuple(self._arrays(in_data, (0, 1, 2)))
-        self.train = bool(is_train)
-        rule = self.rules[self.train]
-        with self.be.quiet(), self._writing_to(out_data[0], req[0], 0):
-            if self.train:
-                y, mean, m2 = outputs = tuple(rule.forward(*inputs))
-                self.residuals = rule.residuals(inputs, outputs)
-                stats = alg.Stats(self.lay.count, mean, m2)
-                if self.update == "forward":
-                    self._update(aux, stats)
-                else:
-                    self.stats = stats
-            else:
-                state = self._state(aux)
-                inputs += (state.running_mean, state.running_var)
-                (y,) = outputs = tuple(rule.forward(*inputs))
-                self.residuals = rule.residuals(inputs, outputs)
-        self._store(out_data[0], req[0], y, 0)
-        self._settle(out_data[:1], [r for r in self.residuals if hasattr(r, "wait_to_read")])
-
-    def backward(self, req: list, out_grad: list, in_data: list, out_data: list, in_grad: list, aux: list) -> None:
-        x, gamma = self._arrays(in_data[:2], (0, 1))
-        (dy,) = self._arrays(out_grad[:1], (0,))
-        residuals = self.residuals._replace(x=x, gamma=gamma)  # the backward's own views of the inputs
-        with self.be.quiet(), self._writing_to(in_grad[0], req[0], 0):
-            if self.train:
-                grads = self.rules[True].backward(residuals, (dy, None, None))
-                if self.update == "backward":
-                    self._update(aux, self.stats)
-            else:
-                grads = self.rules[False].backward(residuals, (dy,))[:3]
-        for i, (dst, r, g) in enumerate(zip(in_grad, req, grads, strict=True)):
-            self._store(dst, r, g, i)
-        self._settle(in_grad)
-
-    def _settle(self, *groups: Sequence[Array]) -> None:
-        """On the MXNet path, wait for the operators pushed here: MXNet may hand the callback temporary copies of
-        the inputs (oneDNN layouts reordered to the default one) that it frees when the callback returns, and it
-        waits only for writes to the outputs, not for reads of the inputs."""
-        if not self.host:
-            for group in groups:
-                for a in group:
-                    a.wait_to_read()
-
-
-@mx.operator.register(OP_TYPE)
-class _GraphBatchNormProp(mx.operator.CustomOpProp):
-    """Inputs ``data, gamma, beta``; auxiliary states ``moving_mean, moving_var``; output ``output``.
-
-    Attributes (strings in the graph): ``convention`` (JSON, :func:`convention_attr`), ``axis``, ``update``
-    (``"forward"`` or ``"backward"``) and ``key`` (which ``num_batches_tracked`` counter the node advances)."""
-
-    def __init__(self, convention: str, axis: str = "1", update: str = "forward", key: str = "") -> None:
-        super().__init__(need_top_grad=True)
-        if update not in _UPDATES:
-            raise ValueError(f"update must be 'forward' or 'backward', got {update!r}")
-        self.conv = _convention_from_attr(convention)
-        self.axis, self.update, self.key = int(axis), update, key
-
-    def list_arguments(self) -> list[str]:
-        return ["data", "gamma", "beta"]
-
-    def list_outputs(self) -> list[str]:
-        return ["output"]
-
-    def list_auxiliary_states(self) -> list[str]:
-        return ["moving_mean", "moving_var"]
-
-    def infer_shape(self, in_shape: list) -> tuple[list, list, list]:
-        x = in_shape[0]
-        c = (x[self.axis],)
-        return [x, c, c], [x], [c, c]
-
-    def infer_type(self, in_type: list) -> tuple[list, list, list]:
-        p = in_type[1] if in_type[1] is not None else np.float32
-        return [in_type[0], p, p], [in_type[0]], [p, p]
-
-    def declare_backward_dependency(self, out_grad: list, in_data: list, out_data: list) -> list:
-        return [out_grad[0], in_data[0], in_data[1]]
-
-    def create_operator(self, ctx: Any, shapes: list, dtypes: list) -> _GraphBatchNorm:
-        host = ctx.device_type in HOST_DEVICES
-        return _GraphBatchNorm(self.conv, self.axis, self.update, self.key, shapes, dtypes, host)
 
 
 def _backend(name: str) -> Backend:

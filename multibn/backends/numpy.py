@@ -11,7 +11,8 @@ from typing import Any
 import array_api_compat.numpy as compat
 import numpy as np
 
-from .base import ROW_BLOCK, Array, Backend, channel_view_shape, sum_rows
+from ._chunks import ROW_BLOCK, channel_view_shape, sum_rows
+from .base import Array, Backend
 
 
 def _reshape(x: Array, /, shape: tuple[int, ...], *, copy: bool | None = None) -> Array:
@@ -25,7 +26,8 @@ def _astype(x: Array, dtype: Any, /, *, copy: bool = True, device: object = None
 
 
 def _clip(x: Array, /, min: float | None = None, max: float | None = None) -> Array:
-    """``array_api_compat.numpy.clip``: ``np.clip`` itself for a float array and float bounds (8 against 2.5 us)."""
+    """``array_api_compat.numpy.clip``: ``np.clip`` itself for a float array and float bounds (the wrapper's per-call
+    overhead is skipped, and the algorithm calls clip several times a call)."""
     if isinstance(x, np.ndarray) and x.dtype.kind == "f" and all(b is None or type(b) is float for b in (min, max)):
         return np.clip(x, min, max)
     return compat.clip(x, min, max)
@@ -38,7 +40,6 @@ xp = types.SimpleNamespace(**{**{k: getattr(compat, k) for k in dir(compat) if n
 
 class NumpyBackend(Backend):
     name = "numpy"
-    extra = "numpy"
     xp = xp
 
     def is_array(self, obj: object) -> bool:
@@ -50,7 +51,7 @@ class NumpyBackend(Backend):
         return np.asarray(obj, dtype=dtype)
 
     def signature(self, arrays: Sequence[object]) -> tuple | None:
-        return tuple(None if a is None else (type(a), a.shape, a.dtype) for a in arrays)
+        return tuple(None if a is None else (type(a), a.dtype) for a in arrays)
 
     def to_numpy(self, a: Array) -> np.ndarray:
         return np.asarray(a)
@@ -65,30 +66,30 @@ class NumpyBackend(Backend):
 
     # ---- fast kernels -------------------------------------------------------------------------------------------
     # The same quantities as the generic kernels with in-place ufuncs (``out=``) on tiles of about _CHUNK elements:
-    # x is viewed as (P, C, Q) and streamed tile by tile (:class:`_Plan`), so that a tile, its output and the
+    # x is viewed as (P, C, Q) and streamed tile by tile (:class:`_Tiling`), so that a tile, its output and the
     # scratch buffers stay in L2 across the ufuncs on it; the only full-size allocation is the output. Sums: see
     # :class:`_Sums`.
     def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
-        v = _pcq(x, axes)
+        v = _channel_view(x, axes)
         if v is None:
             return super().channel_sum(x, axes, dtype)
-        plan = _Plan(v.shape)
-        acc = _Sums(plan, dtype)
+        tiling = _Tiling(v.shape)
+        acc = _Sums(tiling, dtype)
         buf = None if v.dtype == dtype else _Scratch(dtype)
-        with plan.unbuffered():
-            for t in plan.tiles:
+        with tiling.unbuffered():
+            for t in tiling.tiles:
                 acc.add(t, v[t] if buf is None else buf.copy_of(v[t]))
         return acc.total()
 
     def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
-        v = _pcq(x, axes)
+        v = _channel_view(x, axes)
         if v is None:
             return super().channel_dev_sums(x, center, axes)
-        plan = _Plan(v.shape)
-        m = plan.per_channel(center)
-        s1, s2, buf = _Sums(plan, center.dtype), _Sums(plan, center.dtype), _Scratch(center.dtype)
-        with plan.unbuffered():
-            for t in plan.tiles:
+        tiling = _Tiling(v.shape)
+        m = tiling.per_channel(center)
+        s1, s2, buf = _Sums(tiling, center.dtype), _Sums(tiling, center.dtype), _Scratch(center.dtype)
+        with tiling.unbuffered():
+            for t in tiling.tiles:
                 d = np.subtract(v[t], m[:, t[1]], out=buf.like(v[t]))
                 s1.add(t, d)
                 s2.add(t, d, d)
@@ -96,16 +97,16 @@ class NumpyBackend(Backend):
 
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if scale.shape[i] == 1) if x.ndim == scale.ndim else ()
-        v = _pcq(x, axes)
+        v = _channel_view(x, axes)
         if v is None:
             return super().scale_shift(x, scale, shift)
-        plan = _Plan(v.shape)
+        tiling = _Tiling(v.shape)
         out = np.empty_like(x)
         o = out.reshape(v.shape)
-        s, b = plan.per_channel(scale), plan.per_channel(shift)
+        s, b = tiling.per_channel(scale), tiling.per_channel(shift)
         buf = None if x.dtype == scale.dtype else _Scratch(scale.dtype)
-        with plan.unbuffered():
-            for t in plan.tiles:
+        with tiling.unbuffered():
+            for t in tiling.tiles:
                 ch = t[1]
                 w = o[t] if buf is None else buf.like(v[t])  # same dtype: work in the output itself
                 np.multiply(v[t], s[:, ch], out=w)
@@ -113,15 +114,15 @@ class NumpyBackend(Backend):
         return out
 
     def backward_sums(self, dy: Array, x: Array, mean: Array, axes: Sequence[int]) -> tuple[Array, Array]:
-        v, g = _pcq(x, axes), _pcq(dy, axes)
+        v, g = _channel_view(x, axes), _channel_view(dy, axes)
         if v is None or g is None or dy.shape != x.shape:
             return super().backward_sums(dy, x, mean, axes)
-        plan = _Plan(v.shape)
-        m = plan.per_channel(mean)
-        s1, s2, buf = _Sums(plan, mean.dtype), _Sums(plan, mean.dtype), _Scratch(mean.dtype)
+        tiling = _Tiling(v.shape)
+        m = tiling.per_channel(mean)
+        s1, s2, buf = _Sums(tiling, mean.dtype), _Sums(tiling, mean.dtype), _Scratch(mean.dtype)
         gbuf = None if dy.dtype == mean.dtype else _Scratch(mean.dtype)
-        with plan.unbuffered():
-            for t in plan.tiles:
+        with tiling.unbuffered():
+            for t in tiling.tiles:
                 gc = g[t] if gbuf is None else gbuf.copy_of(g[t])
                 s1.add(t, gc)
                 d = np.subtract(v[t], m[:, t[1]], out=buf.like(v[t]))
@@ -130,17 +131,17 @@ class NumpyBackend(Backend):
 
     def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if mean.shape[i] == 1)
-        v, g = _pcq(x, axes), _pcq(dy, axes)
+        v, g = _channel_view(x, axes), _channel_view(dy, axes)
         if v is None or g is None or dy.shape != x.shape:
             return super().backward_apply(dy, x, mean, a, b, c)
-        plan = _Plan(v.shape)
+        tiling = _Tiling(v.shape)
         out = np.empty_like(x)
         o = out.reshape(v.shape)
-        m, a, b, c = (plan.per_channel(p) for p in (mean, a, b, c))
+        m, a, b, c = (tiling.per_channel(p) for p in (mean, a, b, c))
         same = x.dtype == a.dtype
         buf, scratch = _Scratch(a.dtype), _Scratch(a.dtype)
-        with plan.unbuffered():
-            for t in plan.tiles:
+        with tiling.unbuffered():
+            for t in tiling.tiles:
                 ch = t[1]
                 w = o[t] if same else buf.like(v[t])  # same dtype: work in the output itself
                 np.subtract(v[t], m[:, ch], out=w)
@@ -151,22 +152,22 @@ class NumpyBackend(Backend):
         return out
 
 
-#: elements per tile (1 MiB of float32), the best of 64k-512k measured on a 2 MiB-L2 core: smaller tiles pay the
-#: fixed cost of a ufunc call (about 1 us) more often, larger ones push the tile's scratch and output out of L2
+#: elements per tile (1 MiB of float32): smaller tiles pay the fixed cost of a ufunc call more often, larger ones
+#: push the tile's scratch and output out of L2
 _CHUNK = 1 << 18
 #: rows of Q at least this long take per-channel operands as they are, broadcast along the row; shorter ones get
-#: them expanded along Q once per call (:meth:`_Plan.per_channel`)
+#: them expanded along Q once per call (:meth:`_Tiling.per_channel`)
 _LONG = 1024
 #: expanded per-channel operands are at most this many elements (else broadcast, as for long rows)
 _EXPAND_MAX = 1 << 20
 #: the contiguous runs that einsum sums (in SIMD lanes: at most _RUN elements added one after the other, 16-64 with
 #: AVX-512 to SSE); the runs' sums are then added pairwise
 _RUN = 256
-#: runs shorter than this keep NumPy's ufunc buffer (see _Plan.unbuffered): an inner loop per run would cost more
+#: runs shorter than this keep NumPy's ufunc buffer (see _Tiling.unbuffered): an inner loop per run would cost more
 _SHORT = 128
 
 
-def _pcq(x: np.ndarray, axes: Sequence[int]) -> np.ndarray | None:
+def _channel_view(x: np.ndarray, axes: Sequence[int]) -> np.ndarray | None:
     """x as a (P, C, Q) view, C the one axis not reduced; None when the fast path does not apply."""
     shape = channel_view_shape(x.shape, axes)
     if shape is None or not isinstance(x, np.ndarray) or x.size == 0 or not x.flags.c_contiguous:
@@ -174,7 +175,7 @@ def _pcq(x: np.ndarray, axes: Sequence[int]) -> np.ndarray | None:
     return x.reshape(shape)
 
 
-class _Plan:
+class _Tiling:
     """How a kernel streams a (P, C, Q) view: ``tiles``, (rows of P, channels) slices of about _CHUNK elements
     (whole (C, Q) slabs while one fits, else slabs cut along C into near-equal parts; rows in whole groups of
     ``group``: ROW_BLOCK when Q == 1, the rows that :class:`_Sums` adds one after the other, else 1)."""
@@ -206,7 +207,7 @@ class _Plan:
     def unbuffered(self) -> Iterator[None]:
         """Ufuncs with a buffer no longer than the contiguous runs they work along: an operand broadcast along
         runs shorter than the default buffer (8192 elements) otherwise goes through it, copied out element by
-        element (3x slower)."""
+        element (an extra copy per element instead of a contiguous inner loop)."""
         if self.run < _SHORT:
             yield
             return
@@ -235,12 +236,12 @@ class _Scratch:
 
 
 class _Sums:
-    """Per-channel sums of the tiles of a plan: each tile's sums over Q and its groups of rows go to a small
+    """Per-channel sums of the tiles of a tiling: each tile's sums over Q and its groups of rows go to a small
     (groups, C) array, whose rows are summed blockwise at the end (:func:`sum_rows`)."""
 
-    def __init__(self, plan: _Plan, dtype: Any) -> None:
-        p, c, _ = plan.shape
-        self.g = plan.group
+    def __init__(self, tiling: _Tiling, dtype: Any) -> None:
+        p, c, _ = tiling.shape
+        self.g = tiling.group
         self.rows = np.empty((-(-p // self.g), c), dtype)
 
     def add(self, tile: tuple[slice, slice], a: np.ndarray, b: np.ndarray | None = None) -> None:
@@ -256,7 +257,7 @@ class _Sums:
 def _tile_sums(a: np.ndarray, b: np.ndarray | None, g: int, out: np.ndarray) -> None:
     """Into ``out``: the sums of a (p, c, Q) tile ``a`` (of ``a * b``) over Q and over groups of g rows.
 
-    Q > 1: np.einsum over runs of _RUN elements (its SIMD loop is 3x faster than NumPy's pairwise sum and fuses
+    Q > 1: np.einsum over runs of _RUN elements (its SIMD loop is faster than NumPy's pairwise sum and fuses
     the product), the runs' sums then added pairwise by ``sum``. Q == 1: rows added one after the other in blocks of
     g = ROW_BLOCK (as :func:`sum_rows`), by np.einsum (fusing the product) along the contiguous channels."""
     ops = (a,) if b is None else (a, b)

@@ -14,7 +14,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch._C import _functorch
 
-from .base import Array, Backend, Rule, channel_view_shape, chunk_slices, sum_rows
+from ._chunks import accumulate, channel_view_shape, chunks, scratch, sum_rows
+from .base import Array, Backend, Rule
 
 
 def _astype(x: Array, dtype: Any, /, *, copy: bool = True, device: object = None) -> Array:
@@ -44,7 +45,6 @@ xp = types.SimpleNamespace(**{**{k: getattr(compat, k) for k in dir(compat) if n
 
 class TorchBackend(Backend):
     name = "torch"
-    extra = "torch"
     xp = xp
 
     def is_array(self, obj: object) -> bool:
@@ -54,9 +54,10 @@ class TorchBackend(Backend):
         return torch.as_tensor(obj, dtype=None if dtype is None else self.dtype(dtype), device=device)
 
     def signature(self, arrays: Sequence[object]) -> tuple | None:
-        if torch.compiler.is_compiling():
-            return None  # the graph is traced once; Dynamo guards on the arguments itself
-        return tuple(None if a is None else (type(a), a.shape, a.dtype, a.device) for a in arrays)
+        return tuple(None if a is None else (type(a), a.dtype, a.device) for a in arrays)
+
+    def device_of(self, a: Array) -> Any:
+        return a.device  # not array_api_compat.device: its cached type tests make torch.compile warn
 
     def to_numpy(self, a: Array) -> np.ndarray:
         a = a.detach().cpu()
@@ -81,13 +82,14 @@ class TorchBackend(Backend):
             return sync
         raise TypeError(f"sync on the torch backend must be True or a torch.distributed.ProcessGroup, got {sync!r}")
 
-    def replica_counts(self, count: int, group: object) -> tuple[int, ...]:
+    def gather_ints(self, values: tuple[int, ...], group: object) -> tuple[tuple[int, ...], ...]:
         import torch.distributed as dist
 
         device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-        counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(counts, torch.tensor([count], dtype=torch.int64, device=device), group=group)
-        return tuple(int(c) for c in counts)
+        mine = torch.tensor(values, dtype=torch.int64, device=device)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, mine, group=group)
+        return tuple(tuple(int(v) for v in t.tolist()) for t in every)
 
     def all_reduce_sum(self, a: Array, group: object) -> Array:
         import torch.distributed as dist
@@ -109,7 +111,9 @@ class TorchBackend(Backend):
     def reciprocal(self, a: Array) -> Array:
         return torch.reciprocal(a)  # what 1 / a runs, without its Python wrapper and its extra `* 1`
 
-    def custom_op(self, rule: Rule) -> Callable[..., tuple[Array, ...]]:
+    def custom_op(self, make_rule: Callable[[Backend], Rule]) -> Callable[..., tuple[Array, ...]]:
+        rule = make_rule(self)
+
         class BatchNormFunction(torch.autograd.Function):
             """Reverse mode by ``rule.backward``, forward mode by ``rule.jvp``, vmap by running both batched.
 
@@ -120,37 +124,38 @@ class TorchBackend(Backend):
             generate_vmap_rule = True
 
             @staticmethod
-            def forward(*inputs: Array) -> tuple[Array, ...]:  # type: ignore[override]
-                return tuple(rule.forward(*inputs))
+            def forward(sync: Any, *inputs: Array) -> tuple[Array, ...]:  # type: ignore[override]
+                return tuple(rule.forward(sync, *inputs))
 
             @staticmethod
-            def setup_context(ctx: Any, inputs: tuple[Array, ...], output: tuple[Array, ...]) -> None:
+            def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Array, ...]) -> None:
                 ctx.set_materialize_grads(False)
-                ctx.n_inputs, ctx.n_outputs = len(inputs), len(output)
+                ctx.sync = inputs[0]
+                ctx.n_inputs, ctx.n_outputs = len(inputs) - 1, len(output)
                 # only the outputs the residuals read, not y: saving y would keep it alive and forbid in-place
                 # ops on it (BN -> ReLU(inplace=True)), as native BN allows
                 kept = tuple(output[i] for i in rule.kept)
-                ctx.save_for_backward(*inputs, *kept)
-                ctx.save_for_forward(*inputs, *kept)
+                ctx.save_for_backward(*inputs[1:], *kept)
+                ctx.save_for_forward(*inputs[1:], *kept)
 
             @staticmethod
             def backward(ctx: Any, *cotangents: Array | None) -> tuple[Array | None, ...]:  # type: ignore[override]
                 if all(c is None for c in cotangents):
-                    return (None,) * ctx.n_inputs
+                    return (None,) * (ctx.n_inputs + 1)
                 grads = rule.backward(residuals(ctx), tuple(None if c is None else c.contiguous() for c in cotangents))
-                grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=False)]
-                return (*grads, *([None] * (ctx.n_inputs - rule.n_diff)))
+                grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:], strict=False)]
+                return (None, *grads, *([None] * (ctx.n_inputs - rule.n_diff)))
 
             @staticmethod
             def jvp(ctx: Any, *tangents: Array | None) -> tuple[Array, ...]:
-                return tuple(rule.jvp(residuals(ctx), tangents[: rule.n_diff]))
+                return tuple(rule.jvp(residuals(ctx), tangents[1:rule.n_diff + 1]))
 
         def residuals(ctx: Any) -> tuple[Array, ...]:
             saved = ctx.saved_tensors
             outputs: list[Array | None] = [None] * ctx.n_outputs
             for i, t in zip(rule.kept, saved[ctx.n_inputs :], strict=True):
                 outputs[i] = t
-            return rule.residuals(saved[: ctx.n_inputs], tuple(outputs))
+            return rule.residuals(ctx.sync, saved[: ctx.n_inputs], tuple(outputs))
 
         # Function.apply binds the arguments to forward's signature on every call: give it the signature once
         BatchNormFunction.forward.__signature__ = inspect.signature(BatchNormFunction.forward)
@@ -158,11 +163,11 @@ class TorchBackend(Backend):
         class CompiledBatchNormFunction(BatchNormFunction):
             jvp = staticmethod(torch.autograd.Function.jvp)  # torch.compile refuses a custom jvp: none when compiling
 
-        def op(*inputs: Array) -> tuple[Array, ...]:
+        def op(sync: Any, *inputs: Array) -> tuple[Array, ...]:
             if _plain(*inputs):  # nothing to differentiate: no autograd node, no saved tensors
-                return tuple(rule.forward(*inputs))
+                return tuple(rule.forward(sync, *inputs))
             fn = CompiledBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
-            return tuple(fn.apply(*inputs))
+            return tuple(fn.apply(sync, *inputs))
 
         return op
 
@@ -171,30 +176,30 @@ class TorchBackend(Backend):
     # viewed as (P, C, Q) (channel axis in the middle) and streamed in chunks of about _CHUNK elements along P, so
     # every temporary fits in cache and is reused; reductions run over the contiguous Q axis, then over P (faster
     # than torch's sum over several axes). float16/bfloat16 chunks are first converted into a float32 buffer
-    # (torch's mixed-dtype elementwise ops are up to 10x slower on CPU). Tensors that need autograd through the
+    # (torch's mixed-dtype elementwise ops take a slow generic loop on CPU). Tensors that need autograd through the
     # kernels (create_graph), strided tensors and graphs being compiled (torch.compile fuses the generic ops
     # itself) take the generic path.
     def channel_sum(self, x: Array, axes: Sequence[int], dtype: Any) -> Array:
-        v = _pcq(x, axes)
+        v = _channel_view(x, axes)
         if v is None:
             return super().channel_sum(x, axes, dtype)
         if v.dtype == dtype:
             return _reduce(v)
         acc = None
         for (xc,), buf in _chunks(dtype, v):
-            acc = _accumulate(acc, _reduce(buf.copy_(xc)))
+            acc = accumulate(acc, _reduce(buf.copy_(xc)))
         return acc
 
     def channel_dev_sums(self, x: Array, center: Array, axes: Sequence[int]) -> tuple[Array, Array]:
-        v = _pcq(x, axes)
+        v = _channel_view(x, axes)
         if v is None or not _plain(center):
             return super().channel_dev_sums(x, center, axes)
         m = center.reshape(1, -1, 1)
         s1 = s2 = None
         for (xc,), buf in _chunks(center.dtype, v):
             _sub(xc, m, buf)
-            s1 = _accumulate(s1, _reduce(buf))
-            s2 = _accumulate(s2, _reduce_squares(buf))
+            s1 = accumulate(s1, _reduce(buf))
+            s2 = accumulate(s2, _reduce_squares(buf))
         return s1, s2
 
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
@@ -203,7 +208,7 @@ class TorchBackend(Backend):
         if not _eligible(x) or not _plain(scale, shift) or x.ndim != scale.ndim:
             return super().scale_shift(x, scale, shift)
         axes = tuple(i for i in range(x.ndim) if scale.shape[i] == 1)
-        v = _pcq(x, axes)
+        v = _channel_view(x, axes)
         if v is None or len(axes) != x.ndim - 1:
             return super().scale_shift(x, scale, shift)
         out = torch.empty_like(x)
@@ -214,7 +219,7 @@ class TorchBackend(Backend):
         return out
 
     def backward_sums(self, dy: Array, x: Array, mean: Array, axes: Sequence[int]) -> tuple[Array, Array]:
-        v, g = _pcq(x, axes), _pcq(dy, axes)
+        v, g = _channel_view(x, axes), _channel_view(dy, axes)
         if v is None or g is None or dy.shape != x.shape or not _plain(mean):
             return super().backward_sums(dy, x, mean, axes)
         m = mean.reshape(1, -1, 1)
@@ -222,8 +227,8 @@ class TorchBackend(Backend):
         gbuf = None if dy.dtype == mean.dtype else _buffer(mean.dtype, v)
         for (xc, gc), buf in _chunks(mean.dtype, v, g):
             gc = gc if gbuf is None else gbuf[: gc.shape[0]].copy_(gc)
-            s1 = _accumulate(s1, _reduce(gc))
-            s2 = _accumulate(s2, _reduce(_sub(xc, m, buf).mul_(gc)))
+            s1 = accumulate(s1, _reduce(gc))
+            s2 = accumulate(s2, _reduce(_sub(xc, m, buf).mul_(gc)))
         return s1, s2
 
     def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
@@ -231,7 +236,7 @@ class TorchBackend(Backend):
             t = torch.sub(x, mean)  # the chunk loop below without the loop: three ops instead of five
             return torch.addcmul(c, t, b, out=t).addcmul_(dy, a)
         axes = tuple(i for i in range(x.ndim) if mean.shape[i] == 1)
-        v, g = _pcq(x, axes), _pcq(dy, axes)
+        v, g = _channel_view(x, axes), _channel_view(dy, axes)
         if v is None or g is None or dy.shape != x.shape or len(axes) != x.ndim - 1 or not _plain(mean, a, b, c):
             return super().backward_apply(dy, x, mean, a, b, c)
         out = torch.empty_like(x)
@@ -249,10 +254,9 @@ class TorchBackend(Backend):
         return out
 
 
-#: elements per chunk: 16 MiB of float32, which stays in L3 between the ops of one chunk. 4 MiB chunks were 20 %
-#: faster on an idle 2-core EPYC, but every op is an OpenMP parallel region and, with other processes on the
-#: cores, each region's barrier can wait a scheduler tick: under load 4 MiB chunks took 356 ms against 149 ms
-#: (16 MiB) and 76 ms for F.batch_norm on (64, 64, 56, 56). Fewer, larger chunks are the robust choice.
+#: elements per chunk: 16 MiB of float32, which stays in L3 between the ops of one chunk. Every op is an OpenMP
+#: parallel region, and with other processes on the cores each region's barrier can wait a scheduler tick, so
+#: fewer, larger chunks (fewer barriers) are the robust choice, even where smaller ones win on an idle machine.
 _CHUNK = 1 << 22
 _SMALL = 1 << 16
 
@@ -285,7 +289,7 @@ def _fwd_level() -> int:
     return fwAD._current_level
 
 
-def _pcq(x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor | None:
+def _channel_view(x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor | None:
     """x as a (P, C, Q) view, C the one axis not reduced; None when the fast path does not apply."""
     if x.numel() < _SMALL:
         return None
@@ -297,22 +301,18 @@ def _pcq(x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor | None:
 
 def _reduce(v: torch.Tensor) -> torch.Tensor:
     """Sum of a (p, C, Q) tensor over p and Q: the contiguous Q first, then p; with Q = 1 (channels last), rows in
-    blocks (:func:`~multibn.backends.base.sum_rows`: faster than torch's sum over the outer axis)."""
+    blocks (:func:`~multibn.backends._chunks.sum_rows`: faster than torch's sum over the outer axis)."""
     return v.sum(2).sum(0) if v.shape[2] != 1 else sum_rows(v.select(2, 0))
 
 
 def _reduce_squares(buf: torch.Tensor) -> torch.Tensor:
     """Sum of the squares of a (p, C, Q) scratch buffer over p and Q (the buffer may be overwritten). Q > 1: the
     square of the 2-norm of each run along Q, one reduction that reads the run once where ``square_`` then ``sum``
-    also wrote it (0.72-0.86 of the time on one thread; one more rounding per run, still exactly 0 for zeros);
-    Q = 1: squared in place and summed as :func:`_reduce` does (a norm across rows is several times slower)."""
+    also wrote it (less memory traffic; one more rounding per run, still exactly 0 for zeros); Q = 1: squared in
+    place and summed as :func:`_reduce` does (a norm across rows, a strided axis, is slower)."""
     if buf.shape[2] == 1:
         return _reduce(buf.square_())
     return torch.linalg.vector_norm(buf, dim=2).square_().sum(0)
-
-
-def _accumulate(acc: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
-    return part if acc is None else acc.add_(part)
 
 
 def _sub(xc: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -322,25 +322,24 @@ def _sub(xc: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(xc).sub_(m)
 
 
-def _chunk_slices(dtype: torch.dtype, v: torch.Tensor) -> tuple[int, list[slice]]:
-    """Rows per chunk of the (P, C, Q) tensor ``v`` worked on in ``dtype``, and the chunks' slices. x narrower than
-    the buffer (float16/bfloat16 into float32): a quarter of the elements, so that the buffers (two in the backward)
-    stay small beside one activation."""
-    return chunk_slices(v.shape, _CHUNK if v.dtype.itemsize >= dtype.itemsize else _CHUNK // 4)
+def _elements(dtype: torch.dtype, v: torch.Tensor) -> int:
+    """Elements per chunk of the (P, C, Q) tensor ``v`` worked on in ``dtype``. x narrower than the buffer
+    (float16/bfloat16 into float32): a quarter of _CHUNK, so that the buffers (two in the backward) stay small
+    beside one activation."""
+    return _CHUNK if v.dtype.itemsize >= dtype.itemsize else _CHUNK // 4
+
+
+def _empty(dtype: torch.dtype, v: torch.Tensor) -> Callable[[tuple[int, ...]], torch.Tensor]:
+    return lambda shape: torch.empty(shape, dtype=dtype, device=v.device)
 
 
 def _buffer(dtype: torch.dtype, v: torch.Tensor) -> torch.Tensor:
     """A scratch buffer in ``dtype`` for one chunk of the (P, C, Q) tensor ``v``."""
-    rows, _ = _chunk_slices(dtype, v)
-    return torch.empty((rows, *v.shape[1:]), dtype=dtype, device=v.device)
+    return scratch(v.shape, _elements(dtype, v), _empty(dtype, v))
 
 
 def _chunks(dtype: torch.dtype, *vs: torch.Tensor, need_buf: bool = True
             ) -> Iterator[tuple[tuple[torch.Tensor, ...], Any]]:
-    """Chunks along P of (P, C, Q) tensors of one shape, each time with a reused buffer of the chunk's shape (None
-    without ``need_buf``)."""
-    _, slices = _chunk_slices(dtype, vs[0])
-    buf = _buffer(dtype, vs[0]) if need_buf else None
-    for sl in slices:
-        chunk = tuple(t[sl] for t in vs)
-        yield chunk, None if buf is None else buf[: chunk[0].shape[0]]
+    """Chunks along P of (P, C, Q) tensors of one shape, each time with a reused buffer in ``dtype`` of the chunk's
+    shape (None without ``need_buf``)."""
+    return chunks(vs, _elements(dtype, vs[0]), _empty(dtype, vs[0]) if need_buf else None)

@@ -11,6 +11,9 @@
   JAX code without Flax.
 
 The layers hold no batch-norm maths: each calls :func:`multibn.batch_norm` and keeps the state it returns.
+The torch, Gluon and Flax modules also have ``recompute_statistics`` (exact population statistics of a trained
+model) over one framework-free driver, :mod:`multibn.layers._recompute`; the Gluon block's graph operator is
+:mod:`multibn.layers._gluon_op`.
 Importing this package imports no framework; import the submodule of the framework you use.
 """
 

@@ -26,18 +26,24 @@ are the last ones, and ``convention=`` selects another framework's rules.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TextIO
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax.core import freeze, unfreeze
+from flax.core.frozen_dict import FrozenDict
 from jax.nn import initializers
 
+from ..algorithm import Layout, Stats, batch_stats
 from ..api import batch_norm
+from ..backends import get_backend
 from ..conventions import Convention, check_momentum, resolve_convention
-from ..recompute import recompute_statistics_flax as recompute_statistics
+from ..moments import ChannelMoments
 from ..state import BNState
+from . import _recompute
 
 __all__ = ["BatchNorm", "recompute_statistics"]
 
@@ -199,3 +205,106 @@ class BatchNorm(nn.Module):
             if counter is not None:
                 counter.value = new.num_batches_tracked.astype(counter.value.dtype)
         return y
+
+
+# ---- exact population statistics (multibn.layers._recompute has the definition) ------------------------------
+def recompute_statistics(
+    model: nn.Module, variables: Any, batches: Iterable[Any], *, num_batches: int | None = None,
+    progress: bool | TextIO = True, **apply_kwargs: Any,
+) -> Any:
+    """The ``variables`` of a ``flax.linen`` model with every BN layer's ``batch_stats`` ``mean`` and ``var`` set
+    to the exact statistics of its training-mode inputs (:mod:`multibn.layers._recompute` has the definition).
+
+    Args:
+        model: a ``flax.linen.Module``; its BN layers are ``flax.linen.BatchNorm`` and :class:`BatchNorm`.
+        variables: its variables (``{"params": ..., "batch_stats": ...}``); not modified.
+        batches, num_batches, progress: as for :func:`multibn.layers.torch.recompute_statistics`.
+        apply_kwargs: passed to ``model.apply`` with each input, as in a training step: what puts the model in
+            training mode (e.g. ``train=True``), ``rngs`` for dropout. ``mutable`` is set here.
+
+    Each batch runs ``model.apply(variables, x, mutable=["batch_stats"], **apply_kwargs)`` under ``jax.jit``;
+    ``flax.linen.intercept_methods`` captures each BN layer's input and its per-batch summary, and the summaries
+    are merged in float64 on the host. A BN layer that runs with ``use_running_average=True`` is an error (pass
+    the model's training flag), as are ``mask=`` and ``axis_name`` (per-device statistics of a mapped axis).
+    Stored: ``mean`` and ``M2 / N`` (Flax's biased variance), or ``M2 / (N - 1)`` for a multibn layer with an
+    unbiased convention, in the dtype and shape they had. Everything else, ``num_batches_tracked`` of a multibn
+    layer included, is returned as given. Layers called several times per batch get the statistics of all
+    their inputs.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")
+    if "mutable" in apply_kwargs:
+        raise TypeError("recompute_statistics sets mutable=['batch_stats'] itself; do not pass mutable")
+    be = get_backend("jax")
+    unbiased: dict[str, bool] = {}
+
+    def stats_of(module: Any, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Stats:
+        info = _unbiased(module)
+        use_ra = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+        if use_ra is None:
+            use_ra = module.use_running_average
+        if use_ra:
+            raise ValueError(f"the batch-norm layer {path} ran with use_running_average=True: pass what puts the "
+                             "model in training mode to recompute_statistics (e.g. train=True)")
+        if kwargs.get("mask") is not None:
+            raise NotImplementedError(f"the batch-norm layer {path} got mask=: recompute_statistics supports "
+                                      "unmasked inputs only")
+        if module.axis_name is not None:
+            raise NotImplementedError(f"the batch-norm layer {path} has axis_name={module.axis_name!r}: "
+                                      "recompute_statistics runs outside any mapped axis")
+        unbiased[path] = info
+        x = jnp.asarray(args[0] if args else kwargs["x"])
+        axes = module.axis if isinstance(module.axis, Iterable) else (module.axis,)
+        features = sorted({a % x.ndim for a in axes})
+        others = [a for a in range(x.ndim) if a not in features]
+        x = x.transpose(*others, *features).reshape(-1, int(np.prod([x.shape[a] for a in features])))
+        st = batch_stats(be, x, Layout.of(tuple(x.shape), 1))
+        return Stats(jnp.asarray(st.count, jnp.int32), st.mean, st.m2)
+
+    def capture(variables: Any, x: Any) -> dict[str, list[Stats]]:
+        captured: dict[str, list[Stats]] = {}
+
+        def interceptor(next_fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                        context: Any) -> Any:
+            if context.method_name == "__call__" and _unbiased(context.module) is not None:
+                path = "/".join(context.module.path)
+                captured.setdefault(path, []).append(stats_of(context.module, path, args, kwargs))
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
+            model.apply(variables, x, mutable=["batch_stats"], **apply_kwargs)
+        return captured
+
+    jitted = jax.jit(capture)
+    moments: dict[str, ChannelMoments] = {}
+
+    def step(x: Any) -> None:
+        for path, parts in jitted(variables, x).items():
+            acc = moments.setdefault(path, ChannelMoments(dtype="float64"))
+            for st in parts:
+                acc.merge(Stats(int(st.count), np.asarray(st.mean, np.float64), np.asarray(st.m2, np.float64)))
+
+    _recompute.run(batches, num_batches, progress, step)
+    out = unfreeze(variables)
+    for path, m in moments.items():
+        if m.count == 0:
+            continue
+        node = out.get("batch_stats", {})
+        for key in filter(None, path.split("/")):  # "" is a BatchNorm that is the model itself
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if "mean" not in node or "var" not in node:
+            raise ValueError(f"variables have no batch_stats/{path}/mean and var for the batch-norm layer {path}")
+        var = _recompute.stored_variance(m.stats, unbiased[path])
+        node["mean"] = jnp.asarray(m.mean.reshape(node["mean"].shape), node["mean"].dtype)
+        node["var"] = jnp.asarray(var.reshape(node["var"].shape), node["var"].dtype)
+    _recompute.warn_unreached([p for p, m in moments.items() if m.count == 0])
+    return freeze(out) if isinstance(variables, FrozenDict) else out
+
+
+def _unbiased(module: Any) -> bool | None:
+    """None for a module that is no BN layer; else whether it stores the unbiased variance."""
+    if isinstance(module, BatchNorm):
+        return resolve_convention(module.convention, None, None).unbiased_running_var
+    if isinstance(module, nn.BatchNorm):
+        return False
+    return None

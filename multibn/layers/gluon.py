@@ -32,22 +32,21 @@ NumPy interface (``npx.set_np()``) work too and give ``mx.np`` arrays.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TextIO
 
 import numpy as np
 
-from ..backends.mxnet import OP_TYPE, convention_attr, counter_of, mx  # MXNet after the NumPy alias it needs
+from ..backends.mxnet import mx  # MXNet after the NumPy alias it needs
 from ..conventions import Convention, resolve_convention
-from ..recompute import recompute_statistics_gluon as recompute_statistics
-from . import check_layer_args
+from ..moments import ChannelMoments
+from . import _recompute, check_layer_args
+from ._gluon_op import OP_TYPE, UPDATES, convention_attr, counter_of
 
 autograd = mx.autograd
 gluon = mx.gluon
 
 __all__ = ["BatchNorm", "recompute_statistics"]
-
-_UPDATES = ("forward", "backward")
-
 
 class BatchNorm(gluon.HybridBlock):
     """Batch normalisation over every axis of the input but ``axis``, with a multibn convention.
@@ -87,7 +86,7 @@ class BatchNorm(gluon.HybridBlock):
     ) -> None:
         super().__init__(prefix=prefix, params=params)
         check_layer_args(num_features, num_dims, axis)
-        if update not in _UPDATES:
+        if update not in UPDATES:
             raise ValueError(f"update must be 'forward' or 'backward', got {update!r}")
         self.convention = resolve_convention(convention, momentum, eps)
         if num_dims is not None and not -num_dims <= axis < num_dims:
@@ -196,3 +195,90 @@ class _Statistic(gluon.Parameter):
 
 def _is_np(a: Any) -> bool:
     return isinstance(a, (mx.np.ndarray, mx.symbol.numpy._Symbol))
+
+
+# ---- exact population statistics (multibn.layers._recompute has the definition) ------------------------------
+def recompute_statistics(
+    net: gluon.Block, batches: Iterable[Any], *, num_batches: int | None = None, progress: bool | TextIO = True,
+    ctx: Any = None,
+) -> gluon.Block:
+    """Set every BN block's ``running_mean`` and ``running_var`` to the exact statistics of its training-mode
+    inputs (:mod:`multibn.layers._recompute` has the definition).
+
+    Args:
+        net: a Gluon ``Block`` with initialised parameters. Its BN blocks are ``gluon.nn.BatchNorm`` (and its
+            subclasses, ``contrib.nn.SyncBatchNorm`` among them) and :class:`BatchNorm`.
+        batches, num_batches, progress: as for :func:`multibn.layers.torch.recompute_statistics`.
+        ctx: copy each input to this context first (default: as given).
+
+    The net runs in training mode, not recording (``autograd.pause(train_mode=True)``); hybridized blocks run
+    imperatively for the duration (so that each BN block sees its input) and are hybridized again afterwards.
+    Stored, on every context: ``mean`` and ``M2 / N`` (Gluon's biased variance), or ``M2 / (N - 1)`` for a
+    multibn block with an unbiased convention. Every other parameter and the multibn block's update counter
+    keep their values. Returns ``net``.
+    """
+    if not isinstance(net, gluon.Block):
+        raise TypeError(f"net must be an mxnet.gluon.Block, got {type(net).__name__}")
+    seen: dict[int, Any] = {}
+    net.apply(lambda b: seen.setdefault(id(b), b))  # a block shared by several parents counts once
+    blocks = list(seen.values())
+    layers: dict[Any, tuple[str, int, bool]] = {}
+    for b in blocks:
+        if isinstance(b, BatchNorm):
+            layers[b] = (b.name, b.axis, b.convention.unbiased_running_var)
+        elif isinstance(b, gluon.nn.BatchNorm):
+            layers[b] = (b.name, b._kwargs["axis"], False)
+    if not layers:
+        _recompute.warn_no_layers("the net has no batch-norm block (a SymbolBlock's layers are not blocks)")
+        return net
+    try:
+        saved = {b: _snapshot(b) for b in layers}
+    except gluon.parameter.DeferredInitializationError as e:
+        raise ValueError(f"net's parameters are not initialised yet ({e}): initialise or load them first") from e
+    moments = {b: ChannelMoments(axis) for b, (_, axis, _) in layers.items()}
+
+    def capture(block: Any, inputs: tuple[Any, ...]) -> None:
+        moments[block].partial_fit(inputs[0])
+
+    def step(x: Any) -> None:
+        if ctx is not None:
+            x = x.as_in_context(ctx) if isinstance(x, mx.nd.NDArray) else mx.nd.array(x, ctx=ctx)
+        net(x)
+
+    hybrid = [b for b in blocks if isinstance(b, gluon.HybridBlock) and b._active]
+    handles = [b.register_forward_pre_hook(capture) for b in layers]
+    try:
+        for b in hybrid:
+            b._active = False  # imperative for the duration: a hybridized parent would skip its children's hooks
+        with autograd.pause(train_mode=True):
+            _recompute.run(batches, num_batches, progress, step)
+    finally:
+        for h in handles:
+            h.detach()
+        for b in hybrid:
+            b._active = True  # the cached graph is still valid: the parameters were written in place
+        for restore in saved.values():
+            restore()
+    for b, (_, _, unbiased) in layers.items():
+        m = moments[b]
+        if m.count > 0:
+            b.running_mean.set_data(m.mean.astype(b.running_mean.dtype))
+            b.running_var.set_data(_recompute.stored_variance(m.stats, unbiased).astype(b.running_var.dtype))
+    _recompute.warn_unreached([name for b, (name, _, _) in layers.items() if moments[b].count == 0])
+    mx.nd.waitall()
+    return net
+
+
+def _snapshot(block: Any) -> Callable[[], None]:
+    """A function that puts back every parameter of ``block`` (on every context) and its update counter."""
+    arrays = [a for p in block.collect_params().values() for a in p.list_data()]
+    if isinstance(block, BatchNorm):  # multibn's block keeps a per-context counter outside its parameters
+        arrays += [block.num_batches_tracked(c) for c in block.running_mean.list_ctx()]
+    copies = [a.copy() for a in arrays]
+
+    def restore() -> None:
+        mx.nd.waitall()  # multibn's operator counts in callbacks MXNet runs later: let them land first
+        for a, c in zip(arrays, copies, strict=True):
+            a[:] = c
+
+    return restore

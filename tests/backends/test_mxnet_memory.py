@@ -26,25 +26,26 @@ ROOT = Path(__file__).resolve().parents[2]
 
 _SCRIPT = """
 import gc, json, sys
-from multibn import bench
+from multibn.cli.bench import memory, runners
+from multibn.cli.bench.cases import Case
 kind, spec = sys.argv[1], sys.argv[2]
-case = bench.Case.parse(spec)
-mx = bench._mx()
+case = Case.parse(spec)
+mx = runners.import_mxnet()
 if kind == "layer":
-    run = bench.gluon_layer_impls(case, ["multibn"], mx.cpu())["multibn"]
+    run = runners.gluon_layer_impls(case, ["multibn"], mx.cpu())["multibn"]
 else:
-    run = bench.mxnet_impls(case, "fwd+bwd", ["multibn"], "cpu")["multibn"]
-if not bench._reset_peak_rss():
+    run = runners.mxnet_impls(case, "fwd+bwd", ["multibn"], "cpu")["multibn"]
+if not memory.reset_peak_rss():
     print(json.dumps({"skip": "/proc/self/clear_refs is not writable"}))
     sys.exit(0)
 run(); run()
 peaks = []
 for _ in range(3):
     gc.collect()
-    bench._reset_peak_rss()
-    base = bench._proc_status("VmRSS")
+    memory.reset_peak_rss()
+    base = memory.proc_status("VmRSS")
     run()
-    peaks.append(bench._proc_status("VmHWM") - base)
+    peaks.append(memory.proc_status("VmHWM") - base)
 print(json.dumps({"activations": sorted(peaks)[1] / case.nbytes}))
 """
 
@@ -54,9 +55,9 @@ def peak_activations(kind: str, case: str) -> float:
     ``autograd.record``) or "layer" (the hybridized Gluon layer), on the bench ``case``."""
     if not Path("/proc/self/status").exists():
         pytest.skip("peak RSS needs Linux's /proc/self/status")
-    from multibn.bench import MEM_ENV, _child_env
+    from multibn.cli.bench.memory import MEM_ENV, child_env
 
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, kind, case], env=_child_env(MEM_ENV), cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, kind, case], env=child_env(MEM_ENV), cwd=ROOT,
                           capture_output=True, text=True, check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -93,10 +93,9 @@ def test_statistics_stay_in_float32_for_counts_over_65535(unbiased: bool) -> Non
 
     be = get_backend("numpy")
     x = np.random.default_rng(0).standard_normal((70_000, 3)).astype(np.float32)
-    lay = alg.Layout.of(x.shape, 1)
     conv = resolve_convention("torch" if unbiased else "gluon", None, None)
     g, b = np.ones(3, np.float32), np.zeros(3, np.float32)
-    y, mean, m2 = alg.train_forward(be, conv, lay, x, g, b)
+    y, mean, m2 = alg.train_forward(be, alg.Norm.of(conv), 1, None, x, g, b)
     assert (y.dtype, mean.dtype, m2.dtype) == (np.float32,) * 3
     state = BNState(np.zeros(3, np.float32), np.ones(3, np.float32), np.asarray(0))
     var = (m2 / np.float32(x.shape[0] - unbiased)).astype(np.float32)

@@ -8,8 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from multibn import bench
-from multibn.cli import COMMANDS
+from multibn.cli import COMMANDS, bench
+from multibn.cli.bench import memory
+from multibn.cli.bench.cases import Case, Skip
+from multibn.cli.bench.memory import MEM_PASSES, peak_memory_here
+from multibn.cli.bench.models import MODELS
+from multibn.cli.bench.report import table
 from tests.helpers import has, need, need_installed, only_tested_here, tested_here
 
 #: every installed backend (the default), but those this run leaves to the full environment
@@ -26,7 +30,7 @@ def _run(argv: list[str]) -> int:
 
 
 def test_bench_is_a_command() -> None:
-    assert COMMANDS["bench"][0] == "multibn.bench"
+    assert COMMANDS["bench"][0] == "multibn.cli.bench"
 
 
 def test_bench_tiny_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -67,12 +71,12 @@ def test_bench_keras_subprocess(tmp_path: Path) -> None:
 
 
 def test_case_names() -> None:
-    assert bench.Case.parse("nchw_64x64x56x56").shape == (64, 64, 56, 56)
-    assert bench.Case.parse("nc_4096x1024:bfloat16").dtype == "bfloat16"
-    nhwc = bench.Case.parse("nhwc_64x56x56x64")
-    assert (nhwc.shape, nhwc.axis) == ((64, 56, 56, 64), 3) and bench.Case.parse("nchw_1x2x3x4").axis == 1
+    assert Case.parse("nchw_64x64x56x56").shape == (64, 64, 56, 56)
+    assert Case.parse("nc_4096x1024:bfloat16").dtype == "bfloat16"
+    nhwc = Case.parse("nhwc_64x56x56x64")
+    assert (nhwc.shape, nhwc.axis) == ((64, 56, 56, 64), 3) and Case.parse("nchw_1x2x3x4").axis == 1
     with pytest.raises(ValueError):
-        bench.Case.parse("nchw_2x3")
+        Case.parse("nchw_2x3")
 
 
 def test_bench_layer_pass_and_small_cases(tmp_path: Path) -> None:
@@ -97,7 +101,7 @@ def test_bench_model_lenet(tmp_path: Path) -> None:
                  "--json", str(out)]) == 0
     records = json.loads(out.read_text())["records"]
     assert {(r["case"], r["impl"]) for r in records} == {
-        (f"lenet_b{b}", i) for b in bench.MODELS["lenet"] for i in ("multibn", "native")}
+        (f"lenet_b{b}", i) for b in MODELS["lenet"] for i in ("multibn", "native")}
     assert all(set(r) == FIELDS and r["pass"] == "train-step" and r["backend"] == "torch" for r in records)
 
 
@@ -120,7 +124,7 @@ def test_bench_mem_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert {(r["backend"], r["impl"]) for r in mem} == {("numpy", "multibn")} | (
         {("torch", "multibn"), ("torch", "native")} if "torch" in backends else set())
     for r in mem:
-        assert set(r) == MEM_FIELDS and r["runs"] == len(r["passes_mib"]) == bench.MEM_PASSES
+        assert set(r) == MEM_FIELDS and r["runs"] == len(r["passes_mib"]) == MEM_PASSES
         assert r["peak_mib"] > 0 and r["baseline_mib"] > 0 and r["activation_mib"] == 0.5
         if r["backend"] == "torch":
             assert r["native_peak_mib"] > 0 and r["extra_activations"] is not None
@@ -138,17 +142,17 @@ def test_bench_mem_table() -> None:
            "peak_mib": 3.0, "passes_mib": [3.0] * 3, "retained_mib_per_pass": 0.0, "baseline_mib": 200.0, "runs": 3,
            "activation_mib": 2.0, "native_peak_mib": 2.0, "extra_activations": 0.5, "ratio_to_native": 1.5,
            "method": "peak RSS"}
-    text = bench.table([row, dict(row, impl="native", peak_mib=2.0, extra_activations=0.0, ratio_to_native=1.0)])
+    text = table([row, dict(row, impl="native", peak_mib=2.0, extra_activations=0.0, ratio_to_native=1.0)])
     assert "+0.50" in text and "+0.00" in text and "median ms" not in text
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from Linux's /proc")
 def test_bench_mem_without_clear_refs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the peak-RSS counter cannot be reset: one peak over the passes, and the method says so."""
-    monkeypatch.setattr(bench, "_reset_peak_rss", lambda: False)
-    res = bench.peak_memory_here("numpy", bench.Case.parse("nchw_8x16x32x32"), "multibn", "cpu")
+    monkeypatch.setattr(memory, "reset_peak_rss", lambda: False)
+    res = peak_memory_here("numpy", Case.parse("nchw_8x16x32x32"), "multibn", "cpu")
     assert len(res["peaks"]) == 1 and res["peaks"][0] >= 0 and "not writable" in res["method"]
-    with pytest.raises(bench.Skip, match="native"):
-        bench.peak_memory_here("numpy", bench.Case.parse("nc_8x4"), "native", "cpu")
-    with pytest.raises(bench.Skip, match="no peak-memory statistic for the GPU"):
-        bench.peak_memory_here("mxnet", bench.Case.parse("nc_8x4"), "multibn", "gpu")
+    with pytest.raises(Skip, match="native"):
+        peak_memory_here("numpy", Case.parse("nc_8x4"), "native", "cpu")
+    with pytest.raises(Skip, match="no peak-memory statistic for the GPU"):
+        peak_memory_here("mxnet", Case.parse("nc_8x4"), "multibn", "gpu")

@@ -3,6 +3,7 @@ an output path in a missing directory, an unknown backend in ``demo``; and their
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -105,7 +106,7 @@ def test_top_level_help_is_user_text(capsys):
 
 
 def test_bench_table_marks_keras_ratios_as_from_their_own_process():
-    from multibn.bench import table
+    from multibn.cli.bench.report import table
 
     rec = dict(case="small", dtype="float32", backend="torch", runs=7, iqr_ms=0.1, ratio_to_roofline=2.0)
     rows = [dict(rec, impl="native", median_ms=1.0, ratio_to_native=1.0),
@@ -114,3 +115,33 @@ def test_bench_table_marks_keras_ratios_as_from_their_own_process():
     keras_line = next(line for line in text.splitlines() if " keras " in line)
     assert keras_line.endswith("*")
     assert "native BN and roofline timed beside them there" in text
+
+
+def test_bench_unknown_backend_is_a_usage_error(capsys):
+    """Like the other commands' bad selections: exit 2, one ``multibn bench: error:`` line, nothing run."""
+    assert main(["bench", "--backends", "foo", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("multibn bench: error: ") and "unknown backend" in err and "foo" in err
+    assert err.count("\n") == 1
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("argv", "desc"), [
+    (["check", "--quick", "--backends", "numpy", "--conventions", "d2l", "--no-native"], "multibn check"),
+    (["bench", "--backends", "numpy", "--cases", "nc_8x4", "--passes", "fwd", "--reps", "2", "--warmup", "1",
+      "--keras", "no"], "multibn bench"),
+    (["train", "--task", "placement", "--quick", "--epochs", "1", "--no-bn", "--backend", "numpy"], "epoch 1/1"),
+])
+def test_progress_bar_on_a_terminal_only(argv, desc, monkeypatch, capsys):
+    """The commands' progress (the one tqdm bar of multibn.progress) shows on stderr when it is a terminal, and
+    nothing is written there when it is not."""
+    assert main(argv) == 0
+    assert desc not in capsys.readouterr().err
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(argv) == 0
+    assert desc in terminal.getvalue() and "\r" in terminal.getvalue()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from multibn.train.tasks import TASKS
+from multibn.cli.train.tasks import TASKS
 from tests.helpers import need
 
 need("matplotlib", why="--plot needs matplotlib")
@@ -34,7 +34,7 @@ def test_plot_layout(task, epochs, seeds, data, tmp_path, monkeypatch):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from multibn.train.plot import write_plot
+    from multibn.cli.train.plot import write_plot
 
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at it

@@ -112,3 +112,10 @@ def test_no_citation_of_files_outside_the_repository():
         if "shared/" in text or "semantics notes" in text or "bn-semantics" in text:
             offenders.append(str(path.relative_to(ROOT)))
     assert not offenders
+
+
+def test_variants_example_runs(tmp_path):
+    (block,) = _blocks(_section("Batch renormalisation and ghost batch norm"), "python")
+    proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr

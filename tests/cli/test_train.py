@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from multibn.cli import main
-from multibn.train.data import Dataset, load_fashion_mnist, parse_idx, read_idx, resize_digits
-from multibn.train.models import init_weights
-from multibn.train.runner import batch_order, divergence, make_trainer
-from multibn.train.tasks import TASKS
+from multibn.cli.train.data import Dataset, load_fashion_mnist, parse_idx, read_idx, resize_digits
+from multibn.cli.train.models import init_weights
+from multibn.cli.train.runner import batch_order, divergence, make_trainer
+from multibn.cli.train.tasks import TASKS
 from tests.helpers import has, installed, need, only_tested_here, tested_here
 
 TRAIN_BACKENDS = ("torch", "jax", "mxnet", "numpy")

@@ -1,15 +1,16 @@
 """Cross-backend conformance: every installed backend against the float64 reference, and against each other.
 
-The reference is :mod:`multibn.reference` (pure NumPy, textbook formulas, independent of multibn.algorithm); the
-tolerance is its one table of unit roundoffs per dtype and the error model of ``step_bounds`` (stated and
-justified there). Cases, runners and comparisons come from :mod:`multibn.check`, which ``multibn check`` runs
-with fixed seeds; here hypothesis draws them (bounded examples by default, many more with ``--slow``).
+The reference is :mod:`multibn.conformance.reference` (pure NumPy, textbook formulas, independent of
+multibn.algorithm); the tolerance is its one table of unit roundoffs per dtype and the error model of
+``step_bounds`` (stated and justified there). Cases, runners and comparisons come from :mod:`multibn.conformance`,
+which ``multibn check`` runs with fixed seeds; here hypothesis draws them (bounded examples by default, many more
+with ``--slow``).
 
 For each drawn case and each installed backend, after every step: ``y``, ``dx``, ``dgamma``, ``dbeta``,
 ``running_mean``, ``running_var`` within the bound, ``num_batches_tracked`` exactly, NaN/+inf/-inf at exactly
 the reference's positions; a refusal (one value per channel under PyTorch's rules) at the same step. Backend
 pairs are compared with twice the bound. What a backend cannot do is listed once, in
-``multibn.check.UNSUPPORTED``, and ``test_unsupported_raises`` asserts that each raises a clear error.
+``multibn.conformance.UNSUPPORTED``, and ``test_unsupported_raises`` asserts that each raises a clear error.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 
 import multibn
 from multibn import algorithm as alg
-from multibn import check as C
+from multibn import conformance as C
 from multibn.backends.base import Backend
 from multibn.conventions import CONVENTIONS
 from tests.helpers import ALL_BACKENDS, installed, jax_float64, left_to_full, need, require
@@ -209,7 +210,7 @@ def test_unsupported_raises(key: tuple[str, str]) -> None:
     """Every combination skipped by the suite is listed in UNSUPPORTED and raises the listed, clear error."""
     backend, what = key
     require(backend)
-    if key == ("jax", "float64") and C._jax_x64():
+    if key == ("jax", "float64") and C.jax_x64():
         pytest.skip("jax_enable_x64 is on in this process: float64 is supported")
     exc, text, _ = C.UNSUPPORTED[key]
     for call in _unsupported_calls(backend, what):
@@ -318,13 +319,15 @@ def _strict_run(case: C.Case) -> C.Run:
     for step in case.steps:
         x, dy = be.asarray(step.x, case.dtype), be.asarray(step.dy, case.dtype)
         lay = alg.Layout.of(tuple(x.shape), case.channel_axis)
+        norm = alg.Norm.of(conv)
         if step.training:
-            rule, inputs = alg.train_rule(be, conv, lay), (x, g, b)
+            rule, inputs = alg.train_rule(be, norm, case.channel_axis), (x, g, b)
         else:
-            rule, inputs = alg.eval_rule(be, conv, lay), (x, g, b, state.running_mean, state.running_var)
-        outputs = rule.forward(*inputs)
+            rule, inputs = alg.eval_rule(be, norm, case.channel_axis), (x, g, b, state.running_mean,
+                                                                         state.running_var)
+        outputs = rule.forward(None, *inputs)
         y = outputs[0]
-        dx, dg, db = rule.backward(rule.residuals(inputs, outputs), (dy, None, None))[:3]
+        dx, dg, db = rule.backward(rule.residuals(None, inputs, outputs), (dy, None, None))[:3]
         if step.training and state is not None:
             state = alg.update_state(be, conv, state, alg.Stats(lay.count, outputs[1], outputs[2]))
         out = {k: be.to_numpy(v).astype(np.float64) for k, v in dict(y=y, dx=dx, dgamma=dg, dbeta=db).items()}
@@ -359,7 +362,7 @@ def test_jax_float64(case: C.Case) -> None:
     require("jax")
     note(case.describe())
     with jax_float64():
-        assert C._jax_x64()
+        assert C.jax_x64()
         rows, skipped = C.check_case(case, [b for b in ("numpy", "jax") if b in INSTALLED])
     assert "jax" not in skipped
     _assert_rows(case, rows)

@@ -8,8 +8,8 @@ both ways); Keras 3 ``BatchNormalization`` (``keras``) on its jax and torch back
 Keras picks its backend at import.
 
 Outputs, gradients (each framework's autodiff) and running statistics are compared after every step, within the
-sum of the two sides' error bounds from :mod:`multibn.reference` (a native one-pass variance or MXNet's variance
-recovered as ``1/invstd^2 - eps`` gets the extra error it causes; no other allowance).
+sum of the two sides' error bounds from :mod:`multibn.conformance.reference` (a native one-pass variance or MXNet's
+variance recovered as ``1/invstd^2 - eps`` gets the extra error it causes; no other allowance).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
-from multibn import check as C
-from multibn import reference as R
+from multibn import conformance as C
+from multibn.conformance import reference as R
 from multibn.conventions import CONVENTIONS
 from tests.helpers import installed, need, need_installed, require
 
@@ -41,7 +41,7 @@ def _assert_native(nat: C.Native, native_run: C.Run | None = None) -> None:
         f"  {r.quantity}: {r.detail} (err/bound {r.err_to_tol:.3g})" for r in bad)
 
 
-MXNET = C.MXNET_NATIVE  # what MXNet's own kernel is allowed beyond multibn's bound (stated in multibn.check)
+MXNET = C.MXNET_NATIVE  # what MXNet's own kernel is allowed beyond multibn's bound (stated in conformance.native)
 
 
 # ---- PyTorch --------------------------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def test_torch_functional(rank: int, dtype: str, momentum: float | None, eps: fl
     case = C.make_case(f"F rank{rank}", "torch", dtype, [shape, shape, (2, *shape[1:])],
                        training=[True, True, False], seed=rank, offsets=[0.0, 4.0, 40.0], momentum=momentum,
                        eps=eps, constant=[0] if eps == 1e-9 else ())
-    _assert_native(C.Native("F.batch_norm", "torch", case, lambda c: C._native_torch(c, functional=True)))
+    _assert_native(C.Native("F.batch_norm", "torch", case, lambda c: C.native_torch(c, functional=True)))
 
 
 @pytest.mark.torch
@@ -76,7 +76,7 @@ def test_torch_modules(rank: int, variant: str) -> None:
                        offsets=[0.0, 2.0, 20.0], gamma=None if affine else [1.0] * 3,
                        beta=None if affine else [0.0] * 3)
     nat = C.Native(f"nn.BatchNorm{ {2: 1, 3: 1, 4: 2, 5: 3}[rank]}d({variant})", "torch", case,
-                   lambda c: C._native_torch(c, functional=False, affine=affine, track=track,
+                   lambda c: C.native_torch(c, functional=False, affine=affine, track=track,
                                              eval_mode_last=not track),
                    multibn_case=None if track else dataclasses.replace(case, stateful=False))
     _assert_native(nat)
@@ -88,14 +88,14 @@ def test_torch_module_empty_batch_counts() -> None:
     _need("torch")
     for conv in ("torch", "torch_cma"):
         case = C.make_case("empty", conv, "float32", [(3, 2, 4), (0, 2, 4), (3, 2, 4)], seed=5)
-        _assert_native(C.Native("nn.BatchNorm1d", "torch", case, lambda c: C._native_torch(c, functional=False)))
+        _assert_native(C.Native("nn.BatchNorm1d", "torch", case, lambda c: C.native_torch(c, functional=False)))
 
 
 @pytest.mark.torch
 def test_torch_one_value_per_channel_raises_like_torch() -> None:
     _need("torch")
     case = C.make_case("n=1", "torch", "float32", [(1, 3)], seed=6)
-    native = C._native_torch(case, functional=True)
+    native = C.native_torch(case, functional=True)
     ours = C.backend_run(case, "torch")
     assert isinstance(native.error[1], ValueError) and isinstance(ours.error[1], ValueError)
     assert "more than 1 value per channel" in str(native.error[1]) and "more than 1 value per channel" in str(
@@ -115,7 +115,7 @@ def test_torch_module_property(rank: int, seed: int, offset: float, momentum: fl
     case = C.make_case("prop", conv, "float32", [shape] * steps + [shape], training=[True] * steps + [False],
                        seed=seed, offsets=offset, momentum=None if cma else momentum)
     note(case.describe())
-    _assert_native(C.Native("nn.BatchNorm", "torch", case, lambda c: C._native_torch(c, functional=False)))
+    _assert_native(C.Native("nn.BatchNorm", "torch", case, lambda c: C.native_torch(c, functional=False)))
 
 
 # ---- MXNet -----------------------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def test_mxnet_nd_batchnorm(fix_gamma: bool, axis: int, rank: int, dtype: str) -
     case = C.make_case(f"rank{rank} axis{axis}", conv, dtype, [shape, shape, small], training=[True, True, False],
                        axis=axis, seed=rank, offsets=[0.0, 3.0, 30.0])
     _assert_native(C.Native(f"nd.BatchNorm(fix_gamma={fix_gamma})", "mxnet", case,
-                            lambda c: C._native_mxnet(c, fix_gamma=fix_gamma), **MXNET))
+                            lambda c: C.native_mxnet(c, fix_gamma=fix_gamma), **MXNET))
 
 
 @pytest.mark.mxnet
@@ -146,7 +146,7 @@ def test_mxnet_gluon_convention_against_nd(eps: float, momentum: float) -> None:
     case = C.make_case("gluon", "gluon", "float32", [(6, 4), (3, 4), (2, 4)], training=[True, True, False],
                        seed=7, offsets=[0.0, 1.0, 10.0, 1e3], eps=eps, momentum=momentum)
     _assert_native(C.Native("nd.BatchNorm(fix_gamma=False)", "mxnet", case,
-                            lambda c: C._native_mxnet(c, fix_gamma=False), **MXNET))
+                            lambda c: C.native_mxnet(c, fix_gamma=False), **MXNET))
 
 
 @pytest.mark.mxnet
@@ -157,7 +157,7 @@ def test_mxnet_large_reduction() -> None:
     _need("mxnet")
     case = C.make_case("large", "mxnet", "float32", [(16, 8, 56, 56)] * 2, training=[True, False], seed=14,
                        offsets=[0.0, 1.0, 10.0, 100.0])
-    _assert_native(C.Native("nd.BatchNorm", "mxnet", case, lambda c: C._native_mxnet(c, fix_gamma=True), **MXNET))
+    _assert_native(C.Native("nd.BatchNorm", "mxnet", case, lambda c: C.native_mxnet(c, fix_gamma=True), **MXNET))
 
 
 @pytest.mark.mxnet
@@ -272,7 +272,7 @@ def test_flax_linen(fast_variance: bool, momentum: float | None, eps: float | No
     case = C.make_case("linen", "flax", "float32", [shape, shape, (1, *shape[1:])], training=[True, True, False],
                        axis=axis, seed=9, offsets=offsets, momentum=momentum, eps=eps)
     _assert_native(C.Native(f"linen.BatchNorm(use_fast_variance={fast_variance})", "jax", case,
-                            lambda c: C._native_flax(c, fast_variance=fast_variance),
+                            lambda c: C.native_flax(c, fast_variance=fast_variance),
                             extra_var=1.0 if fast_variance else 0.0))
 
 
@@ -280,7 +280,7 @@ def test_flax_fast_variance_is_one_pass() -> None:
     """The allowance above is needed: on |mean|/std = 300 the fast variance leaves the two-pass bound."""
     _need("jax", "flax")
     case = C.make_case("offset", "flax", "float32", [(16, 3)] * 2, seed=3, offsets=300.0)
-    rows = C.compare_native(C.Native("fast", "jax", case, lambda c: C._native_flax(c, fast_variance=True)))
+    rows = C.compare_native(C.Native("fast", "jax", case, lambda c: C.native_flax(c, fast_variance=True)))
     assert not all(r.ok for r in rows if r.quantity == "running_var")
 
 
@@ -325,5 +325,5 @@ def test_mxnet_property(seed: int, fix_gamma: bool, rank: int, last: bool) -> No
     shape = tuple(int(v) for v in rng.integers(2, 4, rank))
     case = C.make_case("prop", conv, "float32", [shape] * 3, training=[True, True, False], seed=seed,
                        axis=-1 if last else 1, offsets=float(rng.choice([0.0, 10.0, 1e3])))
-    _assert_native(C.Native("nd.BatchNorm", "mxnet", case, lambda c: C._native_mxnet(c, fix_gamma=fix_gamma),
+    _assert_native(C.Native("nd.BatchNorm", "mxnet", case, lambda c: C.native_mxnet(c, fix_gamma=fix_gamma),
                             **MXNET))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import multibn
-from multibn import api
+from multibn import plan as api
 from multibn.conventions import CONVENTIONS
 from multibn.state import BNState
 from tests.helpers import require

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -206,10 +207,10 @@ def test_torch_num_batches_progress_and_device() -> None:
                          device="cpu")
     ref = _reference(_torch_captured(model, batches[:2]), {"1": 1, "4": 1})
     np.testing.assert_allclose(model[4].running_var.numpy(), ref["4"][2], rtol=1e-5)
-    assert "recompute_statistics: [" in stream.getvalue() and "2/2 batches" in stream.getvalue()
+    assert re.search(r"recompute_statistics: 100%\|[^|]*\| 2/2 \[", stream.getvalue())  # the bar, done
     stream = io.StringIO()
     recompute_statistics(model, (torch.from_numpy(b) for b in batches), progress=stream)  # no len: a count
-    assert stream.getvalue().rstrip().endswith("4 batches")
+    assert re.search(r"recompute_statistics: 4batch \[[^\r]*$", stream.getvalue().rstrip())  # the last count drawn
 
 
 @pytest.mark.torch
@@ -406,7 +407,7 @@ def test_gluon_num_batches_and_errors() -> None:
     stream = io.StringIO()
     batches = _batches(SIZES, (2, 6, 6), seed=6)
     recompute_statistics(net, [mx.nd.array(b) for b in batches], num_batches=1, progress=stream)
-    assert "1/1 batches" in stream.getvalue()
+    assert re.search(r"recompute_statistics: 100%\|[^|]*\| 1/1 \[", stream.getvalue())
     with pytest.warns(UserWarning, match="no batch-norm block"):
         recompute_statistics(mx.gluon.nn.Dense(2, in_units=2), [mx.nd.ones((2, 2))], progress=False)
 
@@ -451,7 +452,7 @@ def test_flax_equals_float64_statistics_of_each_layers_inputs() -> None:
     import jax
     import jax.numpy as jnp
 
-    from multibn.recompute import recompute_statistics_flax
+    from multibn.layers.flax import recompute_statistics
 
     model = _flax_model()
     batches = [np.moveaxis(b, 1, -1) for b in _batches(SIZES, (2, 6, 6), seed=7)]
@@ -463,7 +464,7 @@ def test_flax_equals_float64_statistics_of_each_layers_inputs() -> None:
     ref["two_axes"] = (two.mean(axis=0).reshape(4, 4), two.var(axis=0).reshape(4, 4))
     before = jax.tree_util.tree_map(np.array, variables)
     data = [(b, np.zeros(len(b))) if i % 2 else b for i, b in enumerate(batches)]
-    out = recompute_statistics_flax(model, variables, data, progress=False, train=True)
+    out = recompute_statistics(model, variables, data, progress=False, train=True)
     for path, stats in out["batch_stats"].items():
         np.testing.assert_allclose(stats["mean"], ref[path][0], rtol=1e-5, atol=1e-6, err_msg=path)
         np.testing.assert_allclose(stats["var"], ref[path][1], rtol=1e-5, err_msg=path)  # Flax: biased
@@ -478,16 +479,16 @@ def test_flax_needs_training_mode_and_returns_the_container_type() -> None:
     from flax.core import freeze
     from flax.core.frozen_dict import FrozenDict
 
-    from multibn.recompute import recompute_statistics_flax
+    from multibn.layers.flax import recompute_statistics
 
     model = _flax_model()
     batches = [np.moveaxis(b, 1, -1) for b in _batches((4, 6), (2, 6, 6), seed=8)]
     variables = model.init(jax.random.PRNGKey(0), batches[0], train=False)
     with pytest.raises(ValueError, match=r"BatchNorm_0 ran with use_running_average=True.*train=True"):
-        recompute_statistics_flax(model, variables, batches, progress=False, train=False)
+        recompute_statistics(model, variables, batches, progress=False, train=False)
     with pytest.raises(TypeError, match="sets mutable"):
-        recompute_statistics_flax(model, variables, batches, progress=False, train=True, mutable=True)
-    frozen = recompute_statistics_flax(model, freeze(variables), batches, num_batches=1, progress=False, train=True)
+        recompute_statistics(model, variables, batches, progress=False, train=True, mutable=True)
+    frozen = recompute_statistics(model, freeze(variables), batches, num_batches=1, progress=False, train=True)
     assert isinstance(frozen, FrozenDict)
     seen = _flax_captured(model, variables, batches[:1])
     np.testing.assert_allclose(frozen["batch_stats"]["BatchNorm_0"]["var"],
@@ -500,7 +501,7 @@ def test_flax_multibn_layer_stores_its_conventions_variance() -> None:
     import flax.linen as nn
     import jax
 
-    from multibn.recompute import recompute_statistics_flax
+    from multibn.layers.flax import recompute_statistics
 
     class Net(nn.Module):
         @nn.compact
@@ -522,7 +523,7 @@ def test_flax_multibn_layer_stores_its_conventions_variance() -> None:
         for b in batches:
             model.apply(variables, b, train=True, mutable=["batch_stats"])
     ref = _reference(seen, {k: -1 for k in seen})
-    out = recompute_statistics_flax(model, variables, batches, progress=False, train=True)["batch_stats"]
+    out = recompute_statistics(model, variables, batches, progress=False, train=True)["batch_stats"]
     np.testing.assert_allclose(out["BatchNorm_0"]["var"], ref["BatchNorm_0"][2], rtol=1e-5)  # torch: unbiased
     np.testing.assert_allclose(out["BatchNorm_1"]["var"], ref["BatchNorm_1"][1], rtol=1e-5)  # flax: biased
     np.testing.assert_allclose(out["BatchNorm_1"]["mean"], ref["BatchNorm_1"][0], rtol=1e-5, atol=1e-6)
@@ -559,8 +560,8 @@ def _float64_recomputed(trainer: Any, batches: list[np.ndarray], x: np.ndarray, 
 @pytest.mark.parametrize(("task", "variant"), [("lenet", "bn"), ("placement", "before")])
 def test_train_recomputed_evaluation_against_float64_and_training_unchanged(backend: str, task: str,
                                                                            variant: str) -> None:
-    from multibn.train.runner import make_trainer
-    from multibn.train.tasks import TASKS
+    from multibn.cli.train.runner import make_trainer
+    from multibn.cli.train.tasks import TASKS
 
     x, y = _train_data(task)
     batches = [x[i:i + 8] for i in (0, 8, 16)]
@@ -587,12 +588,12 @@ def test_flax_a_batchnorm_that_is_the_whole_model() -> None:
     import flax.linen as nn
     import jax
 
-    from multibn.recompute import recompute_statistics_flax
+    from multibn.layers.flax import recompute_statistics
 
     batches = _batches((5, 9), (3,), seed=12)
     model = nn.BatchNorm()
     variables = model.init(jax.random.PRNGKey(0), batches[0], use_running_average=True)
-    out = recompute_statistics_flax(model, variables, batches, progress=False, use_running_average=False)
+    out = recompute_statistics(model, variables, batches, progress=False, use_running_average=False)
     x = np.concatenate(batches).astype(np.float64)
     np.testing.assert_allclose(out["batch_stats"]["mean"], x.mean(axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["batch_stats"]["var"], x.var(axis=0), rtol=1e-5)

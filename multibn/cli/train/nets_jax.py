@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..algorithm import Layout, Stats, batch_stats
-from ..backends import get_backend
-from ..layers.jax import BatchNorm
-from ..moments import ChannelMoments
-from ..state import BNState
+from multibn.algorithm import Layout, Stats, batch_stats
+from multibn.backends import get_backend
+from multibn.layers.jax import BatchNorm
+from multibn.moments import ChannelMoments
+from multibn.state import BNState
+
 from .models import Model
 from .optim import adam, bias_corrections, sgd
 

@@ -3,7 +3,7 @@
 Checkpoint files do not record eps, momentum or ``fix_gamma`` (they live in the model code), so the command takes
 them: the source and destination conventions (default: each format's own, ``torch``, ``gluon``, ``flax`` for flax
 and nnx), ``--src-eps``/``--dst-eps`` for every layer, and per layer ``--layer NAME:KEY=VALUE,...`` or a JSON
-``--map FILE``. Each BN layer goes through :func:`multibn.porting.convert_state`; the file through
+``--map FILE``. Each BN layer goes through :func:`multibn.convert_state`; the file through
 :mod:`multibn.checkpoints` (layer names, the default renaming rule, every other entry carried unchanged).
 
 The JSON map is an object whose keys are source layer names (as the table prints them; ``""`` or ``"(root)"``
@@ -46,7 +46,7 @@ import math
 import sys
 from typing import Any
 
-from .checkpoints import (
+from multibn.checkpoints import (
     DEFAULT_CONVENTION,
     FLAX_FAMILY,
     FORMATS,
@@ -62,18 +62,16 @@ from .checkpoints import (
     relayout,
     write_checkpoint,
 )
-from .conventions import CONVENTIONS, Convention, check_eps, check_momentum, resolve_convention
-from .porting import convert_state_verbose
-from .state import BNState
+from multibn.conventions import CONVENTIONS, Convention, check_eps, check_momentum, resolve_convention
+from multibn.convert import convert_state_verbose  # the changes it reports: not in multibn.convert_state
+from multibn.state import BNState
+
+from .usage import UsageError, usage_error
 
 _SETTINGS = {
     "to": str, "fix_gamma": bool, "eps": float, "momentum": float, "count": int,
     "dst_fix_gamma": bool, "dst_eps": float,
 }
-
-
-class UsageError(ValueError):
-    """A bad argument or map: exit status 2."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,8 +117,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except UsageError as e:
-        print(f"multibn port: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error("port", e)
     except CheckpointError as e:
         print(f"multibn port: error: {e}", file=sys.stderr)
         return 1

@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..api import batch_norm, batch_norm_vjp, init_state
-from ..moments import ChannelMoments
-from ..state import BNState
+from multibn.api import batch_norm, batch_norm_vjp, init_state
+from multibn.moments import ChannelMoments
+from multibn.state import BNState
+
 from .models import Layer, Model
 from .optim import Optimizer
 

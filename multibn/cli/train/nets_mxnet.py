@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backends.mxnet import mx  # MXNet after the NumPy alias it needs
-from ..layers.gluon import BatchNorm, recompute_statistics
+from multibn.backends.mxnet import mx  # MXNet after the NumPy alias it needs
+from multibn.layers.gluon import BatchNorm, recompute_statistics
+
 from .models import Model
 from .optim import Optimizer
 

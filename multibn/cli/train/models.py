@@ -12,7 +12,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from ..conventions import Convention, resolve_convention
+from multibn.conventions import Convention, resolve_convention
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers.torch import BatchNorm, recompute_statistics
+from multibn.layers.torch import BatchNorm, recompute_statistics
+
 from .models import Model
 from .optim import Optimizer
 

@@ -14,9 +14,10 @@ from importlib import resources
 
 import numpy as np
 
-from .api import batch_norm, batch_norm_vjp, init_state
-from .backends import available_backends, get_backend
-from .conventions import CONVENTIONS
+from ..api import batch_norm, batch_norm_vjp, init_state
+from ..backends import available_backends, get_backend
+from ..conventions import CONVENTIONS
+from .usage import BACKENDS, UsageError, parse_list, unavailable, usage_error
 
 DEMO_CONVENTIONS = ("torch", "torch_cma", "mxnet", "gluon", "flax", "keras")
 
@@ -43,20 +44,17 @@ def run_steps(backend: str, convention: str, data: dict[str, np.ndarray], dtype:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default=None,
-                        help="comma-separated subset of numpy,torch,jax,mxnet (default: every installed backend)")
+                        help=f"comma-separated subset of {','.join(BACKENDS)} (default: every installed backend)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .check import BACKENDS, UsageError, _parse_list, _unavailable
-
     try:  # every name checked before the first line of the table
-        backends = _parse_list(args.backends, BACKENDS, "backend") if args.backends is not None else None
+        backends = parse_list(args.backends, BACKENDS, "backend") if args.backends is not None else None
     except UsageError as e:
-        print(f"multibn demo: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error("demo", e)
     if backends is None:
         backends = list(available_backends())
-    for b, why in _unavailable(backends).items():
+    for b, why in unavailable(backends).items():
         print(f"multibn demo: error: backend {b} cannot run here: {why}", file=sys.stderr)
         return 1
     data = load_demo_data()

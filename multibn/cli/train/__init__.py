@@ -26,7 +26,10 @@ import sys
 import time
 from typing import Any
 
-from .runner import TRAINERS, Progress, divergence, make_trainer, to_json, train_run
+from multibn.progress import progress_bar
+
+from ..usage import check_outputs
+from .runner import TRAINERS, divergence, make_trainer, to_json, train_run
 from .tasks import TASKS, Task
 
 __all__ = ["TASKS", "add_arguments", "run"]
@@ -74,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _backends(spec: str | None) -> list[str]:
-    from ..backends import available_backends, get_backend
+    from multibn.backends import available_backends, get_backend
 
     if spec is None:
         installed = set(available_backends())
@@ -135,8 +138,6 @@ def _best(group: list[dict[str, Any]], metric: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from ..cli import check_outputs
-
     task = TASKS[args.task]
     bad_output = check_outputs("train", json=args.json, plot=args.plot)
     if bad_output is not None:
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
            f"{'test acc':>9} {'recomputed':>10} {'sec':>6}"
     print(head)
     print("-" * len(head), flush=True)
-    progress = Progress()
+    progress = progress_bar(True, None, "", unit="batch")  # one epoch's batches, on a terminal only
     runs: list[dict[str, Any]] = []
     start = time.perf_counter()
     for backend in backends:
@@ -200,18 +201,21 @@ def run(args: argparse.Namespace) -> int:
                           f"{_fmt(row['test_acc'], '9.4f')} {_fmt(recomputed)} {row['seconds']:6.1f}", flush=True)
 
                 def on_batch(epoch: int, done: int, total: int, label: str = label) -> None:
-                    progress.update(f"{label} epoch {epoch}/{epochs}", done, total)
+                    if done == 1:  # a new epoch: the bar starts again
+                        progress.set_description_str(f"  {label} epoch {epoch}/{epochs}", refresh=False)
+                        progress.reset(total)
+                    progress.update()
 
                 try:
                     trainer = make_trainer(backend, task, variant, seed, args.lr, args.dtype, args.optimizer)
                     epochs_out = train_run(trainer, data, epochs, batch_size, seed, on_epoch, on_batch)
                 except FloatingPointError as e:
-                    progress.clear()
+                    progress.close()
                     print(f"multibn train: {backend}, {variant}, seed {seed}: {e} (try a smaller --lr)",
                           file=sys.stderr)
                     return 1
                 runs.append({"backend": backend, "variant": variant, "seed": seed, "epochs": epochs_out})
-    progress.clear()
+    progress.close()
     _summary(task, runs)
     worst, where = divergence(runs)
     if where is None:

@@ -1,12 +1,11 @@
-"""Training loop, per-epoch table, progress bar, divergence between backends, JSON."""
+"""Training loop, divergence between backends, JSON."""
 
 from __future__ import annotations
 
 import importlib
-import sys
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
@@ -19,8 +18,8 @@ from .tasks import Task
 METRICS = ("train_loss", "test_loss", "test_acc", "test_loss_recomputed", "test_acc_recomputed")
 
 #: backend -> module with its ``Trainer``; NumPy last (slowest: its convolutions are tensordots)
-TRAINERS = {"torch": "multibn.train.nets_torch", "jax": "multibn.train.nets_jax",
-            "mxnet": "multibn.train.nets_mxnet", "numpy": "multibn.train.nets_numpy"}
+TRAINERS = {"torch": "multibn.cli.train.nets_torch", "jax": "multibn.cli.train.nets_jax",
+            "mxnet": "multibn.cli.train.nets_mxnet", "numpy": "multibn.cli.train.nets_numpy"}
 
 
 def make_trainer(backend: str, task: Task, variant: str, seed: int, lr: float | None = None,
@@ -43,32 +42,6 @@ def recompute_batches(x_train: np.ndarray, batch_size: int, seed: int) -> list[n
     batches of the training batch size, in a shuffled order fixed by ``seed`` (epoch 0 of :func:`batch_order`, which
     no training epoch uses), the same after every epoch and on every backend."""
     return [x_train[idx] for idx in batch_order(len(x_train), batch_size, seed, 0)]
-
-
-class Progress:
-    """A one-line progress bar on a terminal (nothing when the stream is not one)."""
-
-    def __init__(self, stream: TextIO = sys.stderr, width: int = 24) -> None:
-        self.stream, self.width = stream, width
-        self.live = hasattr(stream, "isatty") and stream.isatty()
-        self.shown = False
-        self.last = 0.0
-
-    def update(self, label: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if not self.live or (done < total and now - self.last < 0.1):  # at most 10 redraws a second
-            return
-        self.last = now
-        filled = self.width * done // max(total, 1)
-        self.stream.write(f"\r  {label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} batches")
-        self.stream.flush()
-        self.shown = True
-
-    def clear(self) -> None:
-        if self.shown:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            self.shown = False
 
 
 def train_run(
