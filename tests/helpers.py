@@ -105,7 +105,7 @@ def installed(names: tuple[str, ...] = ALL_BACKENDS) -> tuple[str, ...]:
     return tuple(out)
 
 
-def tested_here(names: tuple[str, ...] = ALL_BACKENDS) -> tuple[str, ...]:
+def backends_tested_here(names: tuple[str, ...] = ALL_BACKENDS) -> tuple[str, ...]:
     """The installed backends among ``names`` that this run tests (all of them but where left_to_full says)."""
     return tuple(b for b in installed(names) if not left_to_full(b))
 
@@ -113,7 +113,7 @@ def tested_here(names: tuple[str, ...] = ALL_BACKENDS) -> tuple[str, ...]:
 def only_tested_here(names: tuple[str, ...] = ALL_BACKENDS) -> list[str]:
     """A command's backend selection for this run: none (every installed one) unless this run leaves some to the
     full environment, then those it tests, comma-separated, as the one argument of ``--backends``/``--backend``."""
-    here = tested_here(names)
+    here = backends_tested_here(names)
     return [] if here == installed(names) else [",".join(here)]
 
 
@@ -191,6 +191,6 @@ def to_numpy(a: object) -> np.ndarray:
 
 
 __all__ = ["ABSENT_BY_DESIGN", "ALL_BACKENDS", "LENET_X", "LENET_Y", "PARITY_LR", "PARITY_STEPS", "ROOT",
-           "SAME_IN_CURRENT", "TEST_ENV", "arr", "batches", "has", "host_devices", "installed", "jax_float64",
-           "left_to_full", "missing", "mxnet_module", "need", "need_installed", "only_tested_here", "require",
-           "tested_here", "to_numpy"]
+           "SAME_IN_CURRENT", "TEST_ENV", "arr", "backends_tested_here", "batches", "has", "host_devices", "installed",
+           "jax_float64", "left_to_full", "missing", "mxnet_module", "need", "need_installed", "only_tested_here",
+           "require", "to_numpy"]

@@ -14,7 +14,7 @@ from multibn.cli.bench.cases import Case, Skip
 from multibn.cli.bench.memory import MEM_PASSES, peak_memory_here
 from multibn.cli.bench.models import MODELS
 from multibn.cli.bench.report import table
-from tests.helpers import has, need, need_installed, only_tested_here, tested_here
+from tests.helpers import backends_tested_here, has, need, need_installed, only_tested_here
 
 #: every installed backend (the default), but those this run leaves to the full environment
 BACKENDS = ["--backends", *only_tested_here()] if only_tested_here() else []
@@ -114,7 +114,7 @@ MEM_FIELDS = {"backend", "impl", "case", "dtype", "pass", "peak_mib", "passes_mi
 def test_bench_mem_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """One fresh subprocess per implementation; x of 512 KiB, so y and dx alone raise the peak RSS."""
     out = tmp_path / "bench.json"
-    backends = ",".join(b for b in ("numpy", "torch") if b in tested_here())
+    backends = ",".join(b for b in ("numpy", "torch") if b in backends_tested_here())
     assert _run(["--backends", backends, "--cases", "nchw_8x16x32x32", "--passes", "fwd,mem", "--reps", "2",
                  "--warmup", "1", "--keras", "no", "--quiet", "--json", str(out)]) == 0
     assert "peak MiB" in capsys.readouterr().out
