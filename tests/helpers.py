@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,13 @@ def need(module: str, why: str = "a test dependency") -> ModuleType:
         raise  # unreachable: missing() skips or fails
 
 
+def need_installed(module: str, why: str = "a test dependency") -> None:
+    """``need`` for a module the test runs in a subprocess and must not import here (Keras picks its backend at
+    import, TensorFlow by default): installed, or the rule above."""
+    if importlib.util.find_spec(module) is None:
+        missing(module, f"{why}: {module} is not installed")
+
+
 def has(module: str) -> bool:
     """Whether ``module`` imports (for a test that runs differently without it, not for one that needs it)."""
     try:
@@ -95,6 +103,18 @@ def installed(names: tuple[str, ...] = ALL_BACKENDS) -> tuple[str, ...]:
         elif TEST_ENV is not None and name not in ABSENT_BY_DESIGN.get(TEST_ENV, ()):
             raise RuntimeError(f"the {name} backend is missing from the {TEST_ENV} environment: {_why_missing(name)}")
     return tuple(out)
+
+
+def backends_tested_here(names: tuple[str, ...] = ALL_BACKENDS) -> tuple[str, ...]:
+    """The installed backends among ``names`` that this run tests (all of them but where left_to_full says)."""
+    return tuple(b for b in installed(names) if not left_to_full(b))
+
+
+def only_tested_here(names: tuple[str, ...] = ALL_BACKENDS) -> list[str]:
+    """A command's backend selection for this run: none (every installed one) unless this run leaves some to the
+    full environment, then those it tests, comma-separated, as the one argument of ``--backends``/``--backend``."""
+    here = backends_tested_here(names)
+    return [] if here == installed(names) else [",".join(here)]
 
 
 def require(*backends: str) -> None:
@@ -171,5 +191,6 @@ def to_numpy(a: object) -> np.ndarray:
 
 
 __all__ = ["ABSENT_BY_DESIGN", "ALL_BACKENDS", "LENET_X", "LENET_Y", "PARITY_LR", "PARITY_STEPS", "ROOT",
-           "SAME_IN_CURRENT", "TEST_ENV", "arr", "batches", "has", "host_devices", "installed", "jax_float64",
-           "left_to_full", "missing", "mxnet_module", "need", "require", "to_numpy"]
+           "SAME_IN_CURRENT", "TEST_ENV", "arr", "backends_tested_here", "batches", "has", "host_devices", "installed",
+           "jax_float64", "left_to_full", "missing", "mxnet_module", "need", "need_installed", "only_tested_here",
+           "require", "to_numpy"]

@@ -23,12 +23,12 @@ FRAMEWORK_WORDS = ("torch", "jax", "mxnet", "gluon", "flax", "nnx", "keras")
 
 
 def framework_free_modules() -> list[str]:
-    """Every module of multibn but the ``__main__`` entry points and those named after a framework (they import
-    it by design)."""
+    """Every module of multibn but the ``__main__`` ones (they run a command) and those named after a framework
+    (they import it by design)."""
     out = []
     for info in pkgutil.walk_packages(multibn.__path__, "multibn."):
         parts = info.name.split(".")[1:]
-        if info.name.endswith(".__main__") or any(w in p for p in parts for w in FRAMEWORK_WORDS):
+        if parts[-1] == "__main__" or any(w in p for p in parts for w in FRAMEWORK_WORDS):
             continue
         out.append(info.name)
     return sorted(out)

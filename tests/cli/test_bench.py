@@ -14,7 +14,10 @@ from multibn.cli.bench.cases import Case, Skip
 from multibn.cli.bench.memory import MEM_PASSES, peak_memory_here
 from multibn.cli.bench.models import MODELS
 from multibn.cli.bench.report import table
-from tests.helpers import has, need
+from tests.helpers import backends_tested_here, has, need, need_installed, only_tested_here
+
+#: every installed backend (the default), but those this run leaves to the full environment
+BACKENDS = ["--backends", *only_tested_here()] if only_tested_here() else []
 
 FIELDS = {"backend", "impl", "case", "dtype", "pass", "median_ms", "iqr_ms", "runs", "ratio_to_native",
           "ratio_to_roofline"}
@@ -33,7 +36,7 @@ def test_bench_is_a_command() -> None:
 def test_bench_tiny_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     argv = ["--cases", "nchw_2x3x4x5,nc_8x4:float16,nhwc_2x4x5x3", "--reps", "2", "--warmup", "1", "--keras", "no",
-            "--quiet", "--json", str(out)]
+            "--quiet", "--json", str(out), *BACKENDS]
     have_plot = has("matplotlib")
     if have_plot:
         argv += ["--plot", str(tmp_path / "bench.png")]
@@ -59,7 +62,7 @@ def test_bench_tiny_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_bench_keras_subprocess(tmp_path: Path) -> None:
     need("torch")
-    need("keras")
+    need_installed("keras")  # imported by bench's subprocess, not here
     out = tmp_path / "bench.json"
     assert _run(["--backends", "torch", "--cases", "nc_8x4", "--passes", "fwd", "--reps", "2", "--warmup", "1",
                  "--quiet", "--json", str(out)]) == 0
@@ -79,7 +82,7 @@ def test_case_names() -> None:
 def test_bench_layer_pass_and_small_cases(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     assert _run(["--small", "--cases", "nc_8x4,nchw_2x3x4x5", "--reps", "2", "--warmup", "1", "--keras", "no",
-                 "--quiet", "--json", str(out)]) == 0
+                 "--quiet", "--json", str(out), *BACKENDS]) == 0
     records = json.loads(out.read_text())["records"]
     assert {r["pass"] for r in records} == {"fwd", "layer"}
     layer = [r for r in records if r["pass"] == "layer"]
@@ -111,7 +114,7 @@ MEM_FIELDS = {"backend", "impl", "case", "dtype", "pass", "peak_mib", "passes_mi
 def test_bench_mem_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """One fresh subprocess per implementation; x of 512 KiB, so y and dx alone raise the peak RSS."""
     out = tmp_path / "bench.json"
-    backends = "numpy,torch" if has("torch") else "numpy"
+    backends = ",".join(b for b in ("numpy", "torch") if b in backends_tested_here())
     assert _run(["--backends", backends, "--cases", "nchw_8x16x32x32", "--passes", "fwd,mem", "--reps", "2",
                  "--warmup", "1", "--keras", "no", "--quiet", "--json", str(out)]) == 0
     assert "peak MiB" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""``multibn check --quick --json``: run in a subprocess, the JSON schema and the exit status."""
+"""``multibn check --quick --json``: run in a subprocess, the JSON schema and the exit status (every installed
+backend, in both environments: the native comparisons need torch in the current one)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from multibn.cli.train.data import Dataset, load_fashion_mnist, parse_idx, read_
 from multibn.cli.train.models import init_weights
 from multibn.cli.train.runner import batch_order, divergence, make_trainer
 from multibn.cli.train.tasks import TASKS
-from tests.helpers import has, installed, need
+from tests.helpers import backends_tested_here, has, installed, need, only_tested_here
 
 TRAIN_BACKENDS = ("torch", "jax", "mxnet", "numpy")
 
@@ -220,9 +220,10 @@ TOLERANCE = {"lenet": 1e-3, "mlp-regression": 1e-7, "placement": 1e-3}
 def test_quick_run_on_every_installed_backend(task: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     if task == "lenet":
         need("sklearn")
-    backends = _installed()
+    backends = list(backends_tested_here(TRAIN_BACKENDS))  # every installed one, less those left to the full env
     out, png = tmp_path / "run.json", tmp_path / "run.png"
     argv = ["train", "--task", task, "--quick", "--epochs", "1", "--json", str(out)]
+    argv += ["--backend", *only_tested_here(TRAIN_BACKENDS)] if only_tested_here(TRAIN_BACKENDS) else []
     if task == "lenet":
         argv += ["--batch-size", "128"]
     if task == "mlp-regression":

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from multibn import conformance as C
 from multibn.conformance import reference as R
 from multibn.conventions import CONVENTIONS
-from tests.helpers import installed, need, require
+from tests.helpers import installed, need, need_installed, require
 
 
 def _need(backend: str, *modules: str) -> None:
@@ -296,7 +296,7 @@ KERAS_CASES = {
 @pytest.fixture(scope="module")
 def keras_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, C.Run]:
     """Both Keras backends at once, each in its own subprocess (KERAS_BACKEND is read at import)."""
-    need("keras", "a test dependency of the native comparisons")
+    need_installed("keras", "a test dependency of the native comparisons")
     workdir = str(tmp_path_factory.mktemp("keras"))
     here = installed(tuple(KERAS_CASES))
     jobs = {kb: C.start_keras(case, kb, workdir) for kb, case in KERAS_CASES.items() if kb in here}
@@ -307,7 +307,8 @@ def keras_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, C.Run]:
 def test_keras_batch_normalization(keras_backend: str, keras_runs: dict[str, C.Run]) -> None:
     """Keras 3 ``BatchNormalization`` on its jax backend (two-pass ``jnp.var``) and its torch backend (one-pass
     E[x^2] - E[x]^2, allowed the error it causes) against multibn's keras convention on the same framework."""
-    _need(keras_backend, "keras")
+    require(keras_backend)
+    need_installed("keras", "a test dependency of the native comparisons")
     run = keras_runs[keras_backend]
     assert run.error is None, run.error
     _assert_native(C.Native(f"keras[{keras_backend}]", keras_backend, KERAS_CASES[keras_backend], lambda c: run,

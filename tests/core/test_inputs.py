@@ -263,8 +263,9 @@ def test_missing_state_in_eval(backend: str) -> None:
 def test_bad_state_and_training_types(backend: str) -> None:
     x, gamma, beta, state = inputs(backend)
     raises_and_changes_nothing(
-        TypeError, r"state must be a multibn.BNState \(running_mean, running_var, num_batches_tracked\) or None, "
-                   r"got list", lambda: multibn.batch_norm(x, gamma, beta, list(state)), state)
+        TypeError, r"state must be a multibn.BNState \(running_mean, running_var, num_batches_tracked\), a multibn."
+                   r"RenormState \(the same and running_std, renorm_mean, renorm_std\) or None, got list",
+        lambda: multibn.batch_norm(x, gamma, beta, list(state)), state)
     raises_and_changes_nothing(
         TypeError, r"training must be True or False, got int 1",
         lambda: multibn.batch_norm(x, gamma, beta, state, training=1), state)

@@ -4,7 +4,6 @@ torch backends, against a float64 textbook transcription of ghost BN, across bac
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 
 import multibn
-from tests.helpers import ALL_BACKENDS, ROOT, arr, jax_float64, missing, need, require, to_numpy
+from tests.helpers import ALL_BACKENDS, ROOT, arr, jax_float64, mxnet_module, need, need_installed, require, to_numpy
 
 CLIP = {"rmax": 1.5, "rmin": 0.7, "dmax": 0.5}
 GAMMA = np.array([0.5, 1.0, 2.0], np.float32)
@@ -30,8 +29,7 @@ def _steps(shape: tuple[int, ...], n: int = 4, seed: int = 0) -> list[tuple[np.n
 
 # ---- batch renormalisation against Keras 3 -------------------------------------------------------------------------
 def _keras_run(keras_backend: str, steps: list, training: list[bool], tmp_path: Path) -> dict[str, np.ndarray]:
-    if importlib.util.find_spec("keras") is None:  # not imported here: Keras picks its backend at import
-        missing("keras", "the reference of batch renormalisation")
+    need_installed("keras", "the reference of batch renormalisation")  # not imported here: Keras picks its backend
     src, dst = tmp_path / f"in_{keras_backend}.npz", tmp_path / f"out_{keras_backend}.npz"
     config = {"nsteps": len(steps), "axis": -1, "momentum": 0.9, "eps": 1e-3, "clip": CLIP, "renorm_momentum": 0.8}
     data = {"config": json.dumps(config), "gamma": GAMMA, "beta": BETA}
@@ -68,7 +66,7 @@ def _multibn_step(backend: str, x: np.ndarray, dy: np.ndarray, state: object, tr
 
         y, vjp, new = jax.vjp(f, *(jax.numpy.asarray(a) for a in (x, GAMMA, BETA)), has_aux=True)
         return (y, *vjp(jax.numpy.asarray(dy))), new
-    mx = need("multibn.backends.mxnet").mx
+    mx = mxnet_module()
     xm, gm, bm = (mx.nd.array(a) for a in (x, GAMMA, BETA))
     for a in (xm, gm, bm):
         a.attach_grad()
@@ -199,7 +197,7 @@ def test_ghost_equals_textbook(backend: str, shape: tuple[int, ...], axis: int, 
         y, vjp, new = jax.vjp(f, *(jax.numpy.asarray(a) for a in (x, g, b)), has_aux=True)
         grads = vjp(jax.numpy.asarray(dy))
     else:
-        mx = need("multibn.backends.mxnet").mx
+        mx = mxnet_module()
         xm, gm, bm = (mx.nd.array(a) for a in (x, g, b))
         for a in (xm, gm, bm):
             a.attach_grad()
