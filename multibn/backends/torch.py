@@ -211,11 +211,13 @@ class TorchBackend(Backend):
         if not _plain(x, scale, shift) or x.ndim != scale.ndim:
             return super().scale_shift(x, scale, shift)
         axes = tuple(i for i in range(x.ndim) if scale.shape[i] == 1)
-        v = _layout_view(x, axes) if x.device.type == "cpu" else None
-        if v is None:  # a GPU (one fused op already), a strided x: one pass, no temporary besides the output
+        # under _SMALL elements, 2-D x, a GPU (one fused op already), a strided x: one op, no temporary besides the
+        # output (the (P, C, Q) view below pays only on larger tensors with Q > 1: see _expanded)
+        v = _channel_view(x, axes) if x.ndim > 2 or not same else None
+        if v is None:
             return torch.addcmul(shift, x, scale) if same else super().scale_shift(x, scale, shift)
         out = torch.empty_like(x)  # x's memory layout (channels_last stays channels_last)
-        o = _layout_view(out, axes)
+        o = _channel_view(out, axes)
         scale, shift = _expanded(scale, v), _expanded(shift, v)
         if same:
             torch.addcmul(shift, v, scale, out=o)
@@ -240,10 +242,10 @@ class TorchBackend(Backend):
 
     def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
         axes = tuple(i for i in range(x.ndim) if mean.shape[i] == 1)
-        cpu = x.device.type == "cpu" and _plain(dy, x, mean, a, b, c)
-        v, g = (_layout_view(x, axes), _layout_view(dy, axes)) if cpu else (None, None)
-        if v is None or g is None or not _same_layout(dy, x):
-            if dy.dtype == x.dtype == a.dtype and _plain(dy, x, mean, a, b, c):
+        one_dtype = dy.dtype == x.dtype == a.dtype
+        v, g = (_channel_view(x, axes), _channel_view(dy, axes)) if x.ndim > 2 or not one_dtype else (None, None)
+        if v is None or g is None or not _same_layout(dy, x) or not _plain(mean, a, b, c):
+            if one_dtype and _plain(dy, x, mean, a, b, c):
                 t = torch.sub(x, mean)  # the loop below in one piece: three ops, no temporary but the output
                 return torch.addcmul(c, t, b, out=t).addcmul_(dy, a)
             return super().backward_apply(dy, x, mean, a, b, c)
@@ -252,7 +254,7 @@ class TorchBackend(Backend):
         a, b, c = (_expanded(t, v) for t in (a, b, c))
         same = x.dtype == a.dtype
         gbuf = None if dy.dtype == a.dtype else _buffer(a.dtype, v)
-        for (xc, gc, oc), buf in _chunks(a.dtype, v, g, _layout_view(out, axes), need_buf=not same):
+        for (xc, gc, oc), buf in _chunks(a.dtype, v, g, _channel_view(out, axes), need_buf=not same):
             t = oc if same else buf  # float32 output: work in the output itself, no scratch buffer
             gc = gc if gbuf is None else gbuf[: gc.shape[0]].copy_(gc)
             _sub(xc, m, t)

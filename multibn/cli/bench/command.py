@@ -211,7 +211,7 @@ def _run_model(args: argparse.Namespace, backends: Sequence[str]) -> int:
 def _keras_subprocess(kb: str, args: argparse.Namespace, cases: Sequence[str], passes: Sequence[str],
                       reps: int, warmup: int) -> list[dict[str, Any]]:
     cmd = [sys.executable, "-m", "multibn", "bench", "--keras-worker", kb, "--cases", ",".join(cases),
-           "--passes", ",".join(p for p in passes if p != "mem"), "--reps", str(reps), "--warmup", str(warmup),
+           "--passes", ",".join(p for p in passes if p not in MEM_OF), "--reps", str(reps), "--warmup", str(warmup),
            "--device", args.device]
     if args.quiet:
         cmd.append("--quiet")
