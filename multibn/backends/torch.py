@@ -344,9 +344,17 @@ def _expanded(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """A per-channel vector for elementwise ops on the (P, C, Q) view ``v``: (1, C, Q), each channel's value
     repeated along Q (one row of v, contiguous), so that the op broadcasts over the outer axis P only. torch's
     CPU addcmul with a (1, C, 1) operand broadcast along a short contiguous Q runs 3-4x slower than with the
-    expanded row (measured at the ResNet stage shapes); Q = 1 (channels last) needs no expansion."""
+    expanded row (measured at the ResNet stage shapes); Q = 1 (channels last) needs no expansion. Each expanded
+    vector holds 1/P of x: only from ``_EXPAND_ROWS`` rows up (three of them in the backward: under a tenth of
+    an activation), so that the peak memory stays that of the native BN."""
     t = t.reshape(1, -1, 1)
-    return t if v.shape[2] == 1 else t.expand(1, v.shape[1], v.shape[2]).contiguous()
+    if v.shape[2] == 1 or v.shape[0] < _EXPAND_ROWS:
+        return t
+    return t.expand(1, v.shape[1], v.shape[2]).contiguous()
+
+
+#: the fewest rows P of a (P, C, Q) view for which :func:`_expanded` expands the per-channel vectors
+_EXPAND_ROWS = 32
 
 
 def _reduce(v: torch.Tensor) -> torch.Tensor:
