@@ -9,7 +9,8 @@ which is why both are given (run with ``--threads 1`` for the CPU figures).
 
 Parts (``--parts``): ``layer`` (multibn.layers.torch.BatchNorm against nn.BatchNorm2d, training forward and
 backward, at the CIFAR ResNet-18 stage shapes of ``multibn bench --cases resnet``, NCHW and channels_last),
-``fwd`` (functional training forward, the ``--small`` cases) and ``model`` (the ``--model resnet18`` step).
+``fwd`` (functional training forward, the ``--small`` cases), ``model`` (the ``--model resnet18`` step) and
+``large`` (functional forward+backward at the default cases of ``multibn bench``, float32; not in the default).
 """
 
 from __future__ import annotations
@@ -124,6 +125,46 @@ def _fwd_runs(shape: tuple[int, ...]) -> dict[str, Callable[[], None]]:
             "after": call(multibn)}
 
 
+def large(reps: int) -> None:
+    for spec in ("nchw_64x64x56x56", "nhwc_64x56x56x64", "nchw_256x256x14x14", "nc_4096x1024"):
+        report(f"fwd+bwd {spec} ms", interleaved(_large_runs(spec), reps, 1))
+
+
+def _large_runs(spec: str) -> dict[str, Callable[[], None]]:
+    """The functional fwd+bwd of ``multibn bench``'s default cases (float32): x, gamma, beta requiring grad."""
+    import multibn_before
+    import torch
+    import torch.nn.functional as F
+
+    import multibn
+    from multibn.cli.bench.cases import Case
+
+    case = Case.parse(spec)
+    gen = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(case.shape, generator=gen) * 2 + 0.5, torch.randn(case.shape, generator=gen)
+    c = case.shape[case.axis]
+    xs, gs, bs = x.requires_grad_(True), torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
+    rm, rv = torch.zeros(c), torch.ones(c)
+
+    def nat(t: torch.Tensor) -> torch.Tensor:
+        return t.permute(0, 3, 1, 2) if case.axis == 3 else t
+
+    def native() -> None:
+        y = F.batch_norm(nat(xs), rm, rv, gs, bs, True, 0.1, 1e-5)
+        torch.autograd.grad(y, (xs, gs, bs), nat(dy))
+
+    def call(mod: object) -> Callable[[], None]:
+        st = [mod.init_state(c, backend="torch")]
+
+        def run() -> None:
+            y, st[0] = mod.batch_norm(xs, gs, bs, st[0], axis=case.axis)
+            torch.autograd.grad(y, (xs, gs, bs), dy)
+
+        return run
+
+    return {"native": native, "before": call(multibn_before), "after": call(multibn)}
+
+
 def model(reps: int, batches: tuple[int, ...]) -> None:
     from multibn_before.layers import torch as before_layers
 
@@ -164,6 +205,8 @@ def main() -> None:
             layers(args.reps)
         if "fwd" in parts:
             functional(args.reps)
+        if "large" in parts:
+            large(max(5, args.reps // 3))
         if "model" in parts:
             model(max(5, args.reps // 3), tuple(int(b) for b in args.batches.split(",")))
 
