@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
+import threading
 import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -154,7 +156,9 @@ class TorchBackend(Backend):
             def backward(ctx: Any, *cotangents: Array | None) -> tuple[Array | None, ...]:  # type: ignore[override]
                 if all(c is None for c in cotangents):
                     return (None,) * (ctx.n_inputs + 1)
-                grads = rule.backward(residuals(ctx), tuple(None if c is None else c.contiguous() for c in cotangents))
+                x = ctx.saved_tensors[0]
+                cotangents = tuple(None if c is None else _dense_like(c, x) for c in cotangents)
+                grads = rule.backward(residuals(ctx), cotangents)
                 grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:], strict=False)]
                 return (None, *grads, *([None] * (ctx.n_inputs - rule.n_diff)))
 
@@ -215,24 +219,29 @@ class TorchBackend(Backend):
         return s1, s2
 
     def scale_shift(self, x: Array, scale: Array, shift: Array) -> Array:
-        if x.dtype == scale.dtype == shift.dtype and x.ndim == scale.ndim and _plain(x, scale, shift):
-            return torch.addcmul(shift, x, scale)  # one pass, no temporary besides the output; any size or device
-        if not _eligible(x) or not _plain(scale, shift) or x.ndim != scale.ndim:
+        same = x.dtype == scale.dtype == shift.dtype and x.ndim == scale.ndim
+        if not _plain(x, scale, shift) or x.ndim != scale.ndim:
             return super().scale_shift(x, scale, shift)
         axes = tuple(i for i in range(x.ndim) if scale.shape[i] == 1)
-        v = _channel_view(x, axes)
-        if v is None or len(axes) != x.ndim - 1:
-            return super().scale_shift(x, scale, shift)
-        out = torch.empty_like(x)
-        scale, shift = scale.reshape(1, -1, 1), shift.reshape(1, -1, 1)
-        for (xc, oc), buf in _chunks(scale.dtype, v, out.view(v.shape)):
+        # under _SMALL elements, 2-D x, a GPU (one fused op already), a strided x: one op, no temporary besides the
+        # output (the (P, C, Q) view below pays only on larger tensors with Q > 1: see _expanded)
+        v = _channel_view(x, axes) if x.ndim > 2 or not same else None
+        if v is None:
+            return torch.addcmul(shift, x, scale) if same else super().scale_shift(x, scale, shift)
+        out = torch.empty_like(x)  # x's memory layout (channels_last stays channels_last)
+        o = _channel_view(out, axes)
+        scale, shift = _expanded(scale, v), _expanded(shift, v)
+        if same:
+            torch.addcmul(shift, v, scale, out=o)
+            return out
+        for (xc, oc), buf in _chunks(scale.dtype, v, o):
             torch.addcmul(shift, buf.copy_(xc), scale, out=buf)
             oc.copy_(buf)
         return out
 
     def backward_sums(self, dy: Array, x: Array, mean: Array, axes: Sequence[int]) -> tuple[Array, Array]:
         v, g = _channel_view(x, axes), _channel_view(dy, axes)
-        if v is None or g is None or dy.shape != x.shape or not _plain(mean):
+        if v is None or g is None or not _same_layout(dy, x) or not _plain(mean):
             return super().backward_sums(dy, x, mean, axes)
         m = mean.reshape(1, -1, 1)
         s1 = s2 = None
@@ -244,18 +253,20 @@ class TorchBackend(Backend):
         return s1, s2
 
     def backward_apply(self, dy: Array, x: Array, mean: Array, a: Array, b: Array, c: Array) -> Array:
-        if x.numel() < _SMALL and dy.dtype == x.dtype == a.dtype and _plain(dy, x, mean, a, b, c):
-            t = torch.sub(x, mean)  # the chunk loop below without the loop: three ops instead of five
-            return torch.addcmul(c, t, b, out=t).addcmul_(dy, a)
         axes = tuple(i for i in range(x.ndim) if mean.shape[i] == 1)
-        v, g = _channel_view(x, axes), _channel_view(dy, axes)
-        if v is None or g is None or dy.shape != x.shape or len(axes) != x.ndim - 1 or not _plain(mean, a, b, c):
+        one_dtype = dy.dtype == x.dtype == a.dtype
+        v, g = (_channel_view(x, axes), _channel_view(dy, axes)) if x.ndim > 2 or not one_dtype else (None, None)
+        if v is None or g is None or not _same_layout(dy, x) or not _plain(mean, a, b, c):
+            if one_dtype and _plain(dy, x, mean, a, b, c):
+                t = torch.sub(x, mean)  # the loop below in one piece: three ops, no temporary but the output
+                return torch.addcmul(c, t, b, out=t).addcmul_(dy, a)
             return super().backward_apply(dy, x, mean, a, b, c)
-        out = torch.empty_like(x)
-        m, a, b, c = (t.reshape(1, -1, 1) for t in (mean, a, b, c))
+        out = torch.empty_like(x)  # x's memory layout
+        m = mean.reshape(1, -1, 1)
+        a, b, c = (_expanded(t, v) for t in (a, b, c))
         same = x.dtype == a.dtype
         gbuf = None if dy.dtype == a.dtype else _buffer(a.dtype, v)
-        for (xc, gc, oc), buf in _chunks(a.dtype, v, g, out.view(v.shape), need_buf=not same):
+        for (xc, gc, oc), buf in _chunks(a.dtype, v, g, _channel_view(out, axes), need_buf=not same):
             t = oc if same else buf  # float32 output: work in the output itself, no scratch buffer
             gc = gc if gbuf is None else gbuf[: gc.shape[0]].copy_(gc)
             _sub(xc, m, t)
@@ -275,10 +286,28 @@ _SMALL = 1 << 16
 
 def _eligible(*ts: torch.Tensor) -> bool:
     """Whether the chunked kernels may run: plain CPU tensors, not under compile, not recorded by autograd, not
-    wrapped by a torch.func transform or carrying forward-mode tangents (the generic ops handle those)."""
+    wrapped by a torch.func transform or carrying forward-mode tangents (the generic ops handle those); the
+    layout (contiguous, or channels last in memory) is :func:`_channel_view`'s to check."""
     # CPU only: on a GPU the generic kernels are already single fused passes and chunk loops only add launches;
     # tensors of under _SMALL elements: one generic op costs less Python than a chunk loop (checked first: cheapest)
-    return all(t.numel() >= _SMALL and t.device.type == "cpu" and t.is_contiguous() for t in ts) and _plain(*ts)
+    return all(t.numel() >= _SMALL and t.device.type == "cpu" for t in ts) and _plain(*ts)
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and same strides: their (P, C, Q) views walk the same elements in the same order."""
+    return a.shape == b.shape and a.stride() == b.stride()
+
+
+def _dense_like(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A cotangent for the kernels: as it is when it has x's layout, else contiguous in x's memory format (a
+    channels_last x gets a channels_last cotangent, as the layers after a channels_last BN give)."""
+    if _same_layout(c, x):
+        return c
+    if c.shape == x.shape and x.ndim in (4, 5) and not x.is_contiguous():
+        fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=fmt):
+            return c.contiguous(memory_format=fmt)
+    return c.contiguous()
 
 
 def _plain(*ts: torch.Tensor) -> bool:
@@ -302,13 +331,42 @@ def _fwd_level() -> int:
 
 
 def _channel_view(x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor | None:
-    """x as a (P, C, Q) view, C the one axis not reduced; None when the fast path does not apply."""
-    if x.numel() < _SMALL:
+    """x as a (P, C, Q) view (:func:`_layout_view`) where the chunked kernels apply (:func:`_eligible`); else None."""
+    if x.numel() < _SMALL or not _eligible(x):
         return None
+    return _layout_view(x, axes)
+
+
+def _layout_view(x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor | None:
+    """x as a (P, C, Q) view, C the one axis not reduced; None when x's layout has none. A contiguous x: its shape
+    split around the channel axis; an x whose memory has the channel axis last (channels_last NCHW,
+    channels_last_3d NCDHW, any permutation with the channel axis of stride 1 and the others dense in order):
+    (elements / C, C, 1), the layout the Q = 1 kernels read row by row."""
     shape = channel_view_shape(x.shape, axes)
-    if shape is None or not _eligible(x):
+    if shape is None:
         return None
-    return x.view(shape)
+    if x.is_contiguous():
+        return x.view(shape)
+    ax = next(i for i in range(x.ndim) if i not in axes)
+    last = x.permute(*(i for i in range(x.ndim) if i != ax), ax)
+    return last.view(-1, shape[1], 1) if last.is_contiguous() else None
+
+
+def _expanded(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector for elementwise ops on the (P, C, Q) view ``v``: (1, C, Q), each channel's value
+    repeated along Q (one row of v, contiguous), so that the op broadcasts over the outer axis P only. torch's
+    CPU addcmul with a (1, C, 1) operand broadcast along a short contiguous Q runs 3-4x slower than with the
+    expanded row (measured at the ResNet stage shapes); Q = 1 (channels last) needs no expansion. Each expanded
+    vector holds 1/P of x: only from ``_EXPAND_ROWS`` rows up (three of them in the backward: under a tenth of
+    an activation), so that the peak memory stays that of the native BN."""
+    t = t.reshape(1, -1, 1)
+    if v.shape[2] == 1 or v.shape[0] < _EXPAND_ROWS:
+        return t
+    return t.expand(1, v.shape[1], v.shape[2]).contiguous()
+
+
+#: the fewest rows P of a (P, C, Q) view for which :func:`_expanded` expands the per-channel vectors
+_EXPAND_ROWS = 32
 
 
 def _reduce(v: torch.Tensor) -> torch.Tensor:
@@ -341,17 +399,37 @@ def _elements(dtype: torch.dtype, v: torch.Tensor) -> int:
     return _CHUNK if v.dtype.itemsize >= dtype.itemsize else _CHUNK // 4
 
 
-def _empty(dtype: torch.dtype, v: torch.Tensor) -> Callable[[tuple[int, ...]], torch.Tensor]:
-    return lambda shape: torch.empty(shape, dtype=dtype, device=v.device)
+#: this thread's scratch buffers, kept between calls: (dtype, device, slot) -> a flat tensor
+_SCRATCH = threading.local()
+
+
+def _kept(dtype: torch.dtype, device: torch.device, slot: int) -> Callable[[tuple[int, ...]], torch.Tensor]:
+    """``empty(shape)`` served from a flat buffer of this thread kept between calls (grown when too small).
+
+    A fresh buffer of a megabyte or more costs its page faults at every call (glibc maps large blocks anew, or
+    trims the heap they came from), which is several times the arithmetic written into it: the streaming ops of a
+    mid-size BN (1 MiB) ran 10x slower into a fresh buffer than in place. So each thread keeps one buffer per
+    dtype, device and slot (slot 1: the dy buffer of a backward beside the chunk buffer, slot 0), of at most one
+    chunk (``_CHUNK`` elements, 16 MiB in float32), resident after the first call. No kernel returns a view of
+    it, and kernels do not nest, so reusing it is safe; each thread has its own."""
+    def empty(shape: tuple[int, ...]) -> torch.Tensor:
+        bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+        n = math.prod(shape)
+        buf = bufs.get((dtype, device, slot))
+        if buf is None or buf.numel() < n:
+            buf = bufs[(dtype, device, slot)] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+    return empty
 
 
 def _buffer(dtype: torch.dtype, v: torch.Tensor) -> torch.Tensor:
-    """A scratch buffer in ``dtype`` for one chunk of the (P, C, Q) tensor ``v``."""
-    return scratch(v.shape, _elements(dtype, v), _empty(dtype, v))
+    """A scratch buffer in ``dtype`` for one chunk of the (P, C, Q) tensor ``v`` (slot 1 of :func:`_kept`)."""
+    return scratch(v.shape, _elements(dtype, v), _kept(dtype, v.device, 1))
 
 
 def _chunks(dtype: torch.dtype, *vs: torch.Tensor, need_buf: bool = True
             ) -> Iterator[tuple[tuple[torch.Tensor, ...], Any]]:
     """Chunks along P of (P, C, Q) tensors of one shape, each time with a reused buffer in ``dtype`` of the chunk's
-    shape (None without ``need_buf``)."""
-    return chunks(vs, _elements(dtype, vs[0]), _empty(dtype, vs[0]) if need_buf else None)
+    shape (None without ``need_buf``; slot 0 of :func:`_kept`)."""
+    return chunks(vs, _elements(dtype, vs[0]), _kept(dtype, vs[0].device, 0) if need_buf else None)

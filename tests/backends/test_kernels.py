@@ -174,3 +174,77 @@ def test_mxnet_autograd_with_fast_kernels() -> None:
                                  convention="gluon")
     for got, r in zip((x.grad, g.grad, b.grad), ref, strict=True):
         np.testing.assert_allclose(got.asnumpy(), r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shape", [(4, 6, 5, 3), (2, 3, 4, 5, 6)], ids=["nchw", "ncdhw"])
+def test_torch_channels_last_takes_the_fast_kernels(monkeypatch: pytest.MonkeyPatch, shape: tuple, dtype: str
+                                                    ) -> None:
+    """channels_last (and channels_last_3d) tensors run the torch fast kernels, not the generic ops, give what the
+    generic ops give on the same values, and their full-size outputs keep the memory format."""
+    torch = need("torch")
+    mod = importlib.import_module("multibn.backends.torch")
+    monkeypatch.setattr(mod, "_SMALL", 0)
+    monkeypatch.setattr(mod, "_CHUNK", 50)  # several chunks and a ragged last one
+    be = get_backend("torch")
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    d = _inputs(be, shape, 1, dtype, seed=5)
+    generic = {k: _call(be, Backend, k, d) for k in KERNELS}
+    d = dict(d, x=d["x"].contiguous(memory_format=fmt), dy=d["dy"].contiguous(memory_format=fmt))
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the generic kernel ran")
+
+    for k in KERNELS:
+        monkeypatch.setattr(Backend, k, refuse)
+    for k in KERNELS:
+        fast = _call(be, type(be), k, d)
+        for f, g in zip(fast, generic[k], strict=True):
+            if f.shape == d["x"].shape:
+                assert f.is_contiguous(memory_format=fmt), k
+            f64, g64 = f.double().numpy(), g.double().numpy()
+            scale = max(np.abs(g64).max(), 1e-30)
+            tol = {"float16": 2e-3, "float32": 2e-6}[be.dtype_name(f)]
+            np.testing.assert_allclose(f64 / scale, g64 / scale, rtol=0, atol=tol, err_msg=f"{k} {dtype}")
+
+
+@pytest.mark.torch
+def test_torch_scratch_buffers_are_kept() -> None:
+    """The chunk buffers are this thread's, reused by the next call (no page faults on a fresh block each call),
+    and a second call with other values gives its own answer."""
+    torch = need("torch")
+    mod = importlib.import_module("multibn.backends.torch")
+    be = get_backend("torch")
+    x = torch.randn(8, 16, 32, 32)
+    center = torch.zeros(1, 16, 1, 1)
+    s1, q1 = be.channel_dev_sums(x, center, (0, 2, 3))
+    bufs = dict(mod._SCRATCH.bufs)
+    s2, _ = be.channel_dev_sums(x + 1, center, (0, 2, 3))
+    assert bufs and {k: v.data_ptr() for k, v in mod._SCRATCH.bufs.items()} == {
+        k: v.data_ptr() for k, v in bufs.items()}
+    torch.testing.assert_close(s2, s1 + 8 * 32 * 32, rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(q1, x.square().sum((0, 2, 3)), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.torch
+def test_torch_layer_channels_last_gradients() -> None:
+    """multibn's layer on a channels_last input: the same y, dx, dgamma, dbeta as on the contiguous input (to
+    rounding), and dx and y channels_last, as the native layer gives."""
+    torch = need("torch")
+    from multibn.layers.torch import BatchNorm
+
+    rng = np.random.default_rng(4)
+    x0 = torch.tensor(rng.standard_normal((8, 16, 16, 16)) * 2 + 3, dtype=torch.float32)
+    dy0 = torch.tensor(rng.standard_normal((8, 16, 16, 16)), dtype=torch.float32)
+    out = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        layer = BatchNorm(16, 4)
+        x = x0.contiguous(memory_format=fmt).requires_grad_(True)
+        y = layer(x)
+        dx, dg, db = torch.autograd.grad(y, (x, layer.weight, layer.bias), dy0.contiguous(memory_format=fmt))
+        out.append((y, dx, dg, db))
+    for a, b in zip(*out, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert out[1][0].is_contiguous(memory_format=torch.channels_last)
+    assert out[1][1].is_contiguous(memory_format=torch.channels_last)

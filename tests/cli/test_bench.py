@@ -10,7 +10,7 @@ import pytest
 
 from multibn.cli import COMMANDS, bench
 from multibn.cli.bench import memory
-from multibn.cli.bench.cases import Case, Skip
+from multibn.cli.bench.cases import CASE_PRESETS, Case, Skip
 from multibn.cli.bench.memory import MEM_PASSES, peak_memory_here
 from multibn.cli.bench.models import MODELS
 from multibn.cli.bench.report import table
@@ -156,3 +156,48 @@ def test_bench_mem_without_clear_refs(monkeypatch: pytest.MonkeyPatch) -> None:
         peak_memory_here("numpy", Case.parse("nc_8x4"), "native", "cpu")
     with pytest.raises(Skip, match="no peak-memory statistic for the GPU"):
         peak_memory_here("mxnet", Case.parse("nc_8x4"), "multibn", "gpu")
+
+
+def test_case_preset_resnet() -> None:
+    """``--cases resnet``: the ResNet-18 stage shapes at batch 32 and 8, each NCHW and NHWC, float32."""
+    cases = [Case.parse(c) for c in CASE_PRESETS["resnet"][0]]
+    assert len(cases) == 12 and {c.dtype for c in cases} == {"float32"}
+    nchw = {c.shape for c in cases if c.axis == 1}
+    nhwc = {(n, c, h, w) for n, h, w, c in (k.shape for k in cases if k.axis == 3)}
+    assert nchw == nhwc == {(32, 32, 32, 32), (32, 64, 16, 16), (32, 128, 8, 8), (32, 256, 4, 4), (8, 32, 32, 32),
+                            (8, 256, 4, 4)}
+    assert CASE_PRESETS["resnet"][1] == ("layer", "layer-mem")
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from Linux's /proc")
+def test_bench_layer_channels_last_and_layer_mem(tmp_path: Path) -> None:
+    """The layer pass takes NHWC cases on torch (channels_last memory) and the layer-mem pass measures it."""
+    need("torch")
+    out = tmp_path / "bench.json"
+    assert _run(["--backends", "torch", "--cases", "nchw_2x8x4x4,nhwc_2x4x4x8", "--passes", "layer,layer-mem",
+                 "--reps", "2", "--warmup", "1", "--keras", "no", "--quiet", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    layer = {(r["case"], r["impl"]) for r in records if r["pass"] == "layer"}
+    mem = [r for r in records if r["pass"] == "layer-mem"]
+    assert layer == {(c, i) for c in ("nchw_2x8x4x4", "nhwc_2x4x4x8") for i in ("multibn", "native")}
+    assert {(r["case"], r["impl"]) for r in mem} == layer
+    assert all(set(r) == MEM_FIELDS and r["native_peak_mib"] is not None for r in mem)
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from Linux's /proc")
+def test_bench_model_resnet18(tmp_path: Path) -> None:
+    """``--model resnet18`` at a tiny batch: NCHW and channels_last training steps, and their peak memory."""
+    need("torch")
+    out = tmp_path / "bench.json"
+    assert _run(["--model", "resnet18", "--backends", "torch", "--batches", "2", "--reps", "2", "--warmup", "1",
+                 "--quiet", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    cases = {"resnet18_b2", "resnet18_cl_b2"}
+    steps = [r for r in records if r["pass"] == "train-step"]
+    assert {(r["case"], r["impl"]) for r in steps} == {(c, i) for c in cases for i in ("multibn", "native")}
+    assert all(set(r) == FIELDS and r["median_ms"] > 0 for r in steps)
+    mem = [r for r in records if r["pass"] == "step-mem"]
+    assert {(r["case"], r["impl"]) for r in mem} == {(c, i) for c in cases for i in ("multibn", "native")}
+    assert all(set(r) == MEM_FIELDS and r["peak_mib"] > 0 for r in mem)

@@ -14,13 +14,25 @@ import numpy as np
 KERAS_BACKENDS = ("torch", "jax")
 #: "layer": the framework layer's training forward and backward (multibn's layer against the native layer);
 #: "mem": the peak memory of the fwd+bwd pass, one fresh subprocess per implementation (:mod:`.memory`)
-PASSES = ("fwd", "fwd+bwd", "layer", "mem")
+#: "layer-mem": the peak memory of the layer pass, as "mem" measures it
+PASSES = ("fwd", "fwd+bwd", "layer", "mem", "layer-mem")
+#: the passes that measure peak memory instead of time (with the pass whose calls each measures)
+MEM_OF = {"mem": "fwd+bwd", "layer-mem": "layer"}
 DEFAULT_PASSES = ("fwd", "fwd+bwd")
 DEFAULT_CASES = ("nchw_64x64x56x56", "nhwc_64x56x56x64", "nchw_256x256x14x14", "nc_4096x1024",
                  "nchw_256x256x14x14:float16")
 #: ``--small``: where real models spend their BN calls, and where the fixed cost of a call dominates
 SMALL_CASES = ("nc_32x64", "nc_256x128", "nchw_32x16x8x8")
 SMALL_PASSES = ("fwd", "layer")
+#: ``--cases resnet``: the BN input shapes of a CIFAR ResNet-18 of width 32 (:mod:`.models`) at batch 32 and 8,
+#: NCHW and the same memory as NHWC (torch: the channels_last memory format), float32; passes ``RESNET_PASSES``
+RESNET_SHAPES = ((32, 32, 32, 32), (32, 64, 16, 16), (32, 128, 8, 8), (32, 256, 4, 4), (8, 32, 32, 32),
+                 (8, 256, 4, 4))
+RESNET_CASES = tuple(f"{layout}_{n}x{'x'.join(str(d) for d in dims)}" for n, c, h, w in RESNET_SHAPES
+                     for layout, dims in (("nchw", (c, h, w)), ("nhwc", (h, w, c))))
+RESNET_PASSES = ("layer", "layer-mem")
+#: case presets: a name given to ``--cases`` that stands for these cases (and, without ``--passes``, passes)
+CASE_PRESETS = {"resnet": (RESNET_CASES, RESNET_PASSES)}
 QUICK_CASES = ("nchw_256x256x14x14", "nc_4096x1024")
 #: the implementations, in the order of the table's rows
 IMPL_ORDER = ("multibn", "multibn-compiled", "keras", "native", "roofline")

@@ -15,8 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from .cases import Case, Runner, Skip, use_all_torch_threads
+from .cases import MEM_OF, Case, Runner, Skip, use_all_torch_threads
+from .models import model_case, model_runners
 from .runners import IMPLS
+
+#: model -> bytes of its largest BN input at a batch size (the unit of ``extra_activations`` for ``step-mem``)
+MODEL_ACTIVATION: dict[str, Callable[[int], int]] = {
+    "lenet": lambda batch: batch * 6 * 24 * 24 * 4, "resnet18": lambda batch: batch * 32 * 32 * 32 * 4,
+}
 
 #: forward+backward passes measured by the "mem" pass, after one warm-up pass
 MEM_PASSES = 3
@@ -46,25 +52,34 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def peak_memory_here(backend: str, case: Case, impl: str, device: str) -> dict[str, Any]:
-    """One implementation's peak memory in this process over ``MEM_PASSES`` forward+backward passes of the
-    ``fwd+bwd`` pass's runner (same inputs, same calls), after one warm-up pass (compilation, kernel loading,
-    caches). Returns ``peaks`` (bytes, one per pass), ``baseline`` (bytes before the passes), ``retained`` (bytes
-    per pass still held after the passes: a leak or a cache that grows) and ``method``.
+def peak_memory_here(backend: str, case: Case, impl: str, device: str, of: str = "fwd+bwd") -> dict[str, Any]:
+    """One implementation's peak memory in this process over ``MEM_PASSES`` forward+backward passes of the runner
+    of pass ``of`` (``fwd+bwd``: the functional call; ``layer``: the layer), after one warm-up pass (compilation,
+    kernel loading, caches): :func:`peak_memory_of`."""
+    _gpu_check(backend, device)
+    runners = IMPLS[backend](case, of, [impl], device)
+    if impl not in runners:
+        raise Skip(f"{impl} is not available for {backend} here")
+    return peak_memory_of(runners[impl], backend, device)
 
-    CPU: before each pass the kernel's peak-RSS counter (VmHWM) is reset; the pass's peak is VmHWM after it above
-    the RSS before it (so a framework's deferred frees from the pass before do not count twice). Where the counter
-    cannot be reset: one peak, VmHWM over the passes without warm-up (compilation included), above the RSS before
-    them. GPU: the allocator's statistics (:data:`GPU_PEAK`)."""
+
+def _gpu_check(backend: str, device: str) -> None:
     if device == "gpu":
         if backend in GPU_PEAK:
             GPU_PEAK[backend][0]()
         elif backend != "numpy":  # numpy_impls says why NumPy is skipped
             raise Skip(f"{backend} has no peak-memory statistic for the GPU")
-    runners = IMPLS[backend](case, "fwd+bwd", [impl], device)
-    if impl not in runners:
-        raise Skip(f"{impl} is not available for {backend} here")
-    run = runners[impl]
+
+
+def peak_memory_of(run: Runner, backend: str, device: str) -> dict[str, Any]:
+    """The peak memory of ``MEM_PASSES`` calls of ``run`` after one warm-up call. Returns ``peaks`` (bytes, one
+    per pass), ``baseline`` (bytes before the passes), ``retained`` (bytes per pass still held after the passes:
+    a leak or a cache that grows) and ``method``.
+
+    CPU: before each pass the kernel's peak-RSS counter (VmHWM) is reset; the pass's peak is VmHWM after it above
+    the RSS before it (so a framework's deferred frees from the pass before do not count twice). Where the counter
+    cannot be reset: one peak, VmHWM over the passes without warm-up (compilation included), above the RSS before
+    them. GPU: the allocator's statistics (:data:`GPU_PEAK`)."""
     if device == "gpu":
         return GPU_PEAK[backend][1](run)
     try:
@@ -153,21 +168,39 @@ GPU_PEAK: dict[str, tuple[Callable[[], None], Callable[[Runner], dict[str, Any]]
 
 
 # ---- one subprocess per implementation ----------------------------------------------------------------------------
-def measure_memory(backend: str, case: Case, impls: Sequence[str], device: str = "cpu") -> list[dict[str, Any]]:
-    """The "mem" records of one (backend, case): each implementation's peak (the median over its passes) in its own
-    fresh subprocess, and multibn's excess over the native BN in activations (bytes of x)."""
+def measure_memory(backend: str, case: Case, impls: Sequence[str], device: str = "cpu",
+                   pass_: str = "mem") -> list[dict[str, Any]]:
+    """The records of a memory pass (``mem``: of the ``fwd+bwd`` pass; ``layer-mem``: of the ``layer`` pass) of
+    one (backend, case): each implementation's peak (the median over its passes) in its own fresh subprocess, and
+    multibn's excess over the native BN in activations (bytes of x)."""
+    args = ["--cases", f"{case.name}:{case.dtype}", "--mem-of", MEM_OF[pass_]]
+    return _memory_records(backend, impls, device, args, case.name, case.dtype, pass_, case.nbytes)
+
+
+def measure_model_memory(backend: str, model: str, variant: str, batch: int, impls: Sequence[str],
+                         device: str = "cpu") -> list[dict[str, Any]]:
+    """Pass ``step-mem``: the peak memory of a training step of ``model`` per implementation, each in a fresh
+    subprocess; the excess is in activations of the model's largest BN input (:data:`MODEL_ACTIVATION`)."""
+    args = ["--model", model, "--mem-of", f"model:{variant}:{batch}"]
+    nbytes = MODEL_ACTIVATION[model](batch)
+    return _memory_records(backend, impls, device, args, model_case(model, variant, batch), "float32", "step-mem",
+                           nbytes)
+
+
+def _memory_records(backend: str, impls: Sequence[str], device: str, worker_args: Sequence[str], name: str,
+                    dtype: str, pass_: str, nbytes: int) -> list[dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     for impl in impls:
-        cmd = [sys.executable, "-m", "multibn", "bench", "--mem-worker", f"{backend}:{impl}",
-               "--cases", f"{case.name}:{case.dtype}", "--device", device]
+        cmd = [sys.executable, "-m", "multibn", "bench", "--mem-worker", f"{backend}:{impl}", *worker_args,
+               "--device", device]
         proc = subprocess.run(cmd, env=child_env(MEM_ENV), stdout=subprocess.PIPE, text=True, check=False)
         if proc.returncode != 0:
-            print(f"\nmem {backend} {impl} {case.name}:{case.dtype}: the subprocess failed (exit {proc.returncode})",
+            print(f"\n{pass_} {backend} {impl} {name}:{dtype}: the subprocess failed (exit {proc.returncode})",
                   file=sys.stderr)
             continue
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         if "skip" in res:
-            print(f"\nskipped mem {backend} {impl} {case.name}:{case.dtype}: {res['skip']}", file=sys.stderr)
+            print(f"\nskipped {pass_} {backend} {impl} {name}:{dtype}: {res['skip']}", file=sys.stderr)
             continue
         results[impl] = res
     peak = {impl: float(np.median(res["peaks"])) for impl, res in results.items()}
@@ -175,12 +208,12 @@ def measure_memory(backend: str, case: Case, impls: Sequence[str], device: str =
     records = []
     for impl, res in results.items():
         records.append({
-            "backend": backend, "impl": impl, "case": case.name, "dtype": case.dtype, "pass": "mem",
+            "backend": backend, "impl": impl, "case": name, "dtype": dtype, "pass": pass_,
             "peak_mib": round(peak[impl] / MIB, 2), "passes_mib": [round(p / MIB, 2) for p in res["peaks"]],
             "retained_mib_per_pass": round(res["retained"] / MIB, 2), "baseline_mib": round(res["baseline"] / MIB, 1),
-            "runs": MEM_PASSES, "activation_mib": round(case.nbytes / MIB, 2),
+            "runs": MEM_PASSES, "activation_mib": round(nbytes / MIB, 2),
             "native_peak_mib": None if native is None else round(native / MIB, 2),
-            "extra_activations": None if native is None else round((peak[impl] - native) / case.nbytes, 3),
+            "extra_activations": None if native is None else round((peak[impl] - native) / nbytes, 3),
             "ratio_to_native": round(peak[impl] / native, 3) if native else None, "method": res["method"],
         })
     return records
@@ -192,7 +225,13 @@ def mem_worker(args: argparse.Namespace) -> int:
     if backend == "torch":
         use_all_torch_threads()
     try:
-        res = peak_memory_here(backend, Case.parse(args.cases), impl, args.device)
+        if args.mem_of.startswith("model:"):
+            _, variant, batch = args.mem_of.split(":")
+            _gpu_check(backend, args.device)
+            runners = model_runners(backend, args.model, int(batch), [impl], args.device, variant)
+            res = peak_memory_of(runners[impl], backend, args.device)
+        else:
+            res = peak_memory_here(backend, Case.parse(args.cases), impl, args.device, args.mem_of)
     except Skip as e:
         res = {"skip": str(e)}
     print(json.dumps(res))

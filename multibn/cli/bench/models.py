@@ -2,6 +2,12 @@
 
 LeNet as in the textbook's BN chapter: conv(6, 5x5) BN sigmoid avgpool(2), conv(16, 5x5) BN sigmoid avgpool(2),
 dense(120) BN sigmoid, dense(84) BN sigmoid, dense(10); 28x28 single-channel input, softmax cross-entropy, SGD.
+
+ResNet-18 for CIFAR (torch): conv(w, 3x3) BN ReLU, four stages of two BasicBlocks (conv 3x3, BN, ReLU, conv 3x3,
+BN, + shortcut (conv 1x1 + BN where the shape changes), ReLU) of widths w, 2w, 4w, 8w (strides 1, 2, 2, 2),
+global average pool, dense(10); w = 32, 3x32x32 input, 20 BN layers; SGD with momentum 0.9. The multibn net is
+the native one passed through :func:`multibn.layers.torch.convert_batchnorm`. Variants: NCHW, channels_last
+(``_cl`` in the case name) and, with ``--compiled``, both nets under ``torch.compile`` (NCHW, ``_compiled``).
 """
 
 from __future__ import annotations
@@ -14,10 +20,26 @@ import numpy as np
 from .cases import Runner, Skip, installed
 from .runners import import_mxnet
 
-#: ``--model lenet``: one training step per batch size; rows have pass "train-step" and case "lenet_b<batch>"
-MODELS = {"lenet": (256, 32)}
+#: ``--model NAME``: one training step per batch size; rows have pass "train-step" and case
+#: "<model>[_<variant>]_b<batch>"
+MODELS = {"lenet": (256, 32), "resnet18": (32, 8)}
 MODEL_BACKENDS = ("torch", "mxnet", "jax")
+#: the passes of ``--model`` without ``--passes``: "train-step" (time), "step-mem" (peak memory of a step)
+MODEL_PASSES = {"lenet": ("train-step",), "resnet18": ("train-step", "step-mem")}
 LENET_LR = 0.1
+RESNET_WIDTH = 32
+RESNET_LR = 0.01
+
+
+def model_variants(backend: str, model: str, compiled: bool) -> tuple[str, ...]:
+    """The variants of ``model`` timed on ``backend`` ("" is the plain one)."""
+    if backend == "torch" and model == "resnet18":
+        return ("", "cl", *(("compiled",) if compiled else ()))
+    return ("",)
+
+
+def model_case(model: str, variant: str, batch: int) -> str:
+    return f"{model}{'_' + variant if variant else ''}_b{batch}"
 
 
 def lenet_data(batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,6 +72,65 @@ def torch_lenet(batch: int, impls: Sequence[str], device: str) -> dict[str, Runn
         def step(net: Any = net, opt: Any = opt) -> None:
             opt.zero_grad()
             torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            if x.is_cuda:
+                torch.cuda.synchronize()
+
+        out[impl] = step
+    return out
+
+
+def torch_resnet18(batch: int, impls: Sequence[str], device: str, variant: str = "") -> dict[str, Runner]:
+    """Training steps of the CIFAR ResNet-18 (module docstring) with ``nn.BatchNorm2d`` ("native") and with those
+    layers converted to multibn's ("multibn"); ``variant`` "cl": channels_last, "compiled": ``torch.compile``."""
+    import torch
+    from torch import nn
+
+    from multibn.layers.torch import convert_batchnorm
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.short = nn.Sequential() if stride == 1 and cin == cout else nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x: Any) -> Any:
+            h = torch.relu(self.bn1(self.conv1(x)))
+            return torch.relu(self.bn2(self.conv2(h)) + self.short(x))
+
+    def resnet18(w: int) -> nn.Module:
+        layers: list[nn.Module] = [nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+        cin = w
+        for cout, stride in ((w, 1), (2 * w, 2), (4 * w, 2), (8 * w, 2)):
+            layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
+            cin = cout
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10))
+
+    if variant not in ("", "cl", "compiled"):
+        raise Skip(f"resnet18 has no variant {variant!r}")
+    dev = "cuda" if device == "gpu" else "cpu"
+    fmt = torch.channels_last if variant == "cl" else torch.contiguous_format
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((batch, 3, 32, 32), dtype=np.float32)).to(dev, memory_format=fmt)
+    y = torch.from_numpy(rng.integers(0, 10, batch)).to(dev)
+    out: dict[str, Runner] = {}
+    for impl in ("native", "multibn"):
+        if impl not in impls:
+            continue
+        torch.manual_seed(0)
+        net = resnet18(RESNET_WIDTH).to(dev, memory_format=fmt).train()
+        if impl == "multibn":
+            net = convert_batchnorm(net)
+        opt = torch.optim.SGD(net.parameters(), lr=RESNET_LR, momentum=0.9)
+        fwd = torch.compile(net) if variant == "compiled" else net
+
+        def step(fwd: Any = fwd, opt: Any = opt) -> None:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(fwd(x), y).backward()
             opt.step()
             if x.is_cuda:
                 torch.cuda.synchronize()
@@ -155,7 +236,18 @@ def flax_lenet(batch: int, impls: Sequence[str], device: str) -> dict[str, Runne
     return out
 
 
-#: backend -> the training-step runners of the asked-for implementations ("multibn", "native") at a batch size
-MODEL_IMPLS: dict[str, Callable[[int, Sequence[str], str], dict[str, Runner]]] = {
-    "torch": torch_lenet, "mxnet": gluon_lenet, "jax": flax_lenet,
+#: (model, backend) -> the training-step runners of the asked-for implementations ("multibn", "native") at a
+#: batch size on a device, of a variant
+MODEL_IMPLS: dict[tuple[str, str], Callable[..., dict[str, Runner]]] = {
+    ("lenet", "torch"): torch_lenet, ("lenet", "mxnet"): gluon_lenet, ("lenet", "jax"): flax_lenet,
+    ("resnet18", "torch"): torch_resnet18,
 }
+
+
+def model_runners(backend: str, model: str, batch: int, impls: Sequence[str], device: str,
+                  variant: str = "") -> dict[str, Runner]:
+    """The training-step runners of ``model`` on ``backend`` (:class:`Skip` where it has none)."""
+    build = MODEL_IMPLS.get((model, backend))
+    if build is None:
+        raise Skip(f"{model} is timed on {', '.join(b for m, b in MODEL_IMPLS if m == model)} only")
+    return build(batch, impls, device, variant) if variant else build(batch, impls, device)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..usage import BACKENDS
-from .cases import IMPL_ORDER, PASSES
+from .cases import IMPL_ORDER, MEM_OF, PASSES
 from .memory import MEM_PASSES
 
 
@@ -70,6 +70,10 @@ def environment(backends: Sequence[str]) -> dict[str, Any]:
 
 
 
+#: the passes whose records are peak memory, not time
+MEM_PASS_NAMES = (*MEM_OF, "step-mem")
+
+
 def pass_order(p: str) -> int:
     return PASSES.index(p) if p in PASSES else len(PASSES)
 
@@ -79,27 +83,29 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def table(records: Sequence[dict[str, Any]]) -> str:
-    """The timings, then the peak memory (pass "mem") of the same records."""
-    timed = [r for r in records if r["pass"] != "mem"]
-    mem = [r for r in records if r["pass"] == "mem"]
+    """The timings, then the peak memory (passes "mem", "layer-mem", "step-mem") of the same records."""
+    timed = [r for r in records if r["pass"] not in MEM_PASS_NAMES]
+    mem = [r for r in records if r["pass"] in MEM_PASS_NAMES]
     return "\n\n".join(t for t in (_time_table(timed) if timed else "", mem_table(mem) if mem else "") if t)
 
 
 def mem_table(records: Sequence[dict[str, Any]]) -> str:
     """Peak memory above the baseline, in MiB and beside the native BN's, the excess in activations (x's size)."""
-    head = (f"{'case':<20} {'dtype':<8} {'backend':<7} {'impl':<16} {'peak MiB':>9} {'native MiB':>10} "
+    head = (f"{'case':<20} {'dtype':<8} {'pass':<9} {'backend':<7} {'impl':<16} {'peak MiB':>9} {'native MiB':>10} "
             f"{'x native':>9} {'extra act.':>10} {'act. MiB':>9} {'kept MiB/pass':>13}")
-    lines = [f"peak memory of a forward+backward pass above the memory before it (median of {MEM_PASSES}); extra "
-             "act.: (peak - native peak) / bytes of x; kept: memory still held after the passes, per pass",
+    lines = [f"peak memory of a forward+backward pass (mem: the function; layer-mem: the layer; step-mem: a "
+             f"training step) above the memory before it (median of {MEM_PASSES}); extra act.: (peak - native "
+             "peak) / bytes of x (step-mem: of the model's largest BN input); kept: memory still held after the "
+             "passes, per pass",
              head, "-" * len(head)]
     prev = None
     for r in records:
-        if prev is not None and (r["case"], r["dtype"]) != prev:
+        if prev is not None and (r["case"], r["dtype"], r["pass"]) != prev:
             lines.append("")
-        prev = (r["case"], r["dtype"])
+        prev = (r["case"], r["dtype"], r["pass"])
         extra = r["extra_activations"]  # + 0.0: no "-0.00"
         lines.append(
-            f"{r['case']:<20} {r['dtype']:<8} {r['backend']:<7} {r['impl']:<16} {r['peak_mib']:>9.1f} "
+            f"{r['case']:<20} {r['dtype']:<8} {r['pass']:<9} {r['backend']:<7} {r['impl']:<16} {r['peak_mib']:>9.1f} "
             f"{_fmt(r['native_peak_mib'], '10.1f'):>10} {_fmt(r['ratio_to_native'], '9.2f'):>9} "
             f"{_fmt(extra if extra is None else round(extra, 2) + 0.0, '+10.2f'):>10} {r['activation_mib']:>9.1f} "
             f"{r['retained_mib_per_pass']:>13.1f}")
@@ -107,7 +113,7 @@ def mem_table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def _time_table(records: Sequence[dict[str, Any]]) -> str:
-    head = (f"{'case':<20} {'dtype':<8} {'pass':<7} {'backend':<7} {'impl':<16} {'median ms':>10} "
+    head = (f"{'case':<20} {'dtype':<8} {'pass':<10} {'backend':<7} {'impl':<16} {'median ms':>10} "
             f"{'IQR ms':>8} {'runs':>4} {'x native':>9} {'x roofline':>10}")
     lines = [head, "-" * len(head)]
     prev = None
@@ -118,7 +124,7 @@ def _time_table(records: Sequence[dict[str, Any]]) -> str:
             lines.append("")
         prev = key
         lines.append(
-            f"{r['case']:<20} {r['dtype']:<8} {r['pass']:<7} {r['backend']:<7} {r['impl']:<16} "
+            f"{r['case']:<20} {r['dtype']:<8} {r['pass']:<10} {r['backend']:<7} {r['impl']:<16} "
             f"{r['median_ms']:>10.2f} {r['iqr_ms']:>8.2f} {r['runs']:>4} "
             f"{_fmt(r['ratio_to_native'], '9.2f'):>9} {_fmt(r['ratio_to_roofline'], '10.2f'):>10}"
             + (" *" if r["impl"] == "keras" else ""))
@@ -136,7 +142,7 @@ def plot(records: Sequence[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in records if r["pass"] != "mem"]  # times only
+    records = [r for r in records if r["pass"] not in MEM_PASS_NAMES]  # times only
     groups = sorted({(r["case"], r["dtype"], r["pass"]) for r in records},
                     key=lambda k: (k[0], k[1], pass_order(k[2])))
     series = [(b, i) for b in BACKENDS for i in IMPL_ORDER

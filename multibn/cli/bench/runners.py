@@ -132,17 +132,19 @@ def torch_impls(case: Case, pass_: str, impls: Sequence[str], device: str) -> di
 
 def torch_layer_impls(case: Case, impls: Sequence[str], dev: str) -> dict[str, Runner]:
     """``multibn.layers.torch.BatchNorm`` against ``nn.BatchNorm1d/2d/3d``: training forward, then the gradients of
-    the input and both parameters."""
+    the input and both parameters. An ``nhwc`` case is the same memory seen as NCHW: the channels_last memory
+    format, which both layers take with channel axis 1 (as in a channels_last model)."""
     import torch
 
     from multibn.layers.torch import BatchNorm
 
-    if case.axis != 1:
-        raise Skip("torch layers take channels first (NHWC data is the channels_last memory format of NCHW)")
+    if case.axis not in (1, len(case.shape) - 1):
+        raise Skip("torch layers take channels first, or channels last as the channels_last memory format")
     xn, dyn, _, _ = make_data(case)
     dt = getattr(torch, case.dtype)
-    x = torch.from_numpy(xn).to(dev, dt).requires_grad_(True)
-    dy = torch.from_numpy(dyn).to(dev, dt)
+    perm = (0, case.axis, *range(1, case.axis)) if case.axis != 1 else tuple(range(len(case.shape)))
+    x = torch.from_numpy(xn).to(dev, dt).permute(perm).detach().requires_grad_(True)
+    dy = torch.from_numpy(dyn).to(dev, dt).permute(perm)
     c, nd = case.shape[case.axis], len(case.shape)
     native_cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
     layers = {"native": native_cls[nd](c), "multibn": BatchNorm(c, nd)}

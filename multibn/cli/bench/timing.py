@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .cases import IMPL_ORDER, Case, Runner
-from .models import MODEL_IMPLS
+from .models import model_case, model_runners
 from .runners import IMPLS
 
 
@@ -61,13 +61,15 @@ def measure(backend: str, case: Case, pass_: str, impls: Sequence[str], reps: in
 
 
 def measure_model(backend: str, model: str, batch: int, reps: int, warmup: int,
-                  device: str = "cpu") -> list[dict[str, Any]]:
-    """Rows for one training step of ``model`` at ``batch``: multibn's layers and the native BN side by side."""
-    runners = MODEL_IMPLS[backend](batch, ("multibn", "native"), device)
+                  device: str = "cpu", variant: str = "") -> list[dict[str, Any]]:
+    """Rows for one training step of ``model`` (a ``variant`` of it) at ``batch``: multibn's layers and the native
+    BN side by side."""
+    runners = model_runners(backend, model, batch, ("multibn", "native"), device, variant)
     med = {k: summarize(v) for k, v in time_interleaved(runners, reps, warmup).items()}
     native = med.get("native", (None,))[0]
     return [{
-        "backend": backend, "impl": impl, "case": f"{model}_b{batch}", "dtype": "float32", "pass": "train-step",
+        "backend": backend, "impl": impl, "case": model_case(model, variant, batch), "dtype": "float32",
+        "pass": "train-step",
         "median_ms": round(m, 4), "iqr_ms": round(iqr, 4), "runs": reps,
         "ratio_to_native": round(m / native, 3) if native else None, "ratio_to_roofline": None,
     } for impl, (m, iqr) in sorted(med.items(), key=lambda kv: IMPL_ORDER.index(kv[0]))]
