@@ -14,7 +14,7 @@ import pytest
 from multibn.cli import main
 from multibn.cli.train.data import Dataset, load_fashion_mnist, parse_idx, read_idx, resize_digits
 from multibn.cli.train.models import init_weights
-from multibn.cli.train.runner import batch_order, divergence, make_trainer
+from multibn.cli.train.runner import Unsupported, batch_order, divergence, make_trainer
 from multibn.cli.train.tasks import TASKS
 from tests.helpers import has, installed, need
 
@@ -191,13 +191,18 @@ def _tiny(task: str) -> Dataset:
 
 
 @pytest.mark.parametrize(("task", "variant"), [("lenet", "bn"), ("mlp-regression", "bn"), ("placement", "before"),
-                                               ("placement", "after")])
+                                               ("placement", "after"), ("lenet", "renorm"), ("lenet", "ghost")])
 def test_three_steps_match_numpy_float64(backend: str, task: str, variant: str) -> None:
     """Every backend's forward, autodiff backward (through multibn's BN layer) and optimizer step against the
-    NumPy network (hand-written backward, batch_norm_vjp) in float64."""
+    NumPy network (hand-written backward, batch_norm_vjp) in float64; batch renormalisation (its state moving
+    between the steps) and ghost BN (sub-batches of 4 in the batches of 12) too."""
     data = _tiny(task)
     ref = make_trainer("numpy", TASKS[task], variant, 0, dtype="float64")
-    got = make_trainer(backend, TASKS[task], variant, 0)
+    try:
+        got = make_trainer(backend, TASKS[task], variant, 0)
+    except Unsupported as e:  # the Gluon layer before it takes the variants: the command skips it with this reason
+        assert backend == "mxnet" and "does not take" in str(e)
+        pytest.skip(str(e))
     for idx in (np.arange(0, 12), np.arange(12, 24), np.arange(6, 18)):  # one batch shape: one jax compile
         loss_ref = ref.step(data.x_train[idx], data.y_train[idx])
         loss = got.step(data.x_train[idx], data.y_train[idx])

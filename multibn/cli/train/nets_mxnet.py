@@ -8,8 +8,9 @@ import numpy as np
 from multibn.backends.mxnet import mx  # MXNet after the NumPy alias it needs
 from multibn.layers.gluon import BatchNorm, recompute_statistics
 
-from .models import Model
+from .models import Model, layer_variant_kwargs
 from .optim import Optimizer
+from .runner import Unsupported
 
 EVAL_CHUNK = 1000
 nn = mx.gluon.nn
@@ -34,7 +35,14 @@ class Trainer:
                     if layer.bias:
                         self.params[f"{layer.name}.bias"] = m.bias
                 elif layer.kind == "bn":
-                    m = BatchNorm(layer.n_out, layer.ndim, convention=model.convention)
+                    variant = layer_variant_kwargs(layer)
+                    try:
+                        m = BatchNorm(layer.n_out, layer.ndim, convention=model.convention, **variant)
+                    except TypeError as e:
+                        if not variant:
+                            raise
+                        raise Unsupported(f"multibn.layers.gluon.BatchNorm does not take {', '.join(variant)} "
+                                          f"yet ({e})") from None
                     self.params |= {f"{layer.name}.gamma": m.gamma, f"{layer.name}.beta": m.beta}
                 elif layer.kind == "act":
                     m = nn.Activation(layer.fn)
