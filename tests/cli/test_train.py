@@ -244,7 +244,8 @@ def test_quick_run_on_every_installed_backend(task: str, tmp_path: Path, capsys:
     seeds = [0, 1] if task == "mlp-regression" else [0]
     assert len(doc["runs"]) == len(backends) * len(variants) * len(seeds)
     for r in doc["runs"]:
-        assert set(r) >= {"backend", "bn", "seed", "epochs"} and isinstance(r["bn"], bool)
+        assert set(r) >= {"backend", "bn", "variant", "seed", "epochs"} and isinstance(r["bn"], bool)
+        assert r["variant"] in variants and r["bn"] == (r["variant"] != TASKS[task].no_bn_variant)
         (e,) = r["epochs"]
         assert e["epoch"] == 1 and np.isfinite(e["train_loss"]) and np.isfinite(e["test_loss"])
         assert (e["test_acc"] is None) == (task != "lenet")
@@ -291,3 +292,79 @@ def test_no_bn_trains_only_the_plain_network(capsys: pytest.CaptureFixture[str])
     assert rows and all(line.split()[1] == "none" for line in rows)
 
 
+
+
+# ---- --variant: batch renormalisation and ghost BN against plain BN -------------------------------------------------
+def test_batch_order_cut_to_a_multiple_of_the_ghost_sub_batch() -> None:
+    batches = batch_order(70, 32, 0, 1, multiple=4)
+    assert [len(b) for b in batches] == [32, 32, 4]  # the last 6 cut to 4
+    assert [len(b) for b in batch_order(65, 32, 0, 1, multiple=4)] == [32, 32]  # a last 1 (< 4) dropped
+    np.testing.assert_array_equal(batches[0], batch_order(70, 32, 0, 1)[0])  # the same order as without the cut
+
+
+@pytest.mark.parametrize(("variant", "batch"), [("renorm", "8"), ("ghost", "32")])
+def test_variant_against_plain_bn_on_every_installed_backend(variant: str, batch: str, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """``--variant``: plain BN and the variant on every installed backend (one whose layer does not take the variant
+    yet is skipped with the reason); the backends agree, and the variant trains differently from plain BN."""
+    need("sklearn")
+    out, png = tmp_path / "run.json", tmp_path / "run.png"
+    argv = ["train", "--task", "lenet", "--variant", variant, "--quick", "--epochs", "1", "--batch-size", batch,
+            "--json", str(out)]
+    plot = has("matplotlib")
+    if plot:
+        argv += ["--plot", str(png)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "largest divergence between backends" in printed
+    doc = json.loads(out.read_text())
+    skipped = doc["config"]["skipped"]
+    backends = [b for b in _installed() if b not in skipped]
+    assert set(skipped) <= {"mxnet"} and all(f"{b}: skipped: " in printed for b in skipped)
+    assert doc["config"]["variant"] == variant and doc["config"]["batch_size"] == int(batch)
+    assert ("renorm" in doc["config"]) == (variant == "renorm") and ("virtual_batch_size" in doc["config"]) == (
+        variant == "ghost")
+    assert [(r["backend"], r["variant"], r["bn"]) for r in doc["runs"]] == [
+        (b, v, True) for b in backends for v in ("bn", variant)]
+    for b in backends:
+        (plain,), (other,) = ([r["epochs"][0] for r in doc["runs"] if r["backend"] == b and r["variant"] == v]
+                              for v in ("bn", variant))
+        assert np.isfinite(other["train_loss"]) and other["test_acc_recomputed"] is not None
+        assert abs(other["train_loss"] - plain["train_loss"]) > 1e-2, (b, plain, other)  # the variant changes training
+    if len(backends) > 1:
+        for v in ("bn", variant):
+            group = [r["epochs"][0] for r in doc["runs"] if r["variant"] == v]
+            for metric in ("train_loss", "test_loss", "test_loss_recomputed"):
+                vals = [e[metric] for e in group]
+                assert max(vals) - min(vals) <= TOLERANCE["lenet"] * max(1.0, max(map(abs, vals))), (v, metric, vals)
+            for metric in ("test_acc", "test_acc_recomputed"):
+                accs = [e[metric] for e in group]
+                assert max(accs) - min(accs) <= 2 / 256 + 1e-12, (v, metric, accs)
+    if plot:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_backend_whose_layer_refuses_the_variant_is_skipped_with_the_reason(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import multibn.cli.train as train
+
+    def refusing(backend: str, task: object, variant: str, *args: object) -> object:
+        if variant == "renorm":
+            raise Unsupported("this layer does not take renorm yet")
+        return make_trainer(backend, task, variant, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train, "make_trainer", refusing)
+    assert main(["train", "--variant", "renorm", "--backend", "numpy", "--quick", "--epochs", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "numpy: skipped: this layer does not take renorm yet" in captured.out
+    assert "no installed backend can train these networks" in captured.err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--task", "placement", "--variant", "renorm"], "task placement has BN variants: none"),
+    (["--variant", "ghost", "--batch-size", "30"], "multiple of ghost BN's sub-batch size 4, got 30"),
+    (["--variant", "renorm", "--no-bn"], "--no-bn trains no BN network"),
+])
+def test_bad_variant_arguments_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--backend", "numpy", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -90,8 +90,9 @@ class Trainer:
     def evaluate_recomputed(self, batches: list[np.ndarray], x: np.ndarray,
                             y: np.ndarray) -> tuple[float, float | None]:
         """:meth:`evaluate` with the BN statistics :func:`recompute_statistics` sets exactly over ``batches``; the
-        running averages are put back afterwards, for training to go on."""
-        running = [(p, p.data().copy()) for name, p in self.net.collect_params().items() if "running_" in name]
+        running averages (every parameter without a gradient: batch renormalisation's renorm_mean/renorm_std too)
+        are put back afterwards, for training to go on."""
+        running = [(p, p.data().copy()) for p in self.net.collect_params().values() if p.grad_req == "null"]
         try:
             recompute_statistics(self.net, (mx.nd.array(b, dtype=self.model.dtype) for b in batches), progress=False)
             return self.evaluate(x, y)
