@@ -7,6 +7,14 @@
   (momentum 0.5 on the old value) before every tanh;
 * ``placement``: BN before or after the ReLU of a small MLP, or none, on a synthetic regression.
 
+``--variant renorm`` (lenet) compares plain BN with batch renormalisation (Ioffe, 2017) at batch 4 instead of
+with and without BN: every BN layer renormalised with ``r`` clipped to [1/3, 3] and ``|d| <= 5`` (the end values
+of the paper's schedule) and ``renorm_momentum`` 0.99 (Keras's); ``--variant ghost`` compares plain BN with ghost
+batch norm (Hoffer et al., 2017: statistics per sub-batch of 4) at batch 32. A backend whose layer does not take
+the variant yet is skipped with the reason. At batch 4 training with plain BN amplifies rounding: a difference
+between two backends in the last bit grows tenfold about every 45 steps (in float64 too), so their plain-BN
+curves part ways after a few hundred steps; the renormalised networks stay much closer.
+
 Every backend starts from the same weights (generated once in NumPy from the seed), sees the same batches in
 the same order and takes the same optimizer step (SGD or Adam written once over array operators), so the
 per-epoch numbers differ only by floating-point rounding; the command prints the largest difference.
@@ -29,12 +37,14 @@ from typing import Any
 from multibn.progress import progress_bar
 
 from ..usage import check_outputs
-from .runner import TRAINERS, divergence, make_trainer, to_json, train_run
+from .models import GHOST_BATCH, RENORM_CLIPPING, RENORM_MOMENTUM
+from .runner import TRAINERS, Unsupported, divergence, make_trainer, to_json, train_run
 from .tasks import TASKS, Task
 
 __all__ = ["TASKS", "add_arguments", "run"]
 
-_NAMES = {"bn": "BN", "no-bn": "no BN", "before": "before", "after": "after", "none": "none"}
+_NAMES = {"bn": "BN", "no-bn": "no BN", "before": "before", "after": "after", "none": "none", "renorm": "renorm",
+          "ghost": "ghost"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"one of {', '.join(TRAINERS)} or a comma-separated list (default: every installed "
                              "backend in turn; numpy, whose convolutions are slow, last)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: 10; 2 with --quick)")
+    parser.add_argument("--variant", choices=("bn", "renorm", "ghost"), default="bn",
+                        help="the networks compared (lenet): bn, with and without BN (default); renorm, plain BN and "
+                             "batch renormalisation (rmin 1/3, rmax 3, dmax 5, renorm_momentum 0.99), default batch 4; "
+                             f"ghost, plain BN and ghost BN over sub-batches of {GHOST_BATCH}, default batch 32 (every "
+                             f"batch cut to a multiple of {GHOST_BATCH})")
     parser.add_argument("--no-bn", action="store_true",
                         help="train only the network without BN (default: with and without, or every placement)")
     parser.add_argument("--data", metavar="DIR", default=None,
@@ -56,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: 0; 0 1 2 for mlp-regression)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="default: the textbook's (lenet 256 on --data, 32 on the 1438 shipped training digits; "
-                             "mlp-regression 64; placement 64)")
+                             "mlp-regression 64; placement 64); --variant renorm 4, ghost 32")
     parser.add_argument("--lr", type=float, default=None,
                         help="learning rate (default: lenet Adam 1e-3, mlp-regression Adam 0.02, placement Adam 0.01)")
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
@@ -68,11 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a small subset of the data and 2 epochs: a smoke test of every backend")
     parser.add_argument("--json", metavar="PATH", default=None,
-                        help='write {"task", "runs": [{"backend", "bn", "seed", "epochs": [{"epoch", "train_loss", '
-                             '"test_loss", "test_acc", "test_loss_recomputed", "test_acc_recomputed"}]}], '
-                             '"max_divergence"} to PATH')
+                        help='write {"task", "runs": [{"backend", "bn", "variant", "seed", "epochs": [{"epoch", '
+                             '"train_loss", "test_loss", "test_acc", "test_loss_recomputed", '
+                             '"test_acc_recomputed"}]}], "max_divergence"} to PATH')
     parser.add_argument("--plot", metavar="PATH", default=None,
-                        help="write PNG curves (loss and accuracy, with vs without BN, one line per backend; test "
+                        help="write PNG curves (loss and accuracy, with vs without BN or BN vs --variant, one line per "
+                             "backend; test "
                              "metrics also with recomputed statistics); needs matplotlib")
 
 
@@ -96,7 +112,7 @@ def _fmt(v: float | None, spec: str = "10.4f") -> str:
 
 def _summary(task: Task, runs: list[dict[str, Any]]) -> None:
     backends = list(dict.fromkeys(r["backend"] for r in runs))
-    variants = [v for v in task.variants if any(r["variant"] == v for r in runs)]
+    variants = list(dict.fromkeys(r["variant"] for r in runs))  # in the order trained: task.variants or --variant's
     classify = task.loss == "xent"
 
     def mean(b: str, v: str, metric: str, epoch: int = -1) -> float | None:
@@ -135,6 +151,16 @@ def _best(group: list[dict[str, Any]], metric: str) -> str:
     return f"{sum(max(e[metric] for e in r['epochs']) for r in group) / len(group):10.4f} ({best['epoch']:>2})"
 
 
+def _unsupported(backend: str, task: Task, variants: list[str], seed: int, args: argparse.Namespace) -> str | None:
+    """Why ``backend`` cannot train one of ``variants`` (its layer does not take a BN variant yet), or None."""
+    try:
+        for variant in variants:
+            make_trainer(backend, task, variant, seed, args.lr, args.dtype, args.optimizer)
+    except Unsupported as e:
+        return str(e)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -156,11 +182,20 @@ def run(args: argparse.Namespace) -> int:
         return 2
     n_train, n_test, quick_epochs = task.quick
     epochs = args.epochs if args.epochs is not None else (quick_epochs if args.quick else task.epochs)
-    batch_size = args.batch_size or task.default_batch_size(args.data)
+    try:
+        variants = list(task.compared(args.variant, args.no_bn))
+    except ValueError as e:
+        print(f"multibn train: {e}", file=sys.stderr)
+        return 2
+    batch_size = args.batch_size or task.default_batch_size(args.data, args.variant)
     seeds = list(dict.fromkeys(args.seeds)) if args.seeds else list(task.seeds)
-    variants = [task.no_bn_variant] if args.no_bn else list(task.variants)
+    multiple = task.batch_multiple(tuple(variants))
     if epochs < 1 or batch_size < 2:
         print("multibn train: --epochs must be >= 1 and --batch-size >= 2", file=sys.stderr)
+        return 2
+    if batch_size % multiple:
+        print(f"multibn train: --batch-size must be a multiple of ghost BN's sub-batch size {multiple}, got "
+              f"{batch_size}", file=sys.stderr)
         return 2
     try:
         datasets = {s: task.data(s, args.data) for s in (seeds if task.uses_seed_for_data() else seeds[:1])}
@@ -172,13 +207,29 @@ def run(args: argparse.Namespace) -> int:
     first = next(iter(datasets.values()))
     model = task.model(variants[0], args.lr, args.dtype, args.optimizer)
     conv = model.convention
-    print(f"multibn train --task {task.name}: {task.title}")
+    print(f"multibn train --task {task.name}{'' if args.variant == 'bn' else ' --variant ' + args.variant}: "
+          f"{task.title}")
+    skipped = {}
+    for backend in backends:
+        if (why := _unsupported(backend, task, variants, seeds[0], args)) is not None:
+            skipped[backend] = why
+            print(f"{backend}: skipped: {why}")
+    backends = [b for b in backends if b not in skipped]
+    if not backends:
+        print("multibn train: no installed backend can train these networks", file=sys.stderr)
+        return 2
     print(f"data: {first.name}: {len(first.x_train)} training, {len(first.x_test)} test examples")
     print(f"backends: {', '.join(backends)}; networks: {', '.join(_NAMES.get(v, v) for v in variants)}; "
           f"seeds: {', '.join(map(str, seeds))}; {epochs} epoch{'s' * (epochs != 1)}, batch {batch_size}, "
           f"{model.optimizer} lr {model.lr}, {model.dtype}")
     print(f"BN: multibn's layer of each framework, convention {conv.name!r} with momentum {conv.momentum} on the old "
           f"value, eps {conv.eps:g}; the same initial weights and batch order on every backend")
+    if "renorm" in variants:
+        print(f"renorm: batch renormalisation in every BN layer, r clipped to [{RENORM_CLIPPING['rmin']:.3g}, "
+              f"{RENORM_CLIPPING['rmax']:g}], |d| <= {RENORM_CLIPPING['dmax']:g}, renorm_momentum {RENORM_MOMENTUM}")
+    if "ghost" in variants:
+        print(f"ghost: ghost batch norm in every BN layer, statistics per sub-batch of {GHOST_BATCH}; every batch cut "
+              f"to a multiple of {GHOST_BATCH}")
     print(f"recomputed: the test {'accuracy' if model.loss == 'xent' else 'loss'} with every BN layer's statistics "
           "recomputed exactly over the training set (recompute_statistics) instead of the running averages\n")
     head = f"{'backend':<7} {'network':<8} {'seed':>4} {'epoch':>5} {'train loss':>10} {'test loss':>10} " \
@@ -208,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
 
                 try:
                     trainer = make_trainer(backend, task, variant, seed, args.lr, args.dtype, args.optimizer)
-                    epochs_out = train_run(trainer, data, epochs, batch_size, seed, on_epoch, on_batch)
+                    epochs_out = train_run(trainer, data, epochs, batch_size, seed, on_epoch, on_batch, multiple)
                 except FloatingPointError as e:
                     progress.close()
                     print(f"multibn train: {backend}, {variant}, seed {seed}: {e} (try a smaller --lr)",
@@ -226,10 +277,15 @@ def run(args: argparse.Namespace) -> int:
               f"{_NAMES.get(where['variant'], where['variant'])}, seed {where['seed']}: "
               f"{where['backends'][0]} {lo:.6g} vs {where['backends'][1]} {hi:.6g})")
     print(f"total time {time.perf_counter() - start:.0f} s")
-    config = {"backends": backends, "epochs": epochs, "batch_size": batch_size, "optimizer": model.optimizer,
+    config = {"backends": backends, "skipped": skipped, "variant": args.variant, "epochs": epochs,
+              "batch_size": batch_size, "optimizer": model.optimizer,
               "lr": model.lr, "dtype": model.dtype, "seeds": seeds, "quick": bool(args.quick),
               "convention": {"name": conv.name, "momentum": conv.momentum, "momentum_weighs": conv.momentum_weighs,
                              "eps": conv.eps}}
+    if "renorm" in variants:
+        config["renorm"] = {"clipping": dict(RENORM_CLIPPING), "renorm_momentum": RENORM_MOMENTUM}
+    if "ghost" in variants:
+        config["virtual_batch_size"] = GHOST_BATCH
     if args.json:
         with open(args.json, "w") as f:
             json.dump(to_json(task, first.name, runs, config), f, indent=1)
@@ -238,7 +294,8 @@ def run(args: argparse.Namespace) -> int:
         from .plot import write_plot
 
         try:
-            write_plot(args.plot, task, first.name, runs, worst if where is not None else None)
+            write_plot(args.plot, task, first.name, runs, worst if where is not None else None, args.variant,
+                       batch_size)
         except ImportError as e:
             print(f"multibn train: {e}", file=sys.stderr)
             return 2

@@ -3,6 +3,9 @@
 A network is a tuple of :class:`Layer`. Every backend builds the same network from this list with its own
 convolution, dense and activation layers and multibn's batch-norm layer, and loads the same weights: conv
 ``(out, in, k, k)``, dense ``(out, in)`` (the PyTorch and Gluon layouts), BN ``gamma``/``beta`` ones/zeros.
+A BN layer may be one of the variants: batch renormalisation (``renorm``) or ghost batch norm
+(``virtual_batch_size``), passed under Keras's names to every framework's layer (:func:`layer_variant_kwargs`) and
+to :func:`multibn.batch_norm` on NumPy (:func:`functional_variant_kwargs`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,17 @@ from itertools import pairwise
 import numpy as np
 
 from multibn.conventions import Convention, resolve_convention
+
+#: batch renormalisation's clipping: the end values of the schedule of Ioffe (2017), section 4
+#: (``r`` in [1/rmax, rmax], ``|d| <= dmax``); Keras's default clips nothing, which at batch 4 lets r reach ~10
+RENORM_CLIPPING: dict[str, float] = {"rmin": 1.0 / 3.0, "rmax": 3.0, "dmax": 5.0}
+#: the momentum (on the old value) of the averages ``renorm_mean``/``renorm_std`` that r and d compare with (Keras's)
+RENORM_MOMENTUM = 0.99
+#: ghost batch norm's sub-batch size (Hoffer et al., 2017)
+GHOST_BATCH = 4
+
+#: the BN networks a task can compare with plain BN (``--variant``), as in :func:`lenet`
+BN_VARIANTS = ("renorm", "ghost")
 
 
 @dataclass(frozen=True)
@@ -33,15 +47,43 @@ class Layer:
     ndim: int = 2
     fn: str = ""
     bias: bool = True
+    renorm: bool = False  # bn: batch renormalisation, RENORM_CLIPPING and RENORM_MOMENTUM
+    virtual_batch_size: int | None = None  # bn: ghost batch norm over sub-batches of this many samples
 
 
-def lenet(bn: bool) -> tuple[Layer, ...]:
-    """The textbook LeNet (sigmoid, average pooling) with BN after every conv and hidden dense layer."""
+def layer_variant_kwargs(layer: Layer) -> dict[str, object]:
+    """The BN layer's variant as the layers' keyword arguments (Keras's names); ``{}`` for plain BN."""
+    out: dict[str, object] = {}
+    if layer.renorm:
+        out |= {"renorm": True, "renorm_clipping": dict(RENORM_CLIPPING), "renorm_momentum": RENORM_MOMENTUM}
+    if layer.virtual_batch_size:
+        out["virtual_batch_size"] = layer.virtual_batch_size
+    return out
+
+
+def functional_variant_kwargs(layer: Layer) -> dict[str, object]:
+    """The BN layer's variant as :func:`multibn.batch_norm`'s (training) keyword arguments; ``{}`` for plain BN."""
+    out: dict[str, object] = {}
+    if layer.renorm:
+        out |= {"renorm": dict(RENORM_CLIPPING), "renorm_momentum": RENORM_MOMENTUM}
+    if layer.virtual_batch_size:
+        out["virtual_batch_size"] = layer.virtual_batch_size
+    return out
+
+
+def lenet(variant: str) -> tuple[Layer, ...]:
+    """The textbook LeNet (sigmoid, average pooling) with BN after every conv and hidden dense layer: ``variant``
+    ``"bn"``, ``"no-bn"`` (none), ``"renorm"`` (batch renormalisation) or ``"ghost"`` (ghost BN, sub-batches of
+    :data:`GHOST_BATCH`)."""
+    if variant not in ("bn", "no-bn", *BN_VARIANTS):
+        raise ValueError(f"variant must be one of bn, no-bn, {', '.join(BN_VARIANTS)}; got {variant!r}")
+    kind = {"renorm": {"renorm": True}, "ghost": {"virtual_batch_size": GHOST_BATCH}}.get(variant, {})
+
     def block(layer: Layer, ndim: int) -> list[Layer]:
-        if not bn:
+        if variant == "no-bn":
             return [layer, Layer("act", fn="sigmoid")]
-        return [replace(layer, bias=False), Layer("bn", f"bn{layer.name[-1]}", n_out=layer.n_out, ndim=ndim),
-                Layer("act", fn="sigmoid")]
+        bn = Layer("bn", f"bn{layer.name[-1]}", n_out=layer.n_out, ndim=ndim, **kind)  # type: ignore[arg-type]
+        return [replace(layer, bias=False), bn, Layer("act", fn="sigmoid")]
 
     return (
         *block(Layer("conv", "conv1", 1, 6, k=5), 4), Layer("pool"),

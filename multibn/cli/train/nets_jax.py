@@ -14,12 +14,14 @@ from multibn.algorithm import Layout, Stats, batch_stats
 from multibn.backends import get_backend
 from multibn.layers.jax import BatchNorm
 from multibn.moments import ChannelMoments
-from multibn.state import BNState
+from multibn.state import BNState, RenormState
 
-from .models import Model
+from .models import Model, layer_variant_kwargs
 from .optim import adam, bias_corrections, sgd
 
 EVAL_CHUNK = 1000
+#: each BN layer's state by name (a RenormState under batch renormalisation)
+States = dict[str, BNState | RenormState]
 _ACTS = {"sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "relu": jax.nn.relu}
 
 
@@ -39,7 +41,8 @@ class Trainer:
 
     def __init__(self, model: Model, weights: dict[str, np.ndarray]) -> None:
         self.model = model
-        self.bn = {layer.name: BatchNorm(layer.n_out, convention=model.convention, axis=1)
+        self.bn = {layer.name: BatchNorm(layer.n_out, convention=model.convention, axis=1,
+                                         **layer_variant_kwargs(layer))  # type: ignore[arg-type]
                    for layer in model.layers if layer.kind == "bn"}
         self.x64 = lambda: x64_context(model.dtype == "float64")
         with self.x64():
@@ -52,8 +55,8 @@ class Trainer:
         self._eval = jax.jit(self._eval_chunk)
         self._capture = jax.jit(self._bn_input_stats)
 
-    def forward(self, params: dict[str, Any], states: dict[str, BNState], x: Any, training: bool,
-                capture: dict[str, Stats] | None = None) -> tuple[Any, dict[str, BNState]]:
+    def forward(self, params: dict[str, Any], states: States, x: Any, training: bool,
+                capture: dict[str, Stats] | None = None) -> tuple[Any, States]:
         """The output and the new BN states; ``capture`` collects each BN layer's input statistics."""
         new_states = dict(states)
         for layer in self.model.layers:
@@ -89,9 +92,9 @@ class Trainer:
             return -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
         return jnp.sum((out - y) ** 2, axis=1)
 
-    def _train_step(self, params: dict[str, Any], states: dict[str, BNState], opt: Any, corrections: Any, x: Any,
+    def _train_step(self, params: dict[str, Any], states: States, opt: Any, corrections: Any, x: Any,
                     y: Any) -> Any:
-        def loss_fn(p: dict[str, Any]) -> tuple[Any, dict[str, BNState]]:
+        def loss_fn(p: dict[str, Any]) -> tuple[Any, States]:
             out, new_states = self.forward(p, states, x, True)
             return jnp.mean(self._losses(out, y)), new_states
 
@@ -105,15 +108,15 @@ class Trainer:
             m, v = {k: u[1] for k, u in upd.items()}, {k: u[2] for k, u in upd.items()}
         return params, new_states, (m, v), loss
 
-    def _eval_chunk(self, params: dict[str, Any], states: dict[str, BNState], x: Any, y: Any) -> tuple[Any, Any]:
+    def _eval_chunk(self, params: dict[str, Any], states: States, x: Any, y: Any) -> tuple[Any, Any]:
         out, _ = self.forward(params, states, x, False)
         correct = jnp.sum(jnp.argmax(out, axis=1) == y) if self.model.loss == "xent" else jnp.asarray(0)
         return jnp.sum(self._losses(out, y)), correct
 
-    def _bn_input_stats(self, params: dict[str, Any], states: dict[str, BNState], x: Any) -> dict[str, Stats]:
+    def _bn_input_stats(self, params: dict[str, Any], states: States, x: Any) -> tuple[dict[str, Stats], States]:
         captured: dict[str, Stats] = {}
-        self.forward(params, states, x, True, captured)
-        return captured
+        _, states = self.forward(params, states, x, True, captured)
+        return captured, states
 
     def _cast(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         dt = self.model.dtype
@@ -127,7 +130,7 @@ class Trainer:
                                                                   *self._cast(x, y))
             return float(loss)
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, states: dict[str, BNState] | None = None) -> tuple[
+    def evaluate(self, x: np.ndarray, y: np.ndarray, states: States | None = None) -> tuple[
             float, float | None]:
         """Eval mode (running statistics): mean loss and accuracy (None for regression) over ``x``."""
         states = self.states if states is None else states
@@ -144,12 +147,15 @@ class Trainer:
         input statistics per batch (jitted), merged in float64 by :class:`multibn.ChannelMoments`."""
         moments = {name: ChannelMoments() for name in self.bn}
         with self.x64():
-            for b in batches:
-                for name, st in self._capture(self.params, self.states, b.astype(self.model.dtype, copy=False)).items():
+            moving = self.states  # moves from batch to batch, as the layers' recompute_statistics lets it (renorm's
+            for b in batches:     # training-mode output depends on it), then is dropped
+                captured, moving = self._capture(self.params, moving, b.astype(self.model.dtype, copy=False))
+                for name, st in captured.items():
                     moments[name].merge(Stats(int(st.count), *(np.asarray(a, np.float64) for a in st[1:])))
             ddof = int(self.model.convention.unbiased_running_var)
-            states = {name: BNState(jnp.asarray(m.mean, self.model.dtype), jnp.asarray(m.var(ddof), self.model.dtype),
-                                    self.states[name].num_batches_tracked) for name, m in moments.items()}
+            states = {name: self.states[name]._replace(running_mean=jnp.asarray(m.mean, self.model.dtype),
+                                                       running_var=jnp.asarray(m.var(ddof), self.model.dtype))
+                      for name, m in moments.items()}  # eval reads these two only (a RenormState too)
         return self.evaluate(x, y, states)
 
     def weights(self) -> dict[str, np.ndarray]:

@@ -8,8 +8,9 @@ import numpy as np
 from multibn.backends.mxnet import mx  # MXNet after the NumPy alias it needs
 from multibn.layers.gluon import BatchNorm, recompute_statistics
 
-from .models import Model
+from .models import Model, layer_variant_kwargs
 from .optim import Optimizer
+from .runner import Unsupported
 
 EVAL_CHUNK = 1000
 nn = mx.gluon.nn
@@ -34,7 +35,14 @@ class Trainer:
                     if layer.bias:
                         self.params[f"{layer.name}.bias"] = m.bias
                 elif layer.kind == "bn":
-                    m = BatchNorm(layer.n_out, layer.ndim, convention=model.convention)
+                    variant = layer_variant_kwargs(layer)
+                    try:
+                        m = BatchNorm(layer.n_out, layer.ndim, convention=model.convention, **variant)
+                    except TypeError as e:
+                        if not variant:
+                            raise
+                        raise Unsupported(f"multibn.layers.gluon.BatchNorm does not take {', '.join(variant)} "
+                                          f"yet ({e})") from None
                     self.params |= {f"{layer.name}.gamma": m.gamma, f"{layer.name}.beta": m.beta}
                 elif layer.kind == "act":
                     m = nn.Activation(layer.fn)
@@ -82,8 +90,9 @@ class Trainer:
     def evaluate_recomputed(self, batches: list[np.ndarray], x: np.ndarray,
                             y: np.ndarray) -> tuple[float, float | None]:
         """:meth:`evaluate` with the BN statistics :func:`recompute_statistics` sets exactly over ``batches``; the
-        running averages are put back afterwards, for training to go on."""
-        running = [(p, p.data().copy()) for name, p in self.net.collect_params().items() if "running_" in name]
+        running averages (every parameter without a gradient: batch renormalisation's renorm_mean/renorm_std too)
+        are put back afterwards, for training to go on."""
+        running = [(p, p.data().copy()) for p in self.net.collect_params().values() if p.grad_req == "null"]
         try:
             recompute_statistics(self.net, (mx.nd.array(b, dtype=self.model.dtype) for b in batches), progress=False)
             return self.evaluate(x, y)

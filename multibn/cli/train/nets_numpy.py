@@ -1,5 +1,6 @@
 """The networks in NumPy, with their backward written out: the BN part is :func:`multibn.batch_norm` and
-:func:`multibn.batch_norm_vjp` (NumPy has no autodiff), the rest (convolution, dense, sigmoid/tanh/ReLU,
+:func:`multibn.batch_norm_vjp` (NumPy has no autodiff; batch renormalisation with a :class:`multibn.RenormState`,
+ghost BN with ``virtual_batch_size``), the rest (convolution, dense, sigmoid/tanh/ReLU,
 average pooling, the losses) is a few lines each."""
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from multibn.api import batch_norm, batch_norm_vjp, init_state
 from multibn.moments import ChannelMoments
-from multibn.state import BNState
 
-from .models import Layer, Model
+from .models import Layer, Model, functional_variant_kwargs
 from .optim import Optimizer
 
 EVAL_CHUNK = 1000
@@ -56,15 +56,18 @@ class Trainer:
         self.dtype = np.dtype(model.dtype)
         self.params = {k: v.astype(self.dtype, copy=True) for k, v in weights.items()}
         self.states = {layer.name: init_state(layer.n_out, backend="numpy", convention=model.convention,
-                                              dtype=model.dtype)
+                                              dtype=model.dtype, renorm=layer.renorm)
                        for layer in model.layers if layer.kind == "bn"}
+        self.variants = {layer.name: functional_variant_kwargs(layer) for layer in model.layers if layer.kind == "bn"}
         self.opt = Optimizer(model.optimizer, model.lr, list(self.params.values()), np.zeros_like)
         self._bn = dict(convention=model.convention, axis=1, backend="numpy")
 
-    def forward(self, x: np.ndarray, training: bool) -> tuple[np.ndarray, list[tuple[Layer, np.ndarray, Any]]]:
-        """The output and, per layer, ``(layer, input, output)`` for the backward."""
+    def forward(self, x: np.ndarray, training: bool) -> tuple[np.ndarray, list[tuple[Layer, np.ndarray, Any, Any]]]:
+        """The output and, per layer, ``(layer, input, output, state)`` for the backward, ``state`` being the BN
+        state the layer normalised with (batch renormalisation's ``r`` and ``d`` come from it), else None."""
         p, tape = self.params, []
         for layer in self.model.layers:
+            state = None
             if layer.kind == "conv":
                 y = conv_forward(x, p[f"{layer.name}.weight"], p.get(f"{layer.name}.bias"))
             elif layer.kind == "dense":
@@ -72,8 +75,9 @@ class Trainer:
                 if layer.bias:
                     y = y + p[f"{layer.name}.bias"]
             elif layer.kind == "bn":
-                y, new = batch_norm(x, p[f"{layer.name}.gamma"], p[f"{layer.name}.beta"], self.states[layer.name],
-                                    training=training, **self._bn)
+                state = self.states[layer.name]
+                y, new = batch_norm(x, p[f"{layer.name}.gamma"], p[f"{layer.name}.beta"], state, training=training,
+                                    **self._bn, **(self.variants[layer.name] if training else {}))
                 if training:
                     self.states[layer.name] = new
             elif layer.kind == "act":
@@ -83,15 +87,15 @@ class Trainer:
                 y = x.reshape(n, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5))
             else:
                 y = x.reshape(len(x), -1)
-            tape.append((layer, x, y))
+            tape.append((layer, x, y, state))
             x = y
         return x, tape
 
-    def backward(self, tape: list[tuple[Layer, np.ndarray, Any]], dy: np.ndarray) -> dict[str, np.ndarray]:
+    def backward(self, tape: list[tuple[Layer, np.ndarray, Any, Any]], dy: np.ndarray) -> dict[str, np.ndarray]:
         """Gradients of every parameter given ``dy``, the gradient of the loss with respect to the output."""
         p, grads = self.params, {}
         for i in range(len(tape) - 1, -1, -1):
-            layer, x, y = tape[i]
+            layer, x, y, state = tape[i]
             if layer.kind == "conv":
                 dy, grads[f"{layer.name}.weight"], db = conv_backward(x, p[f"{layer.name}.weight"], dy, need_dx=i > 0)
                 if layer.bias:
@@ -103,7 +107,8 @@ class Trainer:
                 dy = dy @ p[f"{layer.name}.weight"]
             elif layer.kind == "bn":
                 dy, grads[f"{layer.name}.gamma"], grads[f"{layer.name}.beta"] = batch_norm_vjp(
-                    x, p[f"{layer.name}.gamma"], p[f"{layer.name}.beta"], None, dy, training=True, **self._bn)
+                    x, p[f"{layer.name}.gamma"], p[f"{layer.name}.beta"], state if layer.renorm else None, dy,
+                    training=True, **self._bn, **self.variants[layer.name])
             elif layer.kind == "act":
                 if layer.fn == "sigmoid":
                     dy = dy * y * (1 - y)
@@ -163,11 +168,12 @@ class Trainer:
         try:
             for b in batches:
                 _, tape = self.forward(b.astype(self.dtype, copy=False), training=True)
-                for layer, inp, _ in tape:
+                for layer, inp, *_ in tape:
                     if layer.kind == "bn":
                         moments[layer.name].partial_fit(inp)
-            self.states = {name: BNState(m.mean.astype(self.dtype), m.var(ddof).astype(self.dtype),
-                                         running[name].num_batches_tracked) for name, m in moments.items()}
+            self.states = {name: running[name]._replace(running_mean=m.mean.astype(self.dtype),
+                                                        running_var=m.var(ddof).astype(self.dtype))
+                           for name, m in moments.items()}  # eval reads these two only (a RenormState too)
             return self.evaluate(x, y)
         finally:
             self.states = running

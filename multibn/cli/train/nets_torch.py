@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from multibn.layers.torch import BatchNorm, recompute_statistics
 
-from .models import Model
+from .models import Model, layer_variant_kwargs
 from .optim import Optimizer
 
 EVAL_CHUNK = 1000
@@ -35,7 +35,7 @@ class Trainer:
                 if layer.bias:
                     self.params[f"{layer.name}.bias"] = m.bias
             elif layer.kind == "bn":
-                m = BatchNorm(layer.n_out, layer.ndim, convention=model.convention)
+                m = BatchNorm(layer.n_out, layer.ndim, convention=model.convention, **layer_variant_kwargs(layer))
                 self.params |= {f"{layer.name}.gamma": m.weight, f"{layer.name}.beta": m.bias}
             elif layer.kind == "act":
                 m = _ACTS[layer.fn]()

@@ -10,7 +10,8 @@ from .tasks import Task
 
 _STYLES = ("-", "--", ":", "-.")
 _COLORS = {"torch": "tab:red", "jax": "tab:blue", "mxnet": "tab:green", "numpy": "tab:gray"}
-_LABELS = {"bn": "BN", "no-bn": "no BN", "before": "BN before ReLU", "after": "BN after ReLU", "none": "no BN"}
+_LABELS = {"bn": "BN", "no-bn": "no BN", "before": "BN before ReLU", "after": "BN after ReLU", "none": "no BN",
+           "renorm": "batch renorm", "ghost": "ghost BN"}
 
 
 def _plain(base: type) -> type:
@@ -24,8 +25,9 @@ def _plain(base: type) -> type:
 
 
 def write_plot(path: str, task: Task, data_name: str, runs: list[dict[str, Any]],
-               max_divergence: float | None = None) -> None:
-    """A PNG at ``path`` (needs matplotlib: ``pip install 'multibn[train]'``)."""
+               max_divergence: float | None = None, variant: str = "bn", batch_size: int | None = None) -> None:
+    """A PNG at ``path`` (needs matplotlib: ``pip install 'multibn[train]'``); the title names ``--variant`` (when
+    not ``bn``) and the batch size (when given)."""
     try:
         import matplotlib
     except ImportError as e:
@@ -41,7 +43,7 @@ def write_plot(path: str, task: Task, data_name: str, runs: list[dict[str, Any]]
         panels.append(("test_acc", "test accuracy"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.8))
     backends = list(dict.fromkeys(r["backend"] for r in runs))
-    variants = [v for v in task.variants if any(r["variant"] == v for r in runs)]
+    variants = list(dict.fromkeys(r["variant"] for r in runs))  # in the order trained: task.variants or --variant's
     # The backends' curves coincide: draw each one narrower than the one before, so that all stay visible.
     widths = {b: 1.2 + 2.0 * (len(backends) - 1 - i) for i, b in enumerate(backends)}
     for ax, (metric, label) in zip(axes, panels, strict=True):
@@ -72,7 +74,9 @@ def write_plot(path: str, task: Task, data_name: str, runs: list[dict[str, Any]]
     seed_note = f"mean over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
     note = "" if max_divergence is None else f"; largest difference between backends {max_divergence:.2g}"
     # Two short lines, so that no width of figure clips them; the legend below the panels, off the curves.
-    fig.suptitle(f"multibn train --task {task.name}: {data_name}\n{seed_note}{note}", fontsize=10)
+    command = f"multibn train --task {task.name}" + ("" if variant == "bn" else f" --variant {variant}")
+    batch = "" if batch_size is None else f"; batch {batch_size}"
+    fig.suptitle(f"{command}: {data_name}\n{seed_note}{batch}{note}", fontsize=10)
     handles, labels = axes[-1].get_legend_handles_labels()  # a test panel: it has the recomputed curves too
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
     rows = -(-len(labels) // 4)

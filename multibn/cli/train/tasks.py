@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .data import Dataset, load_digits28, load_fashion_mnist, placement_regression, square_regression
-from .models import Layer, Model, d2l_convention, lenet, placement_mlp, tanh_mlp
+from .models import GHOST_BATCH, Layer, Model, d2l_convention, lenet, placement_mlp, tanh_mlp
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,30 @@ class Task:
     #: the batch size on the shipped default data, where it differs from the textbook's: the 1438 training digits
     #: make 6 batches of 256 per epoch, too few steps for 10 epochs
     shipped_batch_size: int | None = None
+    #: ``--variant`` -> its default batch size: the BN variants this task's network can compare with plain BN
+    bn_variants: tuple[tuple[str, int], ...] = ()
 
-    def default_batch_size(self, data_dir: str | None) -> int:
+    def default_batch_size(self, data_dir: str | None, variant: str = "bn") -> int:
+        if variant != "bn":
+            return dict(self.bn_variants)[variant]
         return self.batch_size if data_dir or self.shipped_batch_size is None else self.shipped_batch_size
+
+    def compared(self, variant: str = "bn", no_bn: bool = False) -> tuple[str, ...]:
+        """The networks trained: ``variants`` for ``--variant bn``, else plain BN and the variant (ValueError if
+        this task has no such variant); only the network without BN for ``no_bn``."""
+        if variant != "bn" and variant not in dict(self.bn_variants):
+            have = ", ".join(v for v, _ in self.bn_variants) or "none"
+            raise ValueError(f"--variant {variant}: task {self.name} has BN variants: {have} (lenet has renorm, ghost)")
+        if no_bn:
+            if variant != "bn":
+                raise ValueError(f"--no-bn trains no BN network: it cannot compare --variant {variant}")
+            return (self.no_bn_variant,)
+        return self.variants if variant == "bn" else (self.variants[0], variant)
+
+    def batch_multiple(self, variants: tuple[str, ...]) -> int:
+        """Every training batch is a multiple of this many samples: ghost BN's sub-batch size when one of
+        ``variants`` is ``"ghost"`` (then for every network, so that all see the same batches), else 1."""
+        return GHOST_BATCH if "ghost" in variants else 1
 
     def model(self, variant: str, lr: float | None = None, dtype: str | None = None,
               optimizer: str | None = None) -> Model:
@@ -61,8 +82,8 @@ TASKS: dict[str, Task] = {
         Task(
             "lenet",
             "LeNet (sigmoid, average pooling) with BN after every conv and hidden dense layer; cross-entropy",
-            ("bn", "no-bn"), "no-bn", lambda v: lenet(v == "bn"), "xent", "adam", 1e-3, 256, 10, (0,), None,
-            (512, 256, 2), shipped_batch_size=32,
+            ("bn", "no-bn"), "no-bn", lenet, "xent", "adam", 1e-3, 256, 10, (0,), None,
+            (512, 256, 2), shipped_batch_size=32, bn_variants=(("renorm", 4), ("ghost", 32)),
         ),
         Task(
             "mlp-regression",

@@ -242,11 +242,13 @@ class BatchNorm(nn.Module):
         update = update and rmean is not None
         if update and counter is None and conv.momentum is None:
             conv = _with_settings(conv, 0.0, conv.eps)  # native: no counter, no cumulative average (factor 0)
-        state = None
+        state, extra = None, ()
         if not batch or update:
             state = BNState(rmean, rvar, counter if counter is not None else _zero_counter(rmean.device))
             if self.renorm:
-                state = RenormState(*state, self.running_std, self.renorm_mean, self.renorm_std)
+                extra = (self.running_std, self.renorm_mean, self.renorm_std)
+                # copies: the op saves renorm_mean/renorm_std for the backward, and the buffers are written below
+                state = RenormState(*state, self.running_std, self.renorm_mean.clone(), self.renorm_std.clone())
         variants = {}
         if batch and self.renorm:
             variants = {"renorm": self.renorm_clipping, "renorm_momentum": self.renorm_momentum}
@@ -258,8 +260,7 @@ class BatchNorm(nn.Module):
         )
         if update:
             with torch.no_grad():
-                for buffer, value in zip((rmean, rvar, counter, *(state[3:])), (*new_state[:3], *new_state[3:]),
-                                         strict=True):
+                for buffer, value in zip((rmean, rvar, counter, *extra), new_state, strict=True):
                     if buffer is not None:
                         buffer.copy_(value)
         return y
