@@ -366,3 +366,59 @@ def test_flax_recompute_statistics_with_a_renorm_layer() -> None:
     np.testing.assert_allclose(stats["std"], np.sqrt(np.asarray(stats["var"]) + 1e-5), rtol=1e-6)
     for k in ("renorm_mean", "renorm_std"):
         np.testing.assert_array_equal(stats[k], variables["batch_stats"][k])
+
+
+# ---- hypothesis: every backend equals NumPy in float64, for any input ------------------------------------------------
+VARIANT_SHAPES = (((4, 3), 1), ((4, 2, 3), -1), ((6, 3, 2), 1), ((4, 2, 2, 3), -1), ((8, 2, 1, 2), 1))
+
+
+def test_variants_on_every_backend_equal_float64_for_any_input(backend: str) -> None:
+    """Hypothesis draws shapes, conventions, clipping, renorm statistics and sub-batch sizes: each backend's output
+    and new state (float32) equal NumPy's float64 run of the same float32 values, within float32 rounding."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tests.core.test_properties import values
+
+    @settings(max_examples=max(settings.default.max_examples // (6 if backend == "jax" else 2), 4),
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], deadline=None)
+    @given(st.data())
+    def check(data: st.DataObject) -> None:
+        shape, axis = data.draw(st.sampled_from(VARIANT_SHAPES))
+        convention = data.draw(st.sampled_from(sorted(multibn.CONVENTIONS)))
+        c = shape[axis]
+        x = data.draw(values(shape, -5.0, 5.0)).astype(np.float32)
+        g = data.draw(values((c,), 0.5, 2.0)).astype(np.float32)
+        b = data.draw(values((c,), -1.0, 1.0)).astype(np.float32)
+        if data.draw(st.booleans()):  # renorm, with drawn statistics and clipping
+            clip = {k: v for k, v in (("rmin", data.draw(st.sampled_from([None, 0.5, 0.9]))),
+                                      ("rmax", data.draw(st.sampled_from([None, 1.1, 2.0]))),
+                                      ("dmax", data.draw(st.sampled_from([None, 0.0, 0.5, 3.0])))) if v is not None}
+            rm = data.draw(values((c,), -2.0, 2.0)).astype(np.float32)
+            rs = data.draw(values((c,), 0.1, 3.0)).astype(np.float32)
+            state = multibn.init_state(c, renorm=True)._replace(renorm_mean=rm, renorm_std=rs)
+            kw = {"renorm": clip, "renorm_momentum": data.draw(st.sampled_from([0.0, 0.5, 0.99]))}
+        else:
+            state = multibn.init_state(c)
+            k = data.draw(st.sampled_from([d for d in (1, 2, shape[0]) if shape[0] % d == 0 and d > 1]))
+            kw = {"virtual_batch_size": k}
+        kw.update(convention=convention, axis=axis)
+        try:
+            want_y, want = multibn.batch_norm(x.astype(np.float64), g.astype(np.float64), b.astype(np.float64),
+                                              type(state)(*(np.asarray(a, np.float64) if a.dtype.kind == "f" else a
+                                                            for a in state)), **kw)
+        except ValueError as e:  # e.g. one value per channel under torch's rules: the backend must refuse too
+            with pytest.raises(ValueError, match=str(e).split("(")[0][:40]):
+                multibn.batch_norm(arr(backend, x), arr(backend, g), arr(backend, b),
+                                   type(state)(*(arr(backend, a, None) for a in state)), **kw)
+            return
+        y, new = multibn.batch_norm(arr(backend, x), arr(backend, g), arr(backend, b),
+                                    type(state)(*(arr(backend, a, None) for a in state)), **kw)
+        scale = 1.0 + np.abs(want_y).max()
+        np.testing.assert_allclose(to_numpy(y), want_y, atol=2e-5 * scale, rtol=2e-5)
+        for k_, w in zip(want._fields, want, strict=True):
+            np.testing.assert_allclose(to_numpy(getattr(new, k_)).astype(np.float64), np.asarray(w, np.float64),
+                                       atol=2e-5 * (1 + np.abs(np.asarray(w, np.float64)).max()), rtol=2e-5,
+                                       err_msg=k_)
+
+    check()

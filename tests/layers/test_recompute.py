@@ -546,7 +546,7 @@ def _float64_recomputed(trainer: Any, batches: list[np.ndarray], x: np.ndarray, 
     running = dict(trainer.states)
     seen: dict[str, list[np.ndarray]] = {}
     for b in batches:
-        for layer, inp, _ in trainer.forward(b.astype(np.float64), training=True)[1]:
+        for layer, inp, *_ in trainer.forward(b.astype(np.float64), training=True)[1]:
             if layer.kind == "bn":
                 seen.setdefault(layer.name, []).append(inp)
     ref = _reference(seen, dict.fromkeys(seen, 1))
