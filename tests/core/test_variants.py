@@ -43,18 +43,16 @@ def _keras_run(keras_backend: str, steps: list, training: list[bool], tmp_path: 
         return dict(d)
 
 
-def _multibn_step(backend: str, x: np.ndarray, dy: np.ndarray, state: object, training: bool, **kw: object
-                  ) -> tuple[np.ndarray, ...]:
-    """y, dx, dgamma, dbeta of sum(y * dy) by the backend's own autodiff, and the new state."""
-    kw = {"convention": "keras", "momentum": 0.9, "training": training, **kw}
+def _forward_backward(backend: str, x: np.ndarray, dy: np.ndarray, state: object, g: np.ndarray = GAMMA,
+                      b: np.ndarray = BETA, **kw: object) -> tuple[tuple, object]:
+    """``((y, dx, dgamma, dbeta), new_state)`` of ``sum(y * dy)`` by the backend's own autodiff (NumPy:
+    :func:`multibn.batch_norm_vjp`)."""
     if backend == "numpy":
-        y, new = multibn.batch_norm(x, GAMMA, BETA, state, **kw)
-        kw.pop("momentum")
-        grads = multibn.batch_norm_vjp(x, GAMMA, BETA, state, dy, momentum=0.9, **kw)
-        return (y, *grads), new
+        y, new = multibn.batch_norm(x, g, b, state, **kw)
+        return (y, *multibn.batch_norm_vjp(x, g, b, state, dy, **kw)), new
     if backend == "torch":
         torch = need("torch")
-        xt, gt, bt = (torch.tensor(a, requires_grad=True) for a in (x, GAMMA, BETA))
+        xt, gt, bt = (torch.tensor(a, requires_grad=True) for a in (x, g, b))
         y, new = multibn.batch_norm(xt, gt, bt, state, **kw)
         (y * torch.tensor(dy)).sum().backward()
         return (y.detach(), xt.grad, gt.grad, bt.grad), new
@@ -64,16 +62,22 @@ def _multibn_step(backend: str, x: np.ndarray, dy: np.ndarray, state: object, tr
         def f(x, g, b):
             return multibn.batch_norm(x, g, b, state, **kw)
 
-        y, vjp, new = jax.vjp(f, *(jax.numpy.asarray(a) for a in (x, GAMMA, BETA)), has_aux=True)
+        y, vjp, new = jax.vjp(f, *(jax.numpy.asarray(a) for a in (x, g, b)), has_aux=True)
         return (y, *vjp(jax.numpy.asarray(dy))), new
     mx = mxnet_module()
-    xm, gm, bm = (mx.nd.array(a) for a in (x, GAMMA, BETA))
+    xm, gm, bm = (mx.nd.array(a) for a in (x, g, b))
     for a in (xm, gm, bm):
         a.attach_grad()
     with mx.autograd.record():
         y, new = multibn.batch_norm(xm, gm, bm, state, **kw)
     y.backward(mx.nd.array(dy))
     return (y, xm.grad, gm.grad, bm.grad), new
+
+
+def _multibn_step(backend: str, x: np.ndarray, dy: np.ndarray, state: object, training: bool, **kw: object
+                  ) -> tuple[tuple, object]:
+    """One step under the keras convention with momentum 0.9 (the Keras reference's settings)."""
+    return _forward_backward(backend, x, dy, state, convention="keras", momentum=0.9, training=training, **kw)
 
 
 @pytest.mark.parametrize("keras_backend", ["jax", "torch"])
@@ -115,10 +119,7 @@ def test_renorm_same_on_every_backend(backend: str) -> None:
     ours = multibn.init_state(3, backend=backend, renorm=True)
     ref = multibn.init_state(3, renorm=True, dtype="float64")
     for x, dy in steps:
-        if backend == "numpy":
-            got, ours = _multibn_step("numpy", x, dy, ours, True, renorm=CLIP)
-        else:
-            got, ours = _multibn_step(backend, x, dy, ours, True, renorm=CLIP)
+        got, ours = _multibn_step(backend, x, dy, ours, True, renorm=CLIP)
         np.testing.assert_allclose(to_numpy(got[0]), _renorm_reference(x, ref, CLIP, 1e-3), rtol=1e-4, atol=1e-4)
         want = multibn.batch_norm_vjp(x.astype(np.float64), GAMMA.astype(np.float64), BETA.astype(np.float64), ref,
                                       dy.astype(np.float64), convention="keras", momentum=0.9, renorm=CLIP)
@@ -179,32 +180,7 @@ def test_ghost_equals_textbook(backend: str, shape: tuple[int, ...], axis: int, 
     kw = {"axis": axis, "convention": convention, "virtual_batch_size": 4, "momentum": 1.0 if
           conv.momentum_weighs == "new" else 0.0}
     state = multibn.init_state(c, backend=backend, convention=convention)
-    if backend == "numpy":
-        y, new = multibn.batch_norm(x, g, b, state, **kw)
-        grads = multibn.batch_norm_vjp(x, g, b, state, dy, **kw)
-    elif backend == "torch":
-        torch = need("torch")
-        xt, gt, bt = (torch.tensor(a, requires_grad=True) for a in (x, g, b))
-        y, new = multibn.batch_norm(xt, gt, bt, state, **kw)
-        (y * torch.tensor(dy)).sum().backward()
-        grads = (xt.grad, gt.grad, bt.grad)
-    elif backend == "jax":
-        jax = need("jax")
-
-        def f(x, g, b):
-            return multibn.batch_norm(x, g, b, state, **kw)
-
-        y, vjp, new = jax.vjp(f, *(jax.numpy.asarray(a) for a in (x, g, b)), has_aux=True)
-        grads = vjp(jax.numpy.asarray(dy))
-    else:
-        mx = mxnet_module()
-        xm, gm, bm = (mx.nd.array(a) for a in (x, g, b))
-        for a in (xm, gm, bm):
-            a.attach_grad()
-        with mx.autograd.record():
-            y, new = multibn.batch_norm(xm, gm, bm, state, **kw)
-        y.backward(mx.nd.array(dy))
-        grads = (xm.grad, gm.grad, bm.grad)
+    (y, *grads), new = _forward_backward(backend, x, dy, state, g, b, **kw)
     for got, want in zip((y, *grads, new.running_mean, new.running_var), ref, strict=True):
         np.testing.assert_allclose(to_numpy(got), want, rtol=1e-4, atol=2e-4)
 
