@@ -48,31 +48,33 @@ def _call(case: str, rank: int, world: int) -> None:
         assert torch.equal(state.running_mean, before)  # the caller's state is never written in place
 
 
-def fault_worker(rank: int, world: int, case: str, store: str, out: str, timeout_s: float) -> None:
-    """One rank of ``case``; ``"absent"``: the last rank joins the group but never calls (it sleeps past the
-    group's timeout), ``"dies"``: the last rank exits at once without calling."""
+def fault_worker(rank: int, world: int, cases: tuple[str, ...], store: str, out: str, timeout_s: float) -> None:
+    """One rank running ``cases`` in turn in one process group (a disagreement raises before any collective of the
+    batch norm, so the group stays usable for the next case); ``"absent"`` (alone): the last rank joins the group
+    but never calls (it sleeps past the group's timeout), ``"dies"`` (alone): the last rank exits at once without
+    calling. Writes ``out/<case>-rank<r>.json`` per case."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     odd = rank == world - 1
-    result: dict[str, object] = {"error": None, "message": "", "seconds": 0.0}
+    faults = ("absent", "dies")
     try:
-        if case == "absent" and odd:
-            time.sleep(timeout_s * 3)
-        elif case == "dies" and odd:
-            os._exit(0)
-        else:
-            start = time.monotonic()
-            try:
-                _call("agree" if case in ("absent", "dies") else case, rank, world)
-            except Exception as e:
-                result = {"error": type(e).__name__, "message": str(e), "trace": traceback.format_exc()}
-            result["seconds"] = time.monotonic() - start
-        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
+        for case in cases:
+            result: dict[str, object] = {"error": None, "message": "", "seconds": 0.0}
+            if case == "absent" and odd:
+                time.sleep(timeout_s * 3)
+            elif case == "dies" and odd:
+                os._exit(0)
+            else:
+                start = time.monotonic()
+                try:
+                    _call("agree" if case in faults else case, rank, world)
+                except Exception as e:
+                    result = {"error": type(e).__name__, "message": str(e), "trace": traceback.format_exc()}
+                result["seconds"] = time.monotonic() - start
+            with open(os.path.join(out, f"{case}-rank{rank}.json"), "w") as f:
+                json.dump(result, f)
     finally:
-        if case not in ("absent", "dies"):  # leaving a group a peer abandoned may block: the test kills those
+        if not set(cases) & set(faults):  # leaving a group a peer abandoned may block: the test kills those
             dist.destroy_process_group()
-
-
