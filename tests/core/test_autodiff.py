@@ -281,10 +281,13 @@ def test_jax_forward_mode_equals_textbook_autodiff(shape: tuple, axis: int, trai
         mine, ref = _jax_mine(axis, training), _jax_textbook(axis, training)
         rng = np.random.default_rng(4)
         tangents = tuple(jnp.asarray(rng.normal(size=a.shape)) for a in args)
-        # multibn's side eagerly (each transformation traced op by op); the textbook reference compiled whole
+        # multibn's side eagerly for jvp and linearize (each transformation traced op by op) and compiled for the
+        # Jacobians and the Hessian (batched tangents: op by op they cost a minute); the textbook reference compiled
         _close_trees(jax.jvp(mine, args, tangents), jax.jit(lambda a, t: jax.jvp(ref, a, t))(args, tangents))
-        _close_trees(jax.jacfwd(mine, argnums=argnums)(*args), jax.jit(jax.jacfwd(ref, argnums=argnums))(*args))
-        _close_trees(jax.jacrev(mine, argnums=argnums)(*args), jax.jit(jax.jacrev(ref, argnums=argnums))(*args))
+        _close_trees(jax.jit(jax.jacfwd(mine, argnums=argnums))(*args),
+                     jax.jit(jax.jacfwd(ref, argnums=argnums))(*args))
+        _close_trees(jax.jit(jax.jacrev(mine, argnums=argnums))(*args),
+                     jax.jit(jax.jacrev(ref, argnums=argnums))(*args))
         y, lin = jax.linearize(mine, *args)
         y_ref, lin_ref = jax.linearize(ref, *args)
         _close_trees((y, lin(*tangents)), (y_ref, lin_ref(*tangents)))
@@ -293,10 +296,10 @@ def test_jax_forward_mode_equals_textbook_autodiff(shape: tuple, axis: int, trai
         def loss(f):
             return lambda *a: jnp.sum(jnp.tanh(f(*a)) * w)
 
-        _close_trees(jax.hessian(loss(mine), argnums=argnums)(*args),
+        _close_trees(jax.jit(jax.hessian(loss(mine), argnums=argnums))(*args),
                      jax.jit(jax.hessian(loss(ref), argnums=argnums))(*args), rtol=1e-8, atol=1e-10)
         grad = jax.jit(jax.grad(loss(mine), argnums=argnums))
-        _close_trees(grad(*args), jax.grad(loss(ref), argnums=argnums)(*args))
+        _close_trees(grad(*args), jax.jit(jax.grad(loss(ref), argnums=argnums))(*args))
 
 
 def test_jax_new_running_statistics_are_differentiable() -> None:
