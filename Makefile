@@ -29,7 +29,8 @@ test-full: .venvs/full/.built
 
 # The current environment runs what differs there: NumPy 2, the newer JAX, array-api behaviour. It pins the same
 # torch as the full one and has no MXNet, so tests/conftest.py deselects the tests of the torch and mxnet backends
-# (a `backend` parameter of torch/mxnet, or the `torch`/`mxnet` markers); MULTIBN_ALL_IN_CURRENT=1 keeps them.
+# (a `backend` parameter of torch/mxnet, or the `torch`/`mxnet` markers) and of the command-line tool (`commands`:
+# the same Python over the library); MULTIBN_ALL_IN_CURRENT=1 keeps them.
 test-current: .venvs/current/.built
 	@echo "=== tests in the current environment (numpy 2, latest jax): NumPy, JAX and framework-free tests"
 	MULTIBN_TEST_ENV=current .venvs/current/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -43,8 +43,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def same_in_current(item: pytest.Item) -> bool:
     """Whether ``item`` exercises only what the current environment shares with the full one: a test of the torch
-    or mxnet backend (by its ``backend`` or ``fw`` parameter), or one marked ``torch``/``mxnet`` (a test of that
-    framework's layer or machinery). NumPy- and JAX-dependent tests, and the framework-free ones, run in both."""
+    or mxnet backend (by its ``backend`` or ``fw`` parameter), one marked ``torch``/``mxnet`` (a test of that
+    framework's layer or machinery), or one marked ``commands`` (the command-line tool). The library's NumPy- and
+    JAX-dependent tests, and the framework-free ones, run in both."""
     callspec = getattr(item, "callspec", None)
     if callspec is not None and any(left_to_full(str(callspec.params.get(name))) for name in ("backend", "fw")):
         return True

@@ -32,10 +32,12 @@ ABSENT_BY_DESIGN = {
     "full": frozenset(),
     "current": frozenset({"mxnet", "flax", "keras", "onnx", "onnxruntime", "onnxscript"}),
 }
-#: Backends whose tests the current environment leaves to the full one: it pins the same torch, and has no MXNet
-#: (``pytest_collection_modifyitems`` in conftest.py deselects them there; see the Makefile's test-current;
+#: Backends (and markers) whose tests the current environment leaves to the full one: it pins the same torch and
+#: has no MXNet; the commands (``commands``: multibn demo/check/bench/train/port) are the same Python over the
+#: library, whose NumPy 2 and newer-JAX behaviour the library's own tests cover there
+#: (``pytest_collection_modifyitems`` in conftest.py deselects them; see the Makefile's test-current;
 #: MULTIBN_ALL_IN_CURRENT=1 keeps them).
-SAME_IN_CURRENT = frozenset({"torch", "mxnet"})
+SAME_IN_CURRENT = frozenset({"torch", "mxnet", "commands"})
 
 
 def left_to_full(backend: str) -> bool:

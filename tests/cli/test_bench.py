@@ -16,6 +16,8 @@ from multibn.cli.bench.models import MODELS
 from multibn.cli.bench.report import table
 from tests.helpers import backends_tested_here, has, need, need_installed, only_tested_here
 
+pytestmark = pytest.mark.commands  # the commands run once, in the full environment (tests/conftest.py)
+
 #: every installed backend (the default), but those this run leaves to the full environment
 BACKENDS = ["--backends", *only_tested_here()] if only_tested_here() else []
 

@@ -1,5 +1,5 @@
 """``multibn check --quick --json``: run in a subprocess, the JSON schema and the exit status (every installed
-backend, in both environments: the native comparisons need torch in the current one)."""
+backend, in the full environment)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.commands  # the commands run once, in the full environment (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[2]
 ROW_KEYS = {"backend", "convention", "case", "quantity", "max_abs_err", "max_rel_err", "tol", "ok"}

@@ -14,6 +14,8 @@ import pytest
 
 from multibn.cli import main
 
+pytestmark = pytest.mark.commands  # the commands run once, in the full environment (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -8,6 +8,8 @@ import pytest
 from multibn.cli.train.tasks import TASKS
 from tests.helpers import need
 
+pytestmark = pytest.mark.commands  # the commands run once, in the full environment (tests/conftest.py)
+
 need("matplotlib", why="--plot needs matplotlib")
 
 

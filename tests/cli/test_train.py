@@ -18,6 +18,8 @@ from multibn.cli.train.runner import Unsupported, batch_order, divergence, make_
 from multibn.cli.train.tasks import TASKS
 from tests.helpers import backends_tested_here, has, installed, need, only_tested_here
 
+pytestmark = pytest.mark.commands  # the commands run once, in the full environment (tests/conftest.py)
+
 TRAIN_BACKENDS = ("torch", "jax", "mxnet", "numpy")
 
 
