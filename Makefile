@@ -11,7 +11,7 @@ ENVS := full current
 
 .venvs/%/.built: requirements/%.txt pyproject.toml
 	$(PY) -m venv .venvs/$*
-	.venvs/$*/bin/python -m pip install -q -r requirements/$*.txt
+	.venvs/$*/bin/python -m pip install -q --no-compile -r requirements/$*.txt
 	.venvs/$*/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
@@ -23,9 +23,11 @@ demo: .venvs/full/.built
 
 # MULTIBN_TEST_ENV names the environment to the suite (tests/helpers.py): a test dependency missing from it fails,
 # except what requirements/<env>.txt leaves out by design (current: MXNet, Flax, Keras, ONNX), which skips.
+# The full suite runs on two pytest-xdist workers beside the current one, a test file at a time per worker
+# (--dist loadfile: a module's fixtures run once). pip installs with --no-compile: Python compiles what is imported.
 test-full: .venvs/full/.built
 	@echo "=== tests in the full environment (numpy 1.26, torch, jax 0.7, mxnet 1.9): the whole suite"
-	MULTIBN_TEST_ENV=full .venvs/full/bin/python -m pytest -q $(PYTEST_ARGS)
+	MULTIBN_TEST_ENV=full .venvs/full/bin/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # The current environment runs what differs there: NumPy 2, the newer JAX, array-api behaviour. It pins the same
 # torch as the full one and has no MXNet, so tests/conftest.py deselects the tests of the torch and mxnet backends
