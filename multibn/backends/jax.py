@@ -129,7 +129,7 @@ class JaxBackend(Backend):
         return jnp.sum(g, axis=axes), jnp.sum(g * (x.astype(mean.dtype) - mean), axis=axes)
 
     def custom_op(self, make_rule: Callable[[Backend], Rule]) -> Callable[..., tuple[Array, ...]]:
-        """A ``jax.custom_jvp`` with the rule's ``jvp`` (``sync`` a static argument): forward mode directly,
+        """A jitted ``jax.custom_jvp`` with the rule's ``jvp`` (``sync`` a static argument): forward mode directly,
         reverse mode by JAX's transposition of that linear rule (which also sums the cotangents of parameters
         replicated over ``shard_map`` axes), and every higher order by differentiating the rule, which calls the op
         itself again."""
@@ -144,4 +144,6 @@ class JaxBackend(Backend):
             outputs = op(sync, *primals)
             return outputs, tuple(rule.jvp(rule.residuals(sync, primals, outputs), tangents[: rule.n_diff]))
 
-        return op
+        # compiled whole: called eagerly the op is one dispatch and one XLA compile per input signature (rather than
+        # one of each per primitive), and gives the numbers it gives inside a caller's jit, where it is inlined
+        return jax.jit(op, static_argnums=(0,))
