@@ -305,7 +305,7 @@ def test_batch_order_cut_to_a_multiple_of_the_ghost_sub_batch() -> None:
     np.testing.assert_array_equal(batches[0], batch_order(70, 32, 0, 1)[0])  # the same order as without the cut
 
 
-@pytest.mark.parametrize(("variant", "batch"), [("renorm", "8"), ("ghost", "32")])
+@pytest.mark.parametrize(("variant", "batch"), [("renorm", "16"), ("ghost", "32")])
 def test_variant_against_plain_bn_on_every_installed_backend(variant: str, batch: str, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """``--variant``: plain BN and the variant on every installed backend (one whose layer does not take the variant
