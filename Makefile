@@ -24,10 +24,13 @@ demo: .venvs/full/.built
 # MULTIBN_TEST_ENV names the environment to the suite (tests/helpers.py): a test dependency missing from it fails,
 # except what requirements/<env>.txt leaves out by design (current: MXNet, Flax, Keras, ONNX), which skips.
 # The full suite runs on two pytest-xdist workers beside the current one, a test file at a time per worker
-# (--dist loadfile: a module's fixtures run once). pip installs with --no-compile: Python compiles what is imported.
+# (--dist loadfile: a module's fixtures run once), each on one OpenMP thread (three processes share the two cores,
+# and the suite's arrays are too small for intra-op threads: more threads only spin). pip installs with
+# --no-compile: Python compiles what is imported.
+TEST_THREADS := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 test-full: .venvs/full/.built
 	@echo "=== tests in the full environment (numpy 1.26, torch, jax 0.7, mxnet 1.9): the whole suite"
-	MULTIBN_TEST_ENV=full .venvs/full/bin/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(TEST_THREADS) MULTIBN_TEST_ENV=full .venvs/full/bin/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # The current environment runs what differs there: NumPy 2, the newer JAX, array-api behaviour. It pins the same
 # torch as the full one and has no MXNet, so tests/conftest.py deselects the tests of the torch and mxnet backends
@@ -35,7 +38,7 @@ test-full: .venvs/full/.built
 # the same Python over the library); MULTIBN_ALL_IN_CURRENT=1 keeps them.
 test-current: .venvs/current/.built
 	@echo "=== tests in the current environment (numpy 2, latest jax): NumPy, JAX and framework-free tests"
-	MULTIBN_TEST_ENV=current .venvs/current/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(TEST_THREADS) MULTIBN_TEST_ENV=current .venvs/current/bin/python -m pytest -q $(PYTEST_ARGS)
 
 test:
 	$(MAKE) --no-print-directory -j2 --output-sync=target envs

@@ -122,16 +122,26 @@ def test_the_bound_tells_conventions_apart(case: C.Case) -> None:
 
 # ---- fixed cases: the check battery ----------------------------------------------------------------------------------
 def _battery_params() -> list:
-    params = []
-    for case in C.battery(tuple(CONVENTIONS), quick=False):
-        params.append(pytest.param(case, id=f"{case.conv_name}-{case.name}"))
-    return params
+    """The full battery's cases; where the commands' tests run, less the quick battery's, which
+    ``tests/cli/test_check.py`` runs through ``multibn check --quick`` on every backend (against the reference,
+    pairwise and natively)."""
+    quick = set() if left_to_full("commands") else {
+        (c.conv_name, c.name) for c in C.battery(tuple(CONVENTIONS), quick=True)}
+    return [pytest.param(case, id=f"{case.conv_name}-{case.name}")
+            for case in C.battery(tuple(CONVENTIONS), quick=False) if (case.conv_name, case.name) not in quick]
 
 
 @pytest.mark.parametrize("case", _battery_params())
 def test_battery_case(case: C.Case) -> None:
     rows, _ = C.check_case(case, CHECKED)
     _assert_rows(case, rows)
+
+
+def test_quick_battery_is_part_of_the_full_one() -> None:
+    """What ``_battery_params`` leaves to ``multibn check --quick`` is run here in the full battery's form."""
+    full = {(c.conv_name, c.name): c.describe() for c in C.battery(tuple(CONVENTIONS), quick=False)}
+    quick = {(c.conv_name, c.name): c.describe() for c in C.battery(tuple(CONVENTIONS), quick=True)}
+    assert quick and all(full.get(k) == v for k, v in quick.items())
 
 
 # ---- edge cases with known answers -----------------------------------------------------------------------------------
