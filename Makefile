@@ -1,8 +1,8 @@
 # Two environments, both built from pinned requirement files into .venvs/ (see README).
 #   make demo   - build the full environment and run the main job (the demo, then the quick conformance check)
 #   make test   - build both environments and run the test suite in each: the whole suite in full, what differs in
-#                 current (see test-current); the two builds, then the two suites, run side by side (2 jobs, each
-#                 one's output printed whole when it ends)
+#                 current (see test-current); the two builds side by side (2 jobs, each one's output printed whole
+#                 when it ends), then each suite on two pytest-xdist workers, one suite after the other
 #   make lint   - ruff
 PY ?= python3
 ENVS := full current
@@ -23,14 +23,15 @@ demo: .venvs/full/.built
 
 # MULTIBN_TEST_ENV names the environment to the suite (tests/helpers.py): a test dependency missing from it fails,
 # except what requirements/<env>.txt leaves out by design (current: MXNet, Flax, Keras, ONNX), which skips.
-# The full suite runs on two pytest-xdist workers beside the current one, a test file at a time per worker
-# (--dist loadfile: a module's fixtures run once), each on one OpenMP thread (three processes share the two cores,
-# and the suite's arrays are too small for intra-op threads: more threads only spin). pip installs with
-# --no-compile: Python compiles what is imported.
+# Each suite runs on two pytest-xdist workers (one per core), a test file at a time per worker (--dist loadfile: a
+# module's fixtures run once), each worker on one OpenMP thread (the suite's arrays are too small for intra-op
+# threads); the two suites run one after the other (three or four processes on two cores ran slower in all).
+# pip installs with --no-compile: Python compiles what is imported.
 TEST_THREADS := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+XDIST := -n 2 --dist loadfile
 test-full: .venvs/full/.built
 	@echo "=== tests in the full environment (numpy 1.26, torch, jax 0.7, mxnet 1.9): the whole suite"
-	$(TEST_THREADS) MULTIBN_TEST_ENV=full .venvs/full/bin/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(TEST_THREADS) MULTIBN_TEST_ENV=full .venvs/full/bin/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 # The current environment runs what differs there: NumPy 2, the newer JAX, array-api behaviour. It pins the same
 # torch as the full one and has no MXNet, so tests/conftest.py deselects the tests of the torch and mxnet backends
@@ -38,12 +39,12 @@ test-full: .venvs/full/.built
 # the same Python over the library); MULTIBN_ALL_IN_CURRENT=1 keeps them.
 test-current: .venvs/current/.built
 	@echo "=== tests in the current environment (numpy 2, latest jax): NumPy, JAX and framework-free tests"
-	$(TEST_THREADS) MULTIBN_TEST_ENV=current .venvs/current/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(TEST_THREADS) MULTIBN_TEST_ENV=current .venvs/current/bin/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test:
 	$(MAKE) --no-print-directory -j2 --output-sync=target envs
 	$(MAKE) --no-print-directory lint
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-full test-current
+	$(MAKE) --no-print-directory --keep-going test-full test-current
 
 lint: .venvs/full/.built
 	.venvs/full/bin/ruff check .

@@ -52,6 +52,18 @@ def same_in_current(item: pytest.Item) -> bool:
     return any(item.get_closest_marker(name) is not None and left_to_full(name) for name in SAME_IN_CURRENT)
 
 
+#: The longest test files (about a minute each on one core), run first: pytest-xdist hands the files to its workers
+#: in collection order (``make test``'s ``--dist loadfile``), so that the workers then finish together.
+LONGEST_FIRST = ("tests/cli/test_train.py", "tests/cli/test_bench.py", "tests/core/test_autodiff.py",
+                 "tests/core/test_variants.py", "tests/layers/test_recompute.py",
+                 "tests/conformance/test_conformance.py", "tests/cli/test_check.py", "tests/layers/test_flax.py")
+
+
+def _longest_first(item: pytest.Item) -> int:
+    path = item.nodeid.split("::")[0]
+    return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # The current environment pins the same torch as the full one and has no MXNet: what only those run is tested
     # once, in the full environment (deselected here, counted in the summary; MULTIBN_ALL_IN_CURRENT=1 keeps them).
@@ -59,6 +71,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if not same_in_current(item)]
+    items.sort(key=_longest_first)  # stable: the rest keep their order
     no_gpu = pytest.mark.skip(reason="gpu: needs a CUDA GPU, none here")
     if any("gpu" in item.keywords for item in items) and not _cuda():
         for item in items:
