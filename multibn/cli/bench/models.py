@@ -67,17 +67,22 @@ def torch_lenet(batch: int, impls: Sequence[str], device: str) -> dict[str, Runn
             nn.Conv2d(1, 6, 5), bn2(6), nn.Sigmoid(), nn.AvgPool2d(2), nn.Conv2d(6, 16, 5), bn2(16), nn.Sigmoid(),
             nn.AvgPool2d(2), nn.Flatten(), nn.Linear(256, 120), bn1(120), nn.Sigmoid(), nn.Linear(120, 84),
             bn1(84), nn.Sigmoid(), nn.Linear(84, 10)).to(dev).train()
-        opt = torch.optim.SGD(net.parameters(), lr=LENET_LR)
-
-        def step(net: Any = net, opt: Any = opt) -> None:
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(x), y).backward()
-            opt.step()
-            if x.is_cuda:
-                torch.cuda.synchronize()
-
-        out[impl] = step
+        out[impl] = _torch_step(net, torch.optim.SGD(net.parameters(), lr=LENET_LR), x, y)
     return out
+
+
+def _torch_step(fwd: Any, opt: Any, x: Any, y: Any) -> Runner:
+    """One SGD training step of ``fwd`` on ``(x, y)`` with cross-entropy (synchronised on CUDA)."""
+    import torch
+
+    def step() -> None:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(fwd(x), y).backward()
+        opt.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    return step
 
 
 def torch_resnet18(batch: int, impls: Sequence[str], device: str, variant: str = "") -> dict[str, Runner]:
@@ -126,16 +131,7 @@ def torch_resnet18(batch: int, impls: Sequence[str], device: str, variant: str =
         if impl == "multibn":
             net = convert_batchnorm(net)
         opt = torch.optim.SGD(net.parameters(), lr=RESNET_LR, momentum=0.9)
-        fwd = torch.compile(net) if variant == "compiled" else net
-
-        def step(fwd: Any = fwd, opt: Any = opt) -> None:
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(fwd(x), y).backward()
-            opt.step()
-            if x.is_cuda:
-                torch.cuda.synchronize()
-
-        out[impl] = step
+        out[impl] = _torch_step(torch.compile(net) if variant == "compiled" else net, opt, x, y)
     return out
 
 
