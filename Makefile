@@ -7,11 +7,17 @@
 PY ?= python3
 ENVS := full current
 
+# Python writes the bytecode of what it imports (into the venvs, on first import) even where PYTHONDONTWRITEBYTECODE
+# is set (as on this project's machines): pip installs without compiling every module of every wheel (45 of the full
+# environment's 85 s of install), and the first test process compiles the few thousand modules the suite imports
+# (4 s), where without bytecode every test process and subprocess would compile torch, jax and mxnet from source.
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: demo test test-full test-current lint envs clean
 
 .venvs/%/.built: requirements/%.txt pyproject.toml
 	$(PY) -m venv .venvs/$*
-	.venvs/$*/bin/python -m pip install -q -r requirements/$*.txt
+	.venvs/$*/bin/python -m pip install -q --no-compile -r requirements/$*.txt
 	.venvs/$*/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
@@ -27,8 +33,7 @@ demo: .venvs/full/.built
 # module's fixtures run once), each worker on one OpenMP thread (the suite's arrays are too small for intra-op
 # threads) and compiling torch.compile's kernels in-process (inductor's pool of compile workers cost more than it
 # saved: a cold cache's compile tests 155 s -> 90 s); the two suites run one after the other (three or four
-# processes on two cores ran slower in all). pip compiles the bytecode at install: with PYTHONDONTWRITEBYTECODE set
-# (as on this project's machines) Python would otherwise compile every import in every test process.
+# processes on two cores ran slower in all).
 TEST_THREADS := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1
 XDIST := -n 2 --dist loadfile
 test-full: .venvs/full/.built

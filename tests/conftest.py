@@ -9,11 +9,17 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-# JAX on the CPU as 4 host devices, for the collectives tests (sync, shard_map, device placement) to run in this
-# process: XLA reads the flag once, when JAX starts, so it is set before any test imports JAX.
+# XLA reads its flags once, when JAX starts, so they are set before any test imports JAX (and the subprocesses the
+# tests start inherit them): JAX on the CPU as 4 host devices, for the collectives tests (sync, shard_map, device
+# placement) to run in this process; and the suite's programs compiled without LLVM's optimisations (XLA's own
+# passes, fusion included, still run): the tests' programs are tiny and compiling them was most of the JAX tests'
+# time (the current environment's suite 140 s -> 105 s). tests/cli/test_check.py runs `multibn check --quick` at
+# the default optimisation (tests/helpers.py:default_xla_env), so that the optimised build is checked too.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"),
                                                      "--xla_force_host_platform_device_count=4")))
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 # Import torch before MXNet: importing MXNet drops torch's thread count (the adapter restores it only for a
 # torch already imported).

@@ -40,6 +40,14 @@ ABSENT_BY_DESIGN = {
 SAME_IN_CURRENT = frozenset({"torch", "mxnet", "commands"})
 
 
+def default_xla_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a subprocess that compiles JAX programs at XLA's default optimisation (the
+    suite compiles them at level 0: tests/conftest.py), with ``extra``."""
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                     if not f.startswith("--xla_backend_optimization_level"))
+    return dict(os.environ, XLA_FLAGS=flags, **extra)
+
+
 def left_to_full(backend: str) -> bool:
     """Whether this run leaves ``backend`` to the full environment: in the current one, torch (the same pin) and
     MXNet (absent), unless MULTIBN_ALL_IN_CURRENT=1."""

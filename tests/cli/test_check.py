@@ -1,16 +1,17 @@
 """``multibn check --quick --json``: run in a subprocess, the JSON schema and the exit status (every installed
-backend, in the full environment)."""
+backend, in the full environment; JAX at XLA's default optimisation, which the rest of the suite leaves out)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import default_xla_env
 
 pytestmark = pytest.mark.commands  # the commands run once, in the full environment (tests/conftest.py)
 
@@ -22,7 +23,7 @@ ROW_KEYS = {"backend", "convention", "case", "quantity", "max_abs_err", "max_rel
 def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
     path = tmp_path_factory.mktemp("check") / "check.json"
     proc = subprocess.run([sys.executable, "-m", "multibn", "check", "--quick", "--json", str(path)], cwd=ROOT,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"), capture_output=True, text=True, timeout=600)
+                          env=default_xla_env(PYTHONWARNINGS="ignore"), capture_output=True, text=True, timeout=600)
     assert path.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, json.loads(path.read_text())
 
