@@ -30,12 +30,12 @@ demo: .venvs/full/.built
 # MULTIBN_TEST_ENV names the environment to the suite (tests/helpers.py): a test dependency missing from it fails,
 # except what requirements/<env>.txt leaves out by design (current: MXNet, Flax, Keras, ONNX), which skips.
 # Each suite runs on two pytest-xdist workers (one per core), a test file at a time per worker (--dist loadfile: a
-# module's fixtures run once), each worker on one OpenMP thread (the suite's arrays are too small for intra-op
+# module's fixtures run once; the longest files first: tests/conftest.py), each worker on one OpenMP thread (the suite's arrays are too small for intra-op
 # threads) and compiling torch.compile's kernels in-process (inductor's pool of compile workers cost more than it
 # saved: a cold cache's compile tests 155 s -> 90 s); the two suites run one after the other (three or four
 # processes on two cores ran slower in all).
 TEST_THREADS := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1
-XDIST := -n 2 --dist loadfile
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 test-full: .venvs/full/.built
 	@echo "=== tests in the full environment (numpy 1.26, torch, jax 0.7, mxnet 1.9): the whole suite"
 	$(TEST_THREADS) MULTIBN_TEST_ENV=full .venvs/full/bin/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
